@@ -1,0 +1,3 @@
+"""latentforge: Stable Diffusion in plain PyTorch."""
+
+__version__ = "0.1.0"
