@@ -1,0 +1,281 @@
+"""The noise predictor: Stable Diffusion's UNet with cross-attention.
+
+Module attribute names follow the original CompVis/LDM layout (`input_blocks`, `middle_block`,
+`output_blocks`, ...), so a single-file checkpoint loads by stripping `model.diffusion_model.`;
+`layouts.py` maps the diffusers names onto these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for the inpainting UNet: latents + mask + masked-image latents
+    out_channels: int = 4
+    model_channels: int = 320  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width of each level, in model_channels
+    num_res_blocks: int = 2  # ResNet blocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that have spatial transformers
+    num_heads: int | None = 8  # SD 1.x: fixed head count ...
+    head_dim: int | None = None  # ... SD 2.x: fixed head width (64)
+    transformer_depth: int = 1
+    context_dim: int = 768  # width of the text vectors that cross-attention reads
+    use_linear_projection: bool = False  # SD 2.x: Linear instead of 1x1 conv around transformers
+    norm_groups: int = 32
+    sample_size: int = 64  # native latent size (64 -> 512 px images, 96 -> 768 px)
+
+    def __post_init__(self) -> None:
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads and head_dim")
+        levels = len(self.channel_mult)
+        if any(not 0 <= i < levels for i in self.attention_levels):
+            raise ValueError(f"UNetConfig: attention_levels {self.attention_levels} outside 0..{levels - 1}")
+        for ch in self.level_channels:
+            if ch % self.norm_groups:
+                raise ValueError(f"UNetConfig: level width {ch} is not divisible by norm_groups={self.norm_groups}")
+            heads = self.heads_at(ch)
+            if ch % heads:
+                raise ValueError(f"UNetConfig: level width {ch} is not divisible by {heads} attention heads")
+
+    @property
+    def level_channels(self) -> list[int]:
+        """Width of each level, top (full resolution) first."""
+        return [self.model_channels * m for m in self.channel_mult]
+
+    def heads_at(self, channels: int) -> int:
+        """Number of attention heads in a transformer of this width."""
+        return self.num_heads if self.num_heads is not None else max(1, channels // self.head_dim)
+
+
+SD1_UNET = UNetConfig()
+SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (B,) -> (B, dim), cosines first as in the original."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-5)
+
+
+class ResBlock(nn.Module):
+    """ResNet block that also receives the timestep embedding (never the text)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(
+            group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W), (B, emb_dim) -> (B, out, H, W)."""
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys and values come from `context` (text vectors) or from x itself."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, dim), context (B, M, context_dim) -> (B, N, dim)."""
+        context = x if context is None else context
+        b, n, dim = x.shape
+        # (B, L, dim) -> (B, heads, L, dim / heads)
+        q, k, v = (
+            proj(src).view(b, -1, self.heads, dim // self.heads).transpose(1, 2)
+            for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class GEGLU(nn.Module):
+    """Linear projection to twice the width, one half gating the other through GELU."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention on the text, GEGLU feed-forward; pre-norm, residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, heads)
+        self.attn2 = Attention(dim, heads, context_dim)
+        # net.1 is the original's dropout slot; kept so that `net.2` matches the checkpoint names
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim), (B, M, context_dim) -> (B, N, dim)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff.net(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map; the only place the text enters."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear: bool, groups: int):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        make_proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = make_proj()
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.proj_out = make_proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, M, context_dim) -> (B, C, H, W)."""
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if not self.linear:
+            tokens = self.proj_in(tokens)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        if self.linear:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.linear:
+            tokens = self.proj_out(tokens)
+        tokens = tokens.transpose(1, 2).reshape(b, c, h, w)
+        if not self.linear:
+            tokens = self.proj_out(tokens)
+        return x + tokens
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Nearest-neighbour up to `size` (2x, or the skip's size when the input was odd), then conv."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Block(nn.ModuleList):
+    """One entry of input_blocks / output_blocks: layers that take what each needs."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size=None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) in latents x at timestep t, conditioned on text vectors."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        emb_dim = c.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_dim, c.norm_groups)
+
+        def attn(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                ch, c.heads_at(ch), c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
+            )
+
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+        skip_channels = [c.model_channels]  # widths of the skip connections, in the order they are made
+        ch = c.model_channels
+        last = len(c.channel_mult) - 1
+        for level, width in enumerate(c.level_channels):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, width)] + ([attn(width)] if level in c.attention_levels else [])
+                self.input_blocks.append(Block(layers))
+                ch = width
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(Block([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = Block([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(c.level_channels))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), width)]
+                ch = width
+                if level in c.attention_levels:
+                    layers.append(attn(width))
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(width))
+                self.output_blocks.append(Block(layers))
+
+        self.out = nn.Sequential(
+            group_norm(ch, c.norm_groups), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """Latents (B, in, h, w), timesteps (B,) or scalar, text (B, 77, context_dim) -> (B, out, h, w)."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        context = context.to(x.dtype)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # an upsampling block must land on the size of the skip it will be joined with next
+            size = skips[-1].shape[-2:] if skips else None
+            h = block(h, emb, context, size)
+        return self.out(h)
