@@ -1,0 +1,226 @@
+"""CLIP text transformer used by Stable Diffusion to turn token ids into conditioning.
+
+The module layout mirrors Hugging Face's ``CLIPTextModel`` so that checkpoints load
+without key remapping: ``TextEncoder().state_dict()`` keys equal the ``CLIPTextModel``
+keys with the leading ``"text_model."`` removed (and without the ``position_ids`` buffer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SD1_TEXT_ENCODER",
+    "SD2_TEXT_ENCODER",
+    "TextEncoder",
+    "TextEncoderConfig",
+]
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """Sigmoid approximation of GELU used by OpenAI CLIP: (...) -> (...)."""
+    # The constant 1.702 is what OpenAI trained with; exact GELU would change outputs.
+    return x * torch.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: Tensor) -> Tensor:
+    """Erf-based GELU used by OpenCLIP ViT-H: (...) -> (...)."""
+    return F.gelu(x)
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": exact_gelu,
+}
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Hyper-parameters of a CLIP text tower."""
+
+    vocab_size: int = 49408
+    max_length: int = 77  # positions
+    width: int = 768  # hidden size
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072  # intermediate size
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP ViT-H, SD 2.x)
+    eps: float = 1e-5  # layer-norm epsilon
+
+    def __post_init__(self) -> None:
+        """Reject configurations that cannot describe a working transformer."""
+        for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TextEncoderConfig.{name} must be a positive int, got {value!r}")
+        if self.width % self.heads != 0:
+            raise ValueError(
+                f"TextEncoderConfig.width ({self.width}) must be divisible by heads ({self.heads}); "
+                f"pick heads among the divisors of {self.width}"
+            )
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"TextEncoderConfig.activation {self.activation!r} is unknown; "
+                f"use one of {sorted(_ACTIVATIONS)}"
+            )
+        if not self.eps > 0:
+            raise ValueError(f"TextEncoderConfig.eps must be > 0, got {self.eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.width // self.heads
+
+
+# OpenAI CLIP ViT-L/14 text tower (Stable Diffusion 1.x).
+SD1_TEXT_ENCODER = TextEncoderConfig()
+
+# OpenCLIP ViT-H/14 text tower as diffusers stores it for Stable Diffusion 2.x: the 24th
+# layer is dropped because SD 2.x conditions on the penultimate layer (then final layer norm).
+SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+
+
+class Embeddings(nn.Module):
+    """Token plus learned absolute position embeddings."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.max_length, config.width)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """(B, T) int ids -> (B, T, width)."""
+        # Positions are built per call instead of stored as a buffer so the state dict
+        # stays checkpoint-shaped and meta-device construction leaves nothing unmaterialised.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate q/k/v projections."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.q_proj = nn.Linear(config.width, config.width)
+        self.k_proj = nn.Linear(config.width, config.width)
+        self.v_proj = nn.Linear(config.width, config.width)
+        self.out_proj = nn.Linear(config.width, config.width)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(B, T, width) -> (B, heads, T, head_dim)."""
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, width) -> (B, T, width)."""
+        batch, length, width = x.shape
+        q = self._split_heads(self.q_proj(x))
+        k = self._split_heads(self.k_proj(x))
+        v = self._split_heads(self.v_proj(x))
+        # CLIP's text tower is autoregressive-style: token t only sees tokens <= t, so
+        # padding after EOS never influences earlier positions.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward block: width -> mlp_width -> width."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.activation]
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, width) -> (B, T, width)."""
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, width) -> (B, T, width)."""
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    """Stack of encoder layers; exists so state-dict keys read ``encoder.layers.{i}``."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+
+    def forward(self, x: Tensor, num_layers: int) -> Tensor:
+        """Run the first ``num_layers`` layers: (B, T, width) -> (B, T, width)."""
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
+
+
+class TextEncoder(nn.Module):
+    """CLIP text transformer: token ids (B, T) -> per-token hidden states (B, T, width)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TextEncoderConfig):
+            raise ValueError(f"config must be a TextEncoderConfig, got {type(config).__name__}")
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        """Validate that input_ids is a (B, T) integer tensor with 1 <= T <= max_length."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids.unsqueeze(0)"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        length = input_ids.shape[1]
+        if not 1 <= length <= self.config.max_length:
+            raise ValueError(
+                f"input_ids length {length} is outside [1, {self.config.max_length}]; "
+                f"split or truncate prompts to at most {self.config.max_length} tokens"
+            )
+
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        """Validate clip_skip against the number of layers."""
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+            raise ValueError(f"clip_skip must be an int, got {clip_skip!r}")
+        if not 1 <= clip_skip <= self.config.layers:
+            raise ValueError(
+                f"clip_skip must be in [1, {self.config.layers}] "
+                f"(1 = last layer, 2 = penultimate, ...), got {clip_skip}"
+            )
+
+    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
+        """(B, T<=max_length) int ids -> (B, T, width) final-layer-normed hidden states.
+
+        ``clip_skip`` follows AUTOMATIC1111: 1 takes the last layer's output, 2 the
+        penultimate one, and so on; the final layer norm is applied to the layer taken.
+        """
+        self._check_input_ids(input_ids)
+        self._check_clip_skip(clip_skip)
+        # Layers after the one taken would be discarded anyway, so they are never run.
+        num_layers = self.config.layers - clip_skip + 1
+        hidden = self.encoder(self.embeddings(input_ids), num_layers)
+        return self.final_layer_norm(hidden)
