@@ -1,0 +1,842 @@
+"""Checkpoints: safe reading and atomic writing of weight files, and Stable Diffusion's two layouts.
+
+The first half deals with files only (.safetensors, PyTorch .ckpt/.bin/.pt). The second half reads
+and writes whole models, as original single files and as diffusers folders, using the key tables of
+`layouts.py`, infers the model's config from its tensors, and loads strictly.
+Nothing from a pickle-based checkpoint is ever executed: those go through
+``torch.load(weights_only=True)`` with an explicit, small allow-list of extra globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import pickletools
+import shutil
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from . import layouts
+from .config import ModelConfig
+
+PathLike = str | os.PathLike[str]
+
+# safetensors itself refuses headers above 100 MB; anything larger is not a safetensors file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_LFS_PREFIX = b"version https://git-lfs.github.com/spec"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_REDOWNLOAD = "re-download it"
+
+# safetensors dtype names <-> torch dtypes; optional ones only exist in newer torch builds.
+_ST_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dtype is not None
+}
+_TORCH_TO_ST: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read safely; str() is one line: file, cause and fix."""
+
+    def __init__(self, path: PathLike, cause: str, fix: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.cause = _one_line(cause)
+        self.fix = _one_line(fix) if fix else None
+        message = f"{self.path}: {self.cause}"
+        super().__init__(f"{message}; {self.fix}" if self.fix else message)
+
+
+def _one_line(text: object) -> str:
+    """Collapse any text (e.g. a multi-line library error) onto one line."""
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def detect_format(path: PathLike) -> str:
+    """Return "safetensors", "torch-zip" or "pickle" from the file's bytes, else raise CheckpointError."""
+    head = _read_head(path, 64)
+    if not head:
+        raise CheckpointError(path, "empty file (0 bytes)", _REDOWNLOAD)
+    if head.startswith(_LFS_PREFIX):
+        raise CheckpointError(
+            path,
+            "this is a Git LFS pointer file, not the weights",
+            "run `git lfs pull` in the repository (or download the file itself)",
+        )
+    if head.lstrip().startswith(b"<"):
+        raise CheckpointError(
+            path,
+            "this looks like a web page (HTML), not weights",
+            "the download failed or needs a login; download the file itself again",
+        )
+    if _looks_like_safetensors(head):
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if head[0] == _PICKLE_PROTO:
+        return "pickle"
+    raise CheckpointError(
+        path,
+        f"unknown format (starts with bytes {head[:8].hex(' ')})",
+        "expected .safetensors or a PyTorch .ckpt/.bin",
+    )
+
+
+def _read_head(path: PathLike, size: int) -> bytes:
+    """First bytes of a file, with open failures turned into CheckpointError."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(size)
+    except IsADirectoryError as exc:
+        raise CheckpointError(path, "is a folder, not a weight file") from exc
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})") from exc
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """Little-endian u64 header length of a plausible size, followed by a JSON object."""
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    # Only plausibility here: a header cut short is still reported as a truncated safetensors file.
+    return 2 <= header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load (tensors, metadata) from a weight file without ever running code from it."""
+    fmt = detect_format(path)
+    try:
+        if fmt == "safetensors":
+            return _read_safetensors(path)
+        return _read_torch(path, fmt)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any library failure becomes the same one-line, file-named error
+        cause = f"cannot read {fmt} file ({_describe(exc)})"
+        raise CheckpointError(path, cause, f"the file is damaged; {_REDOWNLOAD}") from exc
+
+
+def _describe(exc: BaseException, limit: int = 200) -> str:
+    """'Type: message' of a library error, shortened: some (miniz) run to several sentences."""
+    text = _one_line(exc)
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Validate the header, then let safetensors map the tensors (no extra copies)."""
+    header = _safetensors_header(path)
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _safetensors_header(path: PathLike) -> dict[str, Any]:
+    """Parse and check the safetensors header against the real file size."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header_len = int.from_bytes(file.read(8), "little")
+        if 8 + header_len > file_size:
+            raise CheckpointError(
+                path,
+                f"truncated safetensors file (header says its JSON is {header_len} bytes, "
+                f"file has {file_size - 8} after the length)",
+                _REDOWNLOAD,
+            )
+        raw = file.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"corrupt safetensors header (bad JSON: {exc})", _REDOWNLOAD) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)", _REDOWNLOAD)
+    _check_metadata(path, header.get("__metadata__"))
+    data_size = file_size - 8 - header_len
+    ends = [_tensor_end(path, name, info) for name, info in header.items() if name != "__metadata__"]
+    needed = max(ends, default=0)
+    if needed > data_size:
+        raise CheckpointError(
+            path,
+            f"truncated safetensors file (header says {needed} bytes of tensor data, file has {data_size})",
+            _REDOWNLOAD,
+        )
+    return header
+
+
+def _check_metadata(path: PathLike, metadata: object) -> None:
+    """safetensors metadata must be a flat str -> str mapping."""
+    ok = metadata is None or (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    )
+    if not ok:
+        cause = "corrupt safetensors header (__metadata__ is not a str -> str map)"
+        raise CheckpointError(path, cause, _REDOWNLOAD)
+
+
+def _tensor_end(path: PathLike, name: str, info: object) -> int:
+    """End offset of one header entry in the data section, after checking it is self-consistent."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(path, f"corrupt safetensors header (tensor {name!r}: {why})", _REDOWNLOAD)
+
+    if not isinstance(info, dict):
+        raise bad("entry is not an object")
+    shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+    if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
+        raise bad(f"bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise bad(f"bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"data_offsets {offsets} run backwards")
+    if dtype in _ST_DTYPES:  # dtypes torch lacks here are left for safetensors to judge
+        expected = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise bad(f"{end - begin} bytes for a {dtype} tensor of shape {shape}, which needs {expected}")
+    return end
+
+
+def _is_uint(value: object) -> bool:
+    """A JSON non-negative integer (bool excluded, since it is an int subclass)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_torch(path: PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load a torch.save file with the weights-only unpickler, then unwrap it."""
+    with torch.serialization.safe_globals(_extra_safe_globals()):
+        try:
+            loaded = _torch_load(os.fspath(path), mmap=fmt == "torch-zip")
+        except pickle.UnpicklingError as exc:
+            raise _unpickling_error(path, fmt, exc) from exc
+    return _unwrap(path, loaded)
+
+
+def _torch_load(path: str, mmap: bool) -> object:
+    """torch.load, weights only, onto the CPU; mmap (zip format only) keeps weights on disk until used."""
+    if not path.endswith(".safetensors"):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    # torch.load routes paths named *.safetensors to safetensors by name; we already know from the
+    # bytes that this one is a pickle, so hand it an open file (which cannot be mmapped).
+    with open(path, "rb") as file:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _unwrap(path: PathLike, loaded: object) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Split an LDM/Lightning {"state_dict": ..., "global_step": ...} into tensors and plain metadata."""
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(path, f"holds a {type(loaded).__name__}, not a dict of tensors")
+    weights, metadata = loaded, {}
+    if isinstance(loaded.get("state_dict"), Mapping):
+        weights = loaded["state_dict"]
+        plain = {key: _plain(value) for key, value in loaded.items() if key != "state_dict"}
+        metadata = {str(key): value for key, value in plain.items() if value is not None}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(key, str):
+            raise CheckpointError(path, f"weight key {key!r} is a {type(key).__name__}, not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"weight {key!r} is a {type(value).__name__}, not a tensor")
+        # Parameters come back as plain tensors (no copy): callers only want the data.
+        tensors[key] = value.detach() if isinstance(value, torch.nn.Parameter) else value
+    return tensors, metadata
+
+
+def _plain(value: object) -> int | float | str | None:
+    """The value if it is a plain number or string (numpy scalars unwrapped), else None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value if isinstance(value, (int, float, str)) else None
+
+
+# --------------------------------------------------------------------------- pickle allow-list
+
+
+class _Placeholder:
+    """Inert stand-in for a training-time object (e.g. a Lightning callback) inside a checkpoint."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Placeholder:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        # Keep the pickled state as data; nothing from the file is ever called.
+        self.state = state
+
+
+def _placeholder_class(module: str, name: str) -> type[_Placeholder]:
+    """A _Placeholder subclass that pickles resolve as module.name."""
+    return type(name, (_Placeholder,), {"__module__": module, "__qualname__": name})
+
+
+# Lightning training checkpoints (e.g. the original SD 1.x .ckpt releases) store callback objects
+# or classes; they are loaded as placeholders so pytorch_lightning is never imported.
+_PLACEHOLDERS: dict[str, type[_Placeholder]] = {
+    f"{module}.{name}": _placeholder_class(module, name)
+    for module, name in [
+        ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+        ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
+    ]
+}
+
+
+def _numpy_safe_globals() -> list[tuple[object, str]]:
+    """numpy scalars/arrays that some SD checkpoints carry in their training metadata."""
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    entries: list[tuple[object, str]] = [(np.dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray")]
+    # numpy 1 pickles say numpy.core, numpy 2 pickles say numpy._core: accept both spellings.
+    for core in ("numpy.core", "numpy._core"):
+        entries.append((multiarray.scalar, f"{core}.multiarray.scalar"))
+        entries.append((multiarray._reconstruct, f"{core}.multiarray._reconstruct"))
+    # Unpickled dtypes are instances of per-type subclasses (e.g. numpy.dtypes.Int64DType),
+    # which torch must also allow for their BUILD step; pickles never name these directly.
+    dtype_classes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    entries += [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in dtype_classes]
+    return entries
+
+
+def _extra_safe_globals() -> list[tuple[object, str]]:
+    """Everything allowed on top of torch's weights-only defaults, as (object, pickled name)."""
+    return [(cls, name) for name, cls in _PLACEHOLDERS.items()] + _numpy_safe_globals()
+
+
+def _unpickling_error(path: PathLike, fmt: str, exc: pickle.UnpicklingError) -> CheckpointError:
+    """Name the global the weights-only unpickler refused, or describe why it stopped."""
+    refused = _refused_globals(path, fmt)
+    if refused:
+        return CheckpointError(
+            path,
+            f"refuses to run code: the pickle asks for {', '.join(refused[:3])}",
+            "this file may be malicious; use a .safetensors version of the model instead",
+        )
+    return CheckpointError(
+        path,
+        f"cannot load pickle safely ({_torch_detail(str(exc))})",
+        "the file is damaged or holds objects other than tensors; "
+        "re-download it or use a .safetensors version",
+    )
+
+
+def _refused_globals(path: PathLike, fmt: str) -> list[str]:
+    """Globals in the file outside the allowed set, in file order (best effort, for the message)."""
+    try:
+        # Private torch API, used only to word the error; the check itself is torch's.
+        from torch import _weights_only_unpickler as wo
+
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+        with _pickle_stream(path, fmt) as stream:
+            found = _pickle_globals(stream, max_pickles=1 if fmt == "torch-zip" else 5)
+    except Exception:  # wording only: fall back to torch's own explanation
+        return []
+    return list(dict.fromkeys(name for name in found if name not in allowed))  # unique, in file order
+
+
+@contextlib.contextmanager
+def _pickle_stream(path: PathLike, fmt: str) -> Iterator[IO[bytes]]:
+    """The pickle bytes of a checkpoint: data.pkl inside a torch zip, else the file itself."""
+    if fmt != "torch-zip":
+        with open(path, "rb") as file:
+            yield file
+        return
+    with zipfile.ZipFile(path) as archive:
+        member = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+        yield io.BytesIO(archive.read(member))
+
+
+_STRING_OPS = {
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"
+}
+_NO_PUSH_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _pickle_globals(stream: IO[bytes], max_pickles: int) -> list[str]:
+    """Every 'module.name' global the pickle(s) import, found by disassembly, never by loading."""
+    found: list[str] = []
+    recent: list[object] = []  # last values pushed: STACK_GLOBAL takes its names from the two latest
+    memo: dict[int, object] = {}
+    # Legacy torch files are several pickles in a row (magic, protocol, sys info, data, keys).
+    for _ in range(max_pickles):
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", ".", 1))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(f"{recent[-2]}.{recent[-1]}" if len(recent) >= 2 else "<unknown>")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in {"PUT", "BINPUT", "LONG_BINPUT"}:
+                    memo[arg] = recent[-1] if recent else None
+                elif op.name in {"GET", "BINGET", "LONG_BINGET"}:
+                    recent.append(memo.get(arg))
+                elif op.name not in _NO_PUSH_OPS:
+                    recent.append(arg if op.name in _STRING_OPS else None)
+                del recent[:-2]
+        except ValueError:  # end of the pickles (raw tensor bytes follow) or garbage
+            break
+    return found
+
+
+def _torch_detail(message: str) -> str:
+    """The informative line of torch's long multi-line weights-only error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation")]
+    return lines[-1].removeprefix("WeightsUnpickler error:").strip() if lines else "unknown reason"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else delete it."""
+    target = Path(path)
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield temp
+        _fsync_file(temp)
+        os.replace(temp, target)
+    except BaseException:  # also on Ctrl-C: never leave a half-written temp file behind
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    _fsync_folder(target.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    """Force a file's bytes to disk so the rename never exposes an empty or partial file."""
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist the rename itself (POSIX only: Windows cannot open folders for fsync)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(obj: object, path: PathLike) -> None:
+    """Atomically write obj as indented UTF-8 JSON (e.g. a config.json)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a bad obj leaves no file
+    with atomic_path(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomically write tensors as .safetensors, streaming one tensor at a time."""
+    order, header = _safetensors_layout(tensors, metadata)
+    with atomic_path(path) as temp, open(temp, "wb") as file:
+        file.write(len(header).to_bytes(8, "little"))
+        file.write(header)
+        for name in order:
+            file.write(_tensor_bytes(tensors[name]))
+
+
+def _safetensors_layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[list[str], bytes]:
+    """Data order and the padded JSON header for a set of tensors."""
+    for name, tensor in tensors.items():
+        _check_writable(name, tensor)
+    metadata = metadata or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map str to str")
+    # Largest items first, like upstream safetensors, so every tensor stays aligned for mmap.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _TORCH_TO_ST[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    # Pad with spaces to 8 bytes so the data section starts aligned.
+    return order, header + b" " * (-len(header) % 8)
+
+
+def _check_writable(name: object, tensor: object) -> None:
+    """Reject what safetensors cannot hold, before any file is touched."""
+    if not isinstance(name, str) or name == "__metadata__":
+        raise ValueError(f"invalid tensor name {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name!r} is a {tensor.layout} tensor; only dense tensors can be saved")
+    if tensor.dtype not in _TORCH_TO_ST:
+        raise TypeError(f"{name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of one tensor; copies only when it is not a dense CPU block."""
+    data = tensor.detach().resolve_conj().resolve_neg()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    # A contiguous view (even one sharing storage with other tensors) is written as-is, no copy.
+    # Native byte order is safetensors' little-endian on every platform torch ships for.
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
+
+
+# -------------------------------------------------------------------------------------------------
+# Stable Diffusion checkpoints: the single-file (CompVis/LDM) layout and the diffusers folder layout.
+# Both are read into `Parts`: our-named tensors for "unet", "vae" and "text_encoder".
+
+Parts = dict[str, dict[str, torch.Tensor]]
+COMPONENTS = ("unet", "vae", "text_encoder")
+CONFIG_METADATA_KEY = "latentforge_config"  # our ModelConfig, in the metadata of files we write
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")  # SD 1.x
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+# Training leftovers in single files that inference never uses: the noise schedule buffers of the
+# LDM wrapper, EMA copies and the autoencoder's training loss.
+IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
+IGNORED_KEYS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates",
+}  # fmt: skip
+NOT_SD = "not a Stable Diffusion 1.x/2.x checkpoint (SDXL, SD3 and others are not supported)"
+SD2_BASE_GLOBAL_STEP = 875000
+VIT_H_BLOCKS = 24  # blocks of the OpenCLIP ViT-H text tower; SD 2.x uses the first 23  # the 512-px epsilon SD 2.x base releases; other SD 2.x files are 768-v
+
+DIFFUSERS_WEIGHTS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+DIFFUSERS_BIN = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin"}
+# Stable Diffusion's published scheduler: what a folder without scheduler/ gets
+SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Parts, bool]:
+    """Sort a single file's tensors by component, prefixes removed; True when the text tower is OpenCLIP."""
+    parts: Parts = {c: {} for c in COMPONENTS}
+    openclip = False
+    for key, value in tensors.items():
+        if key.startswith(UNET_PREFIX):
+            parts["unet"][key.removeprefix(UNET_PREFIX)] = value
+        elif key.startswith(VAE_PREFIX) and not key.startswith(IGNORED_PREFIXES):
+            parts["vae"][key.removeprefix(VAE_PREFIX)] = value
+        elif key.startswith(OPENCLIP_PREFIX):
+            parts["text_encoder"][key.removeprefix(OPENCLIP_PREFIX)] = value
+            openclip = True
+        elif key.startswith(CLIP_PREFIXES):
+            prefix = next(p for p in CLIP_PREFIXES if key.startswith(p))
+            if not key.endswith("position_ids"):
+                parts["text_encoder"][key.removeprefix(prefix)] = value
+        elif key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+            raise CheckpointError(name, f"unexpected weight {key!r}", NOT_SD)
+    for component, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", "cond_stage_model.")):
+        if not parts[component]:
+            raise CheckpointError(name, f"no {component} weights ({prefix}*)", "a complete SD 1.x/2.x checkpoint is needed")
+    return parts, openclip
+
+
+def read_single_file(path: str | os.PathLike, prediction_type: str | None = None) -> tuple[ModelConfig, Parts]:
+    """Read an original-layout .safetensors/.ckpt into our names, with its config inferred from the tensors."""
+    name = os.fspath(path)
+    tensors, metadata = read_state_dict(path)
+    parts, openclip = _split_single_file(tensors, name)
+    del tensors
+    stored = metadata.get(CONFIG_METADATA_KEY)
+    if stored is not None:  # written by latentforge: the config is exact, heads included
+        config = ModelConfig.from_json(stored)
+        if openclip:
+            parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], config.text_encoder.layers)
+    else:
+        try:
+            if openclip:
+                layers = openclip_layers_used(parts["text_encoder"])
+                parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], layers)
+            config = _infer_config(parts, metadata, openclip)
+        except ValueError as e:
+            raise CheckpointError(name, str(e)) from None
+    if prediction_type is not None:
+        config = replace(config, prediction_type=prediction_type)
+    check_parts(config, parts, name)
+    return config, parts
+
+
+def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
+    """How many blocks of an OpenCLIP text tower SD 2.x runs: released files hold all 24 ViT-H blocks
+    and read the penultimate one's output; files converted from diffusers hold only the 23 used."""
+    blocks = len({k.split(".")[2] for k in tensors if k.startswith("transformer.resblocks.")})
+    return blocks - 1 if blocks == VIT_H_BLOCKS else blocks
+
+
+def _infer_config(parts: Parts, metadata: dict, sd2: bool) -> ModelConfig:
+    """A single file's ModelConfig from its tensors; `sd2` when its text tower is OpenCLIP's."""
+    unet = layouts.infer_unet_config(parts["unet"], sd2)
+    text = layouts.infer_text_encoder_config(parts["text_encoder"], sd2)
+    # the weights cannot tell epsilon from v; the SD 2.x base release is known by its training step
+    v = sd2 and metadata.get("global_step") != SD2_BASE_GLOBAL_STEP and unet.in_channels == 4
+    if v:
+        unet = replace(unet, sample_size=96)  # the 768-v models
+    return ModelConfig(
+        unet=unet,
+        vae=layouts.infer_vae_config(parts["vae"]),
+        text_encoder=text,
+        prediction_type="v_prediction" if v else "epsilon",
+        pad_token="!" if sd2 else "<|endoftext|>",
+    )
+
+
+def check_parts(config: ModelConfig, parts: Parts, name: str) -> None:
+    """Strict loading: every weight the models need is present with its shape, and nothing else."""
+    from .text_encoder import TextEncoder
+    from .unet import UNet
+    from .vae import AutoencoderKL
+
+    builders = {"unet": (UNet, config.unet), "vae": (AutoencoderKL, config.vae), "text_encoder": (TextEncoder, config.text_encoder)}
+    for component, (cls, cfg) in builders.items():
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
+        got = parts[component]
+        missing = sorted(expected.keys() - got.keys())
+        unexpected = sorted(got.keys() - expected.keys())
+        wrong = sorted(k for k in expected.keys() & got.keys() if tuple(got[k].shape) != expected[k])
+        problems = []
+        if missing:
+            problems.append(f"missing {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_few(unexpected)}")
+        if wrong:
+            k = wrong[0]
+            problems.append(f"{k!r} has shape {tuple(got[k].shape)}, expected {expected[k]} ({len(wrong)} such)")
+        if problems:
+            raise CheckpointError(name, f"{component} weights do not fit a {config.describe()} model: " + "; ".join(problems))
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _read_json(path: Path) -> dict:
+    """A diffusers config file; a missing or broken one is a CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing", "a diffusers model folder needs this file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"broken JSON ({e})", "restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _diffusers_weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    """Read one component's weights: .safetensors preferred, then .bin (restricted unpickling), or shards."""
+    stem = DIFFUSERS_WEIGHTS[component]
+    candidates = [f"{stem}.safetensors", DIFFUSERS_BIN[component], f"{stem}.fp16.safetensors"]
+    for file in candidates:
+        if (folder / file).is_file():
+            return read_state_dict(folder / file)[0]
+    for index in (f"{stem}.safetensors.index.json", DIFFUSERS_BIN[component] + ".index.json"):
+        if (folder / index).is_file():
+            weight_map = _read_json(folder / index).get("weight_map", {})
+            tensors = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(read_state_dict(folder / shard)[0])
+            return tensors
+    raise CheckpointError(folder, f"no weights found (looked for {', '.join(candidates)})")
+
+
+def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None) -> tuple[ModelConfig, Parts]:
+    """Read a diffusers Stable Diffusion folder into our names, configs from its config.json files."""
+    root = Path(folder)
+    index = _read_json(root / "model_index.json")
+    if "unet" not in index or "vae" not in index or "text_encoder" not in index:
+        raise CheckpointError(root / "model_index.json", "not a Stable Diffusion pipeline (needs unet, vae, text_encoder)")
+    configs = {c: _read_json(root / c / "config.json") for c in COMPONENTS}
+    scheduler_path = root / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else dict(SD_SCHEDULER)
+    try:
+        unet_config = layouts.unet_config_from_diffusers(configs["unet"])
+        vae_config = layouts.vae_config_from_diffusers(configs["vae"])
+        text_config = layouts.text_encoder_config_from_diffusers(configs["text_encoder"])
+        parts = {
+            "unet": layouts.unet_from_diffusers(_diffusers_weights(root / "unet", "unet"), unet_config),
+            "vae": layouts.vae_from_diffusers(_diffusers_weights(root / "vae", "vae"), vae_config),
+            "text_encoder": layouts.text_encoder_from_diffusers(_diffusers_weights(root / "text_encoder", "text_encoder")),
+        }
+        config = ModelConfig(
+            unet=unet_config,
+            vae=vae_config,
+            text_encoder=text_config,
+            prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
+            pad_token=_tokenizer_pad_token(root / "tokenizer"),
+            scheduler=scheduler,
+        )
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(root, str(e)) from None
+    check_parts(config, parts, root)
+    return config, parts
+
+
+def _tokenizer_pad_token(folder: Path) -> str:
+    """The pad token a diffusers tokenizer/ folder declares (SD 2.x: "!"), else the end token."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / file).is_file():
+            pad = _read_json(folder / file).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad:
+                return pad
+    return "<|endoftext|>"
+
+
+def read_checkpoint(path: str | os.PathLike, prediction_type: str | None = None) -> tuple[ModelConfig, Parts]:
+    """Read either layout: a folder is a diffusers model, a file a single-file checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        return read_diffusers(path, prediction_type)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    return read_single_file(path, prediction_type)
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return tensors if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def single_file_tensors(config: ModelConfig, parts: Parts) -> dict[str, torch.Tensor]:
+    """Our-named parts -> the original (CompVis/LDM) single-file keys; SD 2.x text in OpenCLIP names."""
+    tensors = {UNET_PREFIX + k: v for k, v in parts["unet"].items()}
+    tensors.update({VAE_PREFIX + k: v for k, v in parts["vae"].items()})
+    if config.version == "sd2":
+        text = layouts.text_encoder_to_openclip(parts["text_encoder"])
+        tensors.update({OPENCLIP_PREFIX + k: v for k, v in text.items()})
+    else:
+        tensors.update({CLIP_PREFIXES[0] + k: v for k, v in parts["text_encoder"].items()})
+    return tensors
+
+
+def write_single_file(config: ModelConfig, parts: Parts, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write the original layout as one .safetensors, our config in its metadata."""
+    tensors = _cast(single_file_tensors(config, parts), dtype)
+    write_safetensors(tensors, path, metadata={CONFIG_METADATA_KEY: config.to_json()})
+
+
+def write_diffusers(
+    config: ModelConfig, parts: Parts, folder: str | os.PathLike, tokenizer, dtype: torch.dtype | None = None
+) -> None:
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+    It is assembled under a temporary name beside `folder` and renamed into place at the end, so an
+    interrupted write leaves no half-made model."""
+    folder = Path(folder)
+    if folder.exists():
+        raise CheckpointError(folder, "already exists", "choose a new destination (nothing is overwritten)")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        _write_diffusers_tree(config, parts, tmp, tokenizer, dtype)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizer, dtype: torch.dtype | None) -> None:
+    from . import __version__
+
+    pipeline = "StableDiffusionInpaintPipeline" if config.inpainting else "StableDiffusionPipeline"
+    scheduler = config.scheduler or {**SD_SCHEDULER, "prediction_type": config.prediction_type}
+    scheduler = {**scheduler, "prediction_type": config.prediction_type}
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.30.0",
+        "_latentforge_version": __version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    weights = {
+        "unet": layouts.unet_to_diffusers(parts["unet"], config.unet),
+        "vae": layouts.vae_to_diffusers(parts["vae"], config.vae),
+        "text_encoder": layouts.text_encoder_to_diffusers(parts["text_encoder"]),
+    }
+    configs = {
+        "unet": layouts.unet_config_to_diffusers(config.unet),
+        "vae": layouts.vae_config_to_diffusers(config.vae),
+        "text_encoder": layouts.text_encoder_config_to_diffusers(config.text_encoder),
+    }
+    root.mkdir(parents=True)
+    write_json(index, root / "model_index.json")
+    for component in COMPONENTS:
+        (root / component).mkdir()
+        write_json(configs[component], root / component / "config.json")
+        write_safetensors(_cast(weights[component], dtype), root / component / f"{DIFFUSERS_WEIGHTS[component]}.safetensors")
+    (root / "scheduler").mkdir()
+    write_json(scheduler, root / "scheduler" / "scheduler_config.json")
+    tokenizer.save_pretrained(root / "tokenizer")
