@@ -14,7 +14,7 @@ from latentforge.text_encoder import (
     TextEncoderConfig,
 )
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 BOS_ID = 49406

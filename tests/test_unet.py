@@ -6,7 +6,7 @@ import torch
 from latentforge import layouts
 from latentforge.unet import SD1_UNET, SD2_UNET, UNet
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers
 
 # tiny versions of the three shapes: SD 1.x (8 heads, conv projections), SD 2.x (64-wide heads
 # scaled down to 16, linear projections), and the 9-channel inpainting UNet

@@ -1,0 +1,80 @@
+"""What a loaded model is: the configs of its parts and the facts the weights alone cannot tell."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .text_encoder import TextEncoderConfig
+from .unet import UNetConfig
+from .vae import VAEConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: TextEncoderConfig
+    prediction_type: str = "epsilon"  # what the UNet predicts: the noise, or v (SD 2.x 768-v)
+    pad_token: str = "<|endoftext|>"  # SD 1.x pads prompts with the end token, SD 2.x with "!" (id 0)
+    # the diffusers scheduler_config.json of the model, when it came with one (sampling defaults)
+    scheduler: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.unet.context_dim != self.text_encoder.width:
+            raise ValueError(
+                f"the UNet reads {self.unet.context_dim}-wide text vectors but the text encoder makes "
+                f"{self.text_encoder.width}-wide ones"
+            )
+        if self.vae.latent_channels != self.unet.out_channels:
+            raise ValueError(
+                f"the VAE has {self.vae.latent_channels} latent channels but the UNet predicts {self.unet.out_channels}"
+            )
+
+    @property
+    def version(self) -> str:
+        """'sd1' (OpenAI CLIP text tower, quick-GELU) or 'sd2' (OpenCLIP text tower, GELU)."""
+        return "sd2" if self.text_encoder.activation == "gelu" else "sd1"
+
+    @property
+    def inpainting(self) -> bool:
+        """True for the 9-channel UNet (latents + mask + masked-image latents)."""
+        return self.unet.in_channels == 9
+
+    @property
+    def native_size(self) -> int:
+        """Image side in pixels the model was trained at (512 for SD 1.x, 768 for SD 2.x 768-v)."""
+        return self.unet.sample_size * self.vae.downscale
+
+    def describe(self) -> str:
+        """One line for people: version, prediction type, inpainting, native size."""
+        kind = " inpainting" if self.inpainting else ""
+        return f"{self.version}{kind}, {self.prediction_type}, {self.native_size}x{self.native_size}"
+
+    def to_json(self) -> str:
+        """The whole config as JSON (stored in the metadata of the single files latentforge writes)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Inverse of to_json; a malformed config is a ValueError that says which part."""
+        d = json.loads(text)
+        try:
+            parts = {
+                name: _dataclass_from_dict(kind, d[name])
+                for name, kind in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", TextEncoderConfig))
+            }
+            rest = {k: d[k] for k in ("prediction_type", "pad_token", "scheduler") if k in d}
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed latentforge config: {e}") from None
+        return cls(**parts, **rest)
+
+
+def _dataclass_from_dict(kind, d: dict):
+    """Build a frozen config dataclass from JSON, turning lists back into tuples."""
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

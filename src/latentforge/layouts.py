@@ -1,0 +1,519 @@
+"""The two checkpoint layouts people have, and the one place that maps between them.
+
+Our modules carry the original CompVis/LDM names (UNet, VAE) and the Hugging Face CLIP names (text
+encoder), which is what SD 1.x single files contain. This module holds:
+
+- the key tables between our names and the diffusers names, built from a model config, as lists
+  of (our module prefix, diffusers module prefix, inner renames) plus the few tensor reshapes;
+- the OpenCLIP text tower names that SD 2.x single files use;
+- the translation of configs to and from diffusers' `config.json` files;
+- the inference of every config from the tensors of a single-file checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from .text_encoder import SD1_TEXT_ENCODER, SD2_TEXT_ENCODER, TextEncoderConfig
+from .unet import UNetConfig
+from .vae import VAEConfig
+
+Tensors = dict[str, torch.Tensor]
+
+# -------------------------------------------------------------------------------------------------
+# Key tables
+
+# Inner renames for blocks whose parts are named differently in the two layouts.
+UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# Older diffusers VAE files name the attention parts differently; accepted when reading.
+VAE_ATTENTION_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    ours: str  # module prefix in our names
+    theirs: str  # module prefix in diffusers names
+    inner: dict[str, str] | None = None  # renames below the prefix; None: the same names
+
+
+def unet_table(c: UNetConfig) -> list[Entry]:
+    """Our (LDM) UNet module prefixes and their diffusers counterparts."""
+    t = [
+        Entry("time_embed.0", "time_embedding.linear_1"),
+        Entry("time_embed.2", "time_embedding.linear_2"),
+        Entry("input_blocks.0.0", "conv_in"),
+        Entry("middle_block.0", "mid_block.resnets.0", UNET_RESNET),
+        Entry("middle_block.1", "mid_block.attentions.0"),
+        Entry("middle_block.2", "mid_block.resnets.1", UNET_RESNET),
+        Entry("out.0", "conv_norm_out"),
+        Entry("out.2", "conv_out"),
+    ]
+    levels = len(c.channel_mult)
+    idx = 1
+    for level in range(levels):
+        for j in range(c.num_res_blocks):
+            t.append(Entry(f"input_blocks.{idx}.0", f"down_blocks.{level}.resnets.{j}", UNET_RESNET))
+            if level in c.attention_levels:
+                t.append(Entry(f"input_blocks.{idx}.1", f"down_blocks.{level}.attentions.{j}"))
+            idx += 1
+        if level != levels - 1:
+            t.append(Entry(f"input_blocks.{idx}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
+            idx += 1
+    idx = 0
+    for up, level in enumerate(reversed(range(levels))):
+        for j in range(c.num_res_blocks + 1):
+            t.append(Entry(f"output_blocks.{idx}.0", f"up_blocks.{up}.resnets.{j}", UNET_RESNET))
+            slot = 1
+            if level in c.attention_levels:
+                t.append(Entry(f"output_blocks.{idx}.1", f"up_blocks.{up}.attentions.{j}"))
+                slot = 2
+            if level != 0 and j == c.num_res_blocks:
+                t.append(Entry(f"output_blocks.{idx}.{slot}.conv", f"up_blocks.{up}.upsamplers.0.conv"))
+            idx += 1
+    return t
+
+
+def vae_table(c: VAEConfig) -> list[Entry]:
+    """Our (LDM) VAE module prefixes and their diffusers counterparts."""
+    t = [Entry("quant_conv", "quant_conv"), Entry("post_quant_conv", "post_quant_conv")]
+    levels = len(c.channel_mult)
+    for part in ("encoder", "decoder"):
+        t += [
+            Entry(f"{part}.conv_in", f"{part}.conv_in"),
+            Entry(f"{part}.conv_out", f"{part}.conv_out"),
+            Entry(f"{part}.norm_out", f"{part}.conv_norm_out"),
+            Entry(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET),
+            Entry(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", VAE_ATTENTION),
+            Entry(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET),
+        ]
+    for level in range(levels):
+        for j in range(c.num_res_blocks):
+            t.append(Entry(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", VAE_RESNET))
+        if level != levels - 1:
+            t.append(Entry(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
+        up = levels - 1 - level  # diffusers counts the decoder's levels from the bottom
+        for j in range(c.num_res_blocks + 1):
+            t.append(Entry(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", VAE_RESNET))
+        if level != 0:
+            t.append(Entry(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+    return t
+
+
+def _split(key: str, prefixes: dict[str, Entry]) -> tuple[Entry, str]:
+    """The entry whose prefix is the longest one that `key` starts with, and the rest of the key."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        entry = prefixes.get(".".join(parts[:n]))
+        if entry is not None:
+            return entry, ".".join(parts[n:])
+    raise KeyError(key)
+
+
+def _rename_inner(rest: str, inner: dict[str, str] | None) -> str:
+    if inner is None:
+        return rest
+    for src, dst in inner.items():
+        if rest.startswith(src + "."):
+            return dst + rest[len(src) :]
+    raise KeyError(rest)
+
+
+def _rename(sd: Tensors, table: list[Entry], to_diffusers: bool) -> Tensors:
+    """Rename every key through the table; a key the table does not cover is an error that names it."""
+    if to_diffusers:
+        prefixes = {e.ours: e for e in table}
+    else:
+        prefixes = {e.theirs: Entry(e.theirs, e.ours, e.inner and {v: k for k, v in e.inner.items()}) for e in table}
+    out = {}
+    for key, value in sd.items():
+        try:
+            entry, rest = _split(key, prefixes)
+            new = entry.theirs + "." + _rename_inner(rest, entry.inner)
+        except KeyError:
+            raise ValueError(f"unexpected key {key!r}: no such weight in this model's layout") from None
+        out[new] = value
+    return out
+
+
+def _vae_attention_shapes(sd: Tensors, conv: bool) -> Tensors:
+    """The VAE's attention projections are 1x1 convs in LDM ([C, C, 1, 1]) and Linear in diffusers ([C, C])."""
+    pattern = re.compile(r"(en|de)coder\.mid(\.attn_1\.(q|k|v|proj_out)|_block\.attentions\.0\.to_(q|k|v|out\.0))\.weight$")
+    out = {}
+    for key, value in sd.items():
+        if pattern.search(key):
+            value = value.reshape(*value.shape[:2], 1, 1) if conv and value.ndim == 2 else value
+            value = value.reshape(value.shape[:2]) if not conv and value.ndim == 4 else value
+        out[key] = value
+    return out
+
+
+def unet_to_diffusers(sd: Tensors, c: UNetConfig) -> Tensors:
+    """Our UNet state dict -> diffusers UNet2DConditionModel names."""
+    return _rename(sd, unet_table(c), to_diffusers=True)
+
+
+def unet_from_diffusers(sd: Tensors, c: UNetConfig) -> Tensors:
+    """diffusers UNet2DConditionModel state dict -> our names."""
+    return _rename(sd, unet_table(c), to_diffusers=False)
+
+
+def vae_to_diffusers(sd: Tensors, c: VAEConfig) -> Tensors:
+    """Our VAE state dict -> diffusers AutoencoderKL names (attention as Linear weights)."""
+    return _vae_attention_shapes(_rename(sd, vae_table(c), to_diffusers=True), conv=False)
+
+
+def vae_from_diffusers(sd: Tensors, c: VAEConfig) -> Tensors:
+    """diffusers AutoencoderKL state dict (current or legacy attention names) -> our names."""
+    legacy = re.compile(r"\.attentions\.0\.(query|key|value|proj_attn)\.")
+    sd = {legacy.sub(lambda m: f".attentions.0.{VAE_ATTENTION_LEGACY[m.group(1)]}.", k): v for k, v in sd.items()}
+    return _vae_attention_shapes(_rename(sd, vae_table(c), to_diffusers=False), conv=True)
+
+
+def text_encoder_to_diffusers(sd: Tensors) -> Tensors:
+    """Our text encoder state dict -> transformers CLIPTextModel names."""
+    return {"text_model." + k: v for k, v in sd.items()}
+
+
+def text_encoder_from_diffusers(sd: Tensors) -> Tensors:
+    """transformers CLIPTextModel state dict -> our names (the position_ids buffer is dropped).
+
+    Files written by transformers 4 (all published SD folders) prefix every key with `text_model.`;
+    transformers 5 keeps the module without it. Both are read."""
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+# -------------------------------------------------------------------------------------------------
+# OpenCLIP text tower (SD 2.x single files, under cond_stage_model.model.)
+
+OPENCLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+OPENCLIP_TOP = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_final.weight": "final_layer_norm.weight",
+    "ln_final.bias": "final_layer_norm.bias",
+}
+# Parts of the OpenCLIP model that Stable Diffusion never uses (the contrastive head).
+OPENCLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def text_encoder_from_openclip(sd: Tensors, layers: int) -> Tensors:
+    """OpenCLIP text tower -> our names. Keeps the first `layers` blocks: SD 2.x takes the
+    penultimate layer, so the 24th block of a ViT-H file is never used (diffusers drops it too)."""
+    out = {}
+    for key, value in sd.items():
+        if key in OPENCLIP_TOP:
+            out[OPENCLIP_TOP[key]] = value
+            continue
+        if key in OPENCLIP_UNUSED:
+            continue
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias|in_proj_weight|in_proj_bias)", key)
+        if m is None:
+            raise ValueError(f"unexpected key {key!r} in the OpenCLIP text encoder")
+        i, part, kind = int(m.group(1)), m.group(2), m.group(3)
+        if i >= layers:
+            continue
+        prefix = f"encoder.layers.{i}."
+        if kind.startswith("in_proj_"):  # q, k and v stacked in one tensor
+            suffix = kind.removeprefix("in_proj_")
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{prefix}self_attn.{name}.{suffix}"] = chunk
+        elif part in OPENCLIP_LAYER:
+            out[f"{prefix}{OPENCLIP_LAYER[part]}.{kind}"] = value
+        else:
+            raise ValueError(f"unexpected key {key!r} in the OpenCLIP text encoder")
+    return out
+
+
+def text_encoder_to_openclip(sd: Tensors) -> Tensors:
+    """Our text encoder names -> OpenCLIP text tower names (q, k, v stacked again)."""
+    top = {v: k for k, v in OPENCLIP_TOP.items()}
+    layer = {v: k for k, v in OPENCLIP_LAYER.items()}
+    out: Tensors = {}
+    stacks: dict[str, list] = {}
+    for key, value in sd.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            raise ValueError(f"unexpected text encoder key {key!r}")
+        i, part, kind = m.groups()
+        prefix = f"transformer.resblocks.{i}."
+        if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            stacks.setdefault(f"{prefix}attn.in_proj_{kind}", [None] * 3)["qkv".index(part[10])] = value
+        else:
+            out[f"{prefix}{layer[part]}.{kind}"] = value
+    for key, parts in stacks.items():
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs <-> diffusers config.json
+
+
+def unet_config_to_diffusers(c: UNetConfig) -> dict:
+    """UNetConfig -> the config.json of a diffusers UNet2DConditionModel."""
+    levels = range(len(c.channel_mult))
+    heads = [c.heads_at(ch) for ch in c.level_channels]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": c.sample_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": c.level_channels,
+        "layers_per_block": c.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels],
+        "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": c.context_dim,
+        # diffusers' historical misnomer: for SD this field holds the number of heads
+        "attention_head_dim": heads[0] if c.num_heads is not None else heads,
+        "use_linear_projection": c.use_linear_projection,
+        "transformer_layers_per_block": c.transformer_depth,
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "center_input_sample": False,
+    }
+
+
+# diffusers UNet options that this UNet does not implement; a config that sets them is refused.
+_UNET_UNSUPPORTED = {
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "time_embedding_type": "positional",
+    "encoder_hid_dim": None,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "upcast_attention": None,  # checked separately: False and None are both fine
+    "resnet_time_scale_shift": "default",
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
+
+
+def unet_config_from_diffusers(d: dict, name: str = "unet/config.json") -> UNetConfig:
+    """The config.json of a diffusers UNet2DConditionModel -> UNetConfig; unsupported options are errors."""
+    for key, want in _UNET_UNSUPPORTED.items():
+        got = d.get(key, want)
+        if key == "upcast_attention":
+            continue
+        if got != want:
+            raise ValueError(f"{name}: {key}={got!r} is not supported (Stable Diffusion 1.x/2.x UNets use {want!r})")
+    down = d["down_block_types"]
+    up = d["up_block_types"]
+    attention = tuple(i for i, kind in enumerate(down) if kind.startswith("CrossAttn"))
+    if list(reversed(up)) != [k.replace("Down", "Up") for k in down]:
+        raise ValueError(f"{name}: up_block_types {up} do not mirror down_block_types {down}")
+    widths = list(d["block_out_channels"])
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise ValueError(f"{name}: block_out_channels {widths} are not multiples of the first")
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    if isinstance(heads, int):
+        num_heads, head_dim = heads, None
+    else:
+        dims = {w // h for w, h in zip(widths, heads)}
+        if len(dims) != 1:
+            raise ValueError(f"{name}: per-level heads {heads} do not share one head width")
+        num_heads, head_dim = None, dims.pop()
+    depth = d.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        raise ValueError(f"{name}: per-level transformer_layers_per_block {depth} is not supported")
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels", 4),
+        model_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=d.get("layers_per_block", 2),
+        attention_levels=attention,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        transformer_depth=depth,
+        context_dim=d.get("cross_attention_dim", 768),
+        use_linear_projection=d.get("use_linear_projection", False),
+        norm_groups=d.get("norm_num_groups", 32),
+        sample_size=d.get("sample_size") or 64,
+    )
+
+
+def vae_config_to_diffusers(c: VAEConfig) -> dict:
+    """VAEConfig -> the config.json of a diffusers AutoencoderKL."""
+    n = len(c.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "latent_channels": c.latent_channels,
+        "block_out_channels": [c.base_channels * m for m in c.channel_mult],
+        "layers_per_block": c.num_res_blocks,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "norm_num_groups": c.norm_groups,
+        "act_fn": "silu",
+        "scaling_factor": c.scaling_factor,
+        "sample_size": 512,
+    }
+
+
+def vae_config_from_diffusers(d: dict, name: str = "vae/config.json") -> VAEConfig:
+    """The config.json of a diffusers AutoencoderKL -> VAEConfig."""
+    widths = list(d.get("block_out_channels", [64]))
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise ValueError(f"{name}: block_out_channels {widths} are not multiples of the first")
+    if d.get("act_fn", "silu") != "silu":
+        raise ValueError(f"{name}: act_fn={d['act_fn']!r} is not supported (use 'silu')")
+    if d.get("shift_factor") not in (None, 0, 0.0):
+        raise ValueError(f"{name}: shift_factor={d['shift_factor']} is not supported (SD 1.x/2.x VAEs have none)")
+    return VAEConfig(
+        in_channels=d.get("in_channels", 3),
+        out_channels=d.get("out_channels", 3),
+        latent_channels=d.get("latent_channels", 4),
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=d.get("layers_per_block", 1),
+        norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=float(d.get("scaling_factor", 0.18215)),
+    )
+
+
+def text_encoder_config_to_diffusers(c: TextEncoderConfig) -> dict:
+    """TextEncoderConfig -> the config.json of a transformers CLIPTextModel."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_length,
+        "hidden_size": c.width,
+        "num_hidden_layers": c.layers,
+        "num_attention_heads": c.heads,
+        "intermediate_size": c.mlp_width,
+        "hidden_act": c.activation,
+        "layer_norm_eps": c.eps,
+        "projection_dim": c.width,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "torch_dtype": "float32",
+    }
+
+
+def text_encoder_config_from_diffusers(d: dict, name: str = "text_encoder/config.json") -> TextEncoderConfig:
+    """The config.json of a transformers CLIPTextModel -> TextEncoderConfig."""
+    try:
+        return TextEncoderConfig(
+            vocab_size=d.get("vocab_size", 49408),
+            max_length=d.get("max_position_embeddings", 77),
+            width=d["hidden_size"],
+            layers=d["num_hidden_layers"],
+            heads=d["num_attention_heads"],
+            mlp_width=d["intermediate_size"],
+            activation=d.get("hidden_act", "quick_gelu"),
+            eps=d.get("layer_norm_eps", 1e-5),
+        )
+    except KeyError as e:
+        raise ValueError(f"{name}: missing field {e.args[0]!r}") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs inferred from the tensors of a single file (original layout, prefixes already removed)
+
+
+def _shape(sd: Tensors, key: str, what: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"not a Stable Diffusion {what}: weight {key!r} is missing")
+    return tuple(sd[key].shape)
+
+
+def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
+    """UNetConfig from the tensors of an LDM UNet (keys without `model.diffusion_model.`)."""
+    model_ch, in_ch = _shape(sd, "input_blocks.0.0.weight", "UNet")[:2]
+    out_ch = _shape(sd, "out.2.weight", "UNet")[0]
+    # walk the input blocks: a block with `.0.op` is a downsampler, which ends a level
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+    levels: list[list[int]] = [[]]
+    for i in blocks[1:]:
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            levels.append([])
+        else:
+            levels[-1].append(i)
+    res_blocks = len(levels[0])
+    widths = [_shape(sd, f"input_blocks.{lv[0]}.0.out_layers.3.weight", "UNet")[0] for lv in levels]
+    attention = tuple(n for n, lv in enumerate(levels) if f"input_blocks.{lv[0]}.1.norm.weight" in sd)
+    mid_attn = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    context_dim = _shape(sd, mid_attn, "UNet")[1]
+    linear = len(_shape(sd, "middle_block.1.proj_in.weight", "UNet")) == 2
+    depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
+    # The weights cannot tell how attention splits into heads: SD 2.x uses 64-wide heads, SD 1.x eight.
+    heads = dict(num_heads=None, head_dim=64) if sd2 else dict(num_heads=8, head_dim=None)
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        model_channels=model_ch,
+        channel_mult=tuple(w // model_ch for w in widths),
+        num_res_blocks=res_blocks,
+        attention_levels=attention,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        use_linear_projection=linear,
+        norm_groups=32,
+        **heads,
+    )
+
+
+def infer_vae_config(sd: Tensors) -> VAEConfig:
+    """VAEConfig from the tensors of an LDM VAE (keys without `first_stage_model.`)."""
+    base, in_ch = _shape(sd, "encoder.conv_in.weight", "VAE")[:2]
+    levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
+    widths = [_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0] for i in range(levels)]
+    res_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    return VAEConfig(
+        in_channels=in_ch,
+        out_channels=_shape(sd, "decoder.conv_out.weight", "VAE")[0],
+        latent_channels=_shape(sd, "post_quant_conv.weight", "VAE")[0],
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=res_blocks,
+    )
+
+
+def infer_text_encoder_config(sd: Tensors, openclip: bool) -> TextEncoderConfig:
+    """TextEncoderConfig from our-named text encoder tensors (after any OpenCLIP conversion);
+    an OpenCLIP tower (SD 2.x) uses GELU, OpenAI's (SD 1.x) quick-GELU; both 64-wide heads."""
+    vocab, width = _shape(sd, "embeddings.token_embedding.weight", "text encoder")
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    return replace(
+        SD2_TEXT_ENCODER if openclip else SD1_TEXT_ENCODER,
+        vocab_size=vocab,
+        max_length=_shape(sd, "embeddings.position_embedding.weight", "text encoder")[0],
+        width=width,
+        layers=layers,
+        heads=max(1, width // 64),
+        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
+    )
