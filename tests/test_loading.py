@@ -214,3 +214,65 @@ def test_foreign_single_file_config_inferred_from_tensors(diffusers_folder, tmp_
     else:
         assert got.prediction_type == "v_prediction" and got.native_size == 768
     assert_same_model(pipe, reference(folder, kind))
+
+
+def test_diffusers_folder_with_bin_weights(sd1_folder, tmp_path):
+    """Older diffusers folders hold pickled .bin weights; they load through the restricted unpickler."""
+    import shutil
+
+    folder = tmp_path / "bin"
+    shutil.copytree(sd1_folder, folder)
+    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        tensors, _ = read_state_dict(folder / part / f"{stem}.safetensors")
+        bin_name = "pytorch_model.bin" if part == "text_encoder" else f"{stem}.bin"
+        torch.save(tensors, folder / part / bin_name)
+        (folder / part / f"{stem}.safetensors").unlink()
+    assert_same_model(latentforge.load(folder, device="cpu"), reference(sd1_folder, "sd1"))
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):  # unpickling this would create the target file
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors"])
+def test_malicious_checkpoint_never_runs(tmp_path, name, capsys):
+    target = tmp_path / "pwned"
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": _Payload(target)}}, tmp_path / name)
+    with pytest.raises(CheckpointError, match="refuses to run code") as e:
+        latentforge.load(tmp_path / name, device="cpu")
+    assert name in str(e.value) and "\n" not in str(e.value)
+    assert main(["inspect", str(tmp_path / name)]) == 2
+    assert "refuses to run code" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_cli_tokenize_prints_77_ids(capsys):
+    assert main(["tokenize", "a photo of an astronaut riding a horse"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.split()]
+    ref = transformers_tokenizer()
+    assert ids == ref("a photo of an astronaut riding a horse", padding="max_length", max_length=77).input_ids
+
+
+def transformers_tokenizer():
+    import tempfile
+
+    import transformers
+
+    from latentforge.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        Tokenizer().save_pretrained(folder)
+        return transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def test_cli_inspect(diffusers_folder, capsys):
+    kind, folder = diffusers_folder
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    version, prediction, inpainting, _ = expected_config(kind)
+    assert f"diffusers folder, {version}{' inpainting' if inpainting else ''}, {prediction}" in out
+    assert "unet:" in out and "vae:" in out and "text_encoder:" in out
