@@ -64,11 +64,14 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torc
 
 
 def build(cls: type[nn.Module], config, tensors: dict[str, torch.Tensor], device, dtype) -> nn.Module:
-    """Make a module on the meta device and adopt the tensors as its weights: no second copy is made
-    (beyond the one a dtype or device change needs), and no random initialisation runs."""
+    """Make a module on the meta device and adopt the tensors as its weights (emptying `tensors`):
+    no random initialisation runs, and no second copy of the weights is made."""
     with torch.device("meta"):
         module = cls(config)
-    weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+    weights = {}
+    for key in list(tensors):  # pop as we go: a converted tensor never sits beside its source
+        value = tensors.pop(key)
+        weights[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
     module.load_state_dict(weights, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
