@@ -51,6 +51,75 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({'single file' if layout == 'single' else 'diffusers folder'}, {config.describe()})")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
+    from tqdm import tqdm
+
+    from . import images, load
+
+    out = images.check_output_folder(args.out)  # before any work: a bad --out fails at once
+    init = images.load_image(args.init_image) if args.init_image else None
+    mask = images.load_mask(args.mask, init.size) if args.mask else None
+    if mask is not None and init is None:
+        raise ValueError("--mask needs --init-image")
+    pipe = load(args.model, dtype=args.dtype, device=args.device)
+    previews: dict[int, list] = {}
+    bars: dict[int, tqdm] = {}
+
+    def on_step(step) -> None:
+        bar = bars.get(step.image_index)
+        if bar is None:
+            bar = bars[step.image_index] = tqdm(total=step.steps, desc=f"image {step.image_index + 1}", unit="step")
+        bar.update(1)
+        every = args.preview_every
+        if every and ((step.step + 1) % every == 0 or step.step + 1 == step.steps):
+            previews.setdefault(step.image_index, []).append((step.step + 1, pipe.decode(step.denoised)[0]))
+        if step.step + 1 == step.steps:
+            bar.close()
+
+    results = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        init_image=init,
+        strength=args.strength,
+        mask=mask,
+        callback=on_step,
+        clip_skip=args.clip_skip,
+    )
+    for i, image in enumerate(results):
+        path = images.save_png(image, out)
+        print(path)
+        if i in previews:
+            steps, frames = zip(*previews[i])
+            strip = images.image_strip(list(frames), [f"step {n}" for n in steps])
+            print(images.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
+
+
+def cmd_samplers(args: argparse.Namespace) -> None:
+    """List the samplers: AUTOMATIC1111's name, the short name, and the schedule."""
+    from .samplers import SPECS
+
+    for spec in SPECS:
+        print(f"{spec.a1111_name:<18} {spec.name:<14} schedule: {spec.schedule}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print the generation parameters stored in a PNG (AUTOMATIC1111's infotext)."""
+    from .images import read_infotext
+
+    text = read_infotext(args.image)
+    if text is None:
+        raise ValueError(f"{args.image}: no generation parameters in this image")
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description="Stable Diffusion in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"latentforge {__version__}")
@@ -82,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights as (default: as read)")
     p.add_argument("--prediction-type", **prediction)
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img, inpainting)")
+    p.add_argument("prompt", help="what to draw; (word:1.3) / [word] emphasis and BREAK as in AUTOMATIC1111")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped in the package)")
+    p.add_argument("--sampler", default="Euler a", help="sampler name as `latentforge samplers` lists (default: Euler a)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale; 1 = none (default: 7)")
+    p.add_argument("--seed", type=int, help="0..4294967295; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
+    p.add_argument("--init-image", help="start from this image (img2img)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, 0..1 (default: 0.75)")
+    p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
+    p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
+    p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--preview-every", type=int, default=0, metavar="N",
+                   help="also save a strip of the predicted image after every N steps")  # fmt: skip
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("samplers", help="list the samplers")
+    p.set_defaults(func=cmd_samplers)
+
+    p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_info)
     return parser
 
 
@@ -92,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # user input problems: one line, no traceback
         print(f"latentforge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
+        print(f"latentforge {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

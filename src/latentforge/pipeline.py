@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from . import checkpoints
 from .checkpoints import Parts
 from .config import ModelConfig
+from .guidance import Conditioning, Denoiser, make_denoiser
+from .images import GenerationInfo, format_infotext, model_hash, tensor_to_images
+from .prompts import encode_prompts
+from .request import check_request
+from .samplers import get_sampler, img2img_sigmas
+from .schedules import NoiseSchedule
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 from .unet import UNet
-from .vae import AutoencoderKL
+from .vae import AutoencoderKL, sample_latents
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
+
+
+@dataclass
+class Step:
+    """What a per-step callback receives: where the run is, and the latents so far (VP form, unscaled)."""
+
+    image_index: int  # which image of the batch
+    step: int  # 0-based sampler step
+    steps: int  # sampler steps this image runs
+    sigma: float
+    latents: torch.Tensor  # (1, 4, h, w) the current noisy latents
+    denoised: torch.Tensor  # (1, 4, h, w) the predicted clean latents: decode them to watch the image emerge
 
 
 @dataclass
@@ -34,12 +56,151 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     name: str = ""
+    source: Path | None = None  # the checkpoint file or folder, for the infotext's model hash
 
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Prompts -> text vectors (B, 77, width) that the UNet's cross-attention reads."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+        """Prompts -> text vectors (B, 77 * chunks, width), with A1111's emphasis and long-prompt chunks."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) as the sampler leaves them -> PIL images (8h x 8w)."""
+        x = self.vae.decode((latents / self.config.vae.scaling_factor).to(self.device, self.dtype))
+        return tensor_to_images(x.float().cpu())
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Image (1, 3, H, W) in [-1, 1] -> scaled latents (1, 4, H/8, W/8), sampled from the posterior."""
+        mean, logvar = self.vae.encode(image.to(self.device, self.dtype))
+        return sample_latents(mean.float(), logvar.float(), generator) * self.config.vae.scaling_factor
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        sampler: str = "Euler a",
+        cfg_scale: float = 7.0,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch_size: int = 1,
+        init_image: Image.Image | None = None,
+        strength: float = 0.75,
+        mask: Image.Image | None = None,
+        callback: Callable[[Step], None] | None = None,
+        clip_skip: int = 1,
+    ) -> list[Image.Image]:
+        """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
+
+        Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
+        can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
+        request = check_request(self, locals())
+        spec = get_sampler(request.sampler)
+        schedule = NoiseSchedule.from_config(self.config.scheduler or {})
+        sigmas = (
+            spec.sigmas(schedule, request.steps)
+            if request.init_image is None
+            else img2img_sigmas(spec, schedule, request.steps, request.strength)
+        )
+        cond = self.encode_prompt([request.prompt, request.negative_prompt], clip_skip)
+        images = []
+        for i in range(request.batch_size):
+            latents = self._sample(request, spec, schedule, sigmas, cond, request.seed + i, i, callback)
+            image = self.decode(latents)[0]
+            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i))
+            images.append(image)
+        return images
+
+    def _sample(self, request, spec, schedule, sigmas, cond, seed, index, callback) -> torch.Tensor:
+        """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents."""
+        g = torch.Generator().manual_seed(seed)
+        h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
+        # the inpainting UNet at full strength starts from pure noise, like txt2img
+        from_noise = request.init_image is None or (self.config.inpainting and request.strength == 1.0)
+        init_latents = extra = blend = None
+        if not from_noise:
+            # drawn first, as diffusers does: the posterior sample of the image, then the noise
+            init_latents = self.encode_image(request.image_tensor, g)
+        noise = torch.randn((1, self.config.unet.out_channels, h, w), generator=g).to(self.device)
+        if self.config.inpainting:
+            extra = self._inpaint_extra(request, h, w, g)
+        elif request.mask_tensor is not None:
+            # an ordinary model: keep the image's latents outside the mask (AUTOMATIC1111's way)
+            blend = (F.interpolate(request.mask_tensor, size=(h, w)).to(self.device), init_latents)
+        if from_noise:
+            x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
+        else:
+            x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
+        conditioning = Conditioning(
+            cond=cond[:1],
+            uncond=None if request.cfg_scale == 1 else cond[1:],
+            cfg_scale=request.cfg_scale,
+            inpaint_extra=extra,
+        )
+        timestep = functools.partial(spec.timestep, schedule)
+        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, conditioning)
+        if blend is not None:
+            denoise = keep_unmasked(denoise, *blend)
+
+        def on_step(i: int, x_i: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> None:
+            if callback is not None:
+                scale = float(torch.sqrt(1.0 + torch.as_tensor(sigma) ** 2))
+                callback(Step(index, i, len(sigmas) - 1, float(sigma), x_i / scale, x0))
+
+        x = spec(
+            denoise, x, sigmas, schedule=schedule, prediction_type=self.config.prediction_type,
+            generator=g, callback=on_step,
+        )  # fmt: skip
+        latents = x / torch.sqrt(1.0 + sigmas[-1] ** 2)
+        if blend is not None:
+            mask, kept = blend
+            latents = kept + mask * (latents - kept)
+        return latents
+
+    def _inpaint_extra(self, request, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+        """The inpainting UNet's extra input: the mask at latent size and the masked image's latents.
+        Without an image or a mask it is asked to paint everything (mask of ones, blank image)."""
+        image = request.image_tensor
+        if image is None:
+            image = torch.zeros(1, 3, request.height, request.width)
+        full = request.mask_tensor if request.mask_tensor is not None else torch.ones_like(image[:, :1])
+        masked = image * (full < 0.5)
+        return torch.cat([F.interpolate(full, size=(h, w)).to(self.device), self.encode_image(masked, g)], dim=1)
+
+    def _info(self, request, spec, seed: int) -> GenerationInfo:
+        return GenerationInfo(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            sampler=spec.infotext_name,
+            schedule_type=spec.schedule,
+            cfg_scale=request.cfg_scale,
+            seed=seed,
+            width=request.width,
+            height=request.height,
+            model_hash=self.model_hash,
+            model_name=self.name,
+            denoising_strength=request.strength if request.init_image is not None else None,
+            clip_skip=request.clip_skip,
+        )
+
+    @functools.cached_property
+    def model_hash(self) -> str:
+        """A1111's short model hash of the checkpoint, '' when the model was not loaded from a path."""
+        return model_hash(self.source) if self.source is not None else ""
+
+
+def keep_unmasked(denoise: Denoiser, mask: torch.Tensor, kept: torch.Tensor) -> Denoiser:
+    """Inpainting with an ordinary model: where the mask is 0 the prediction is the original latents."""
+
+    def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return kept + mask * (denoise(x, sigma) - kept)
+
+    return blended
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -116,4 +277,6 @@ def load(
     dtype = resolve_dtype(dtype, device)
     config, parts = checkpoints.read_checkpoint(path, prediction_type)
     tokenizer = load_tokenizer(path, config)
-    return from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem)
+    pipe = from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem)
+    pipe.source = Path(path)
+    return pipe
