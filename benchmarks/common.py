@@ -1,0 +1,201 @@
+"""Pieces every benchmark shares: machine description, process-isolated runs, memory readings, markdown."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "benchmarks" / ".cache"  # git-ignored: generated checkpoints and helper installs
+DOC = REPO / "docs" / "benchmarks.md"
+THREADS = 2
+RESULT_MARKER = "BENCHMARK-RESULT "  # the worker's one JSON line on stdout starts with this
+GB = 1e9
+PACKAGES = ("torch", "diffusers", "transformers", "safetensors", "accelerate", "latentforge")
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str, path: Sequence[Path] = ()) -> str:
+    """Installed version of a distribution (looked up in `path` first when given), or 'not installed'."""
+    if path:
+        found = list(importlib.metadata.distributions(name=name, path=[str(p) for p in path]))
+        if found:
+            return found[0].version
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_revision() -> str:
+    """Short commit of the working tree, with '+changes' when it differs from that commit."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src") else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, RAM, OS, Python, library versions, date."""
+    import psutil
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": psutil.virtual_memory().total / GB,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {name: package_version(name) for name in PACKAGES},
+        "git": git_revision(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    """The machine as a markdown bullet list."""
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    return "\n".join(
+        [
+            f"- CPU: {info['cpu']}, {info['cores']} cores; RAM {info['ram_gb']:.1f} GB; {info['os']}",
+            f"- Python {info['python']}; {versions}",
+            f"- latentforge commit {info['git']}; measured {info['date']}",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- inside a worker
+
+
+def limit_threads(threads: int = THREADS) -> None:
+    """Pin torch's intra- and inter-op pools (call before any parallel work)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already started: only possible when something ran before us
+        pass
+
+
+def memory_now() -> dict[str, float]:
+    """This process's RSS now (total, anonymous and file-backed) and its peak so far, in GB."""
+    status = {}
+    with open("/proc/self/status") as file:
+        for line in file:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                status[key] = int(value.split()[0]) * 1024 / GB  # kB
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GB
+    return {"rss": status["VmRSS"], "anon": status["RssAnon"], "file": status["RssFile"], "peak": peak}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds it took)."""
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time this process has used so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Hand a worker's result to the parent: one marked JSON line on stdout."""
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- from the parent
+
+
+def worker_env(threads: int = THREADS, pythonpath: Sequence[Path] = ()) -> dict[str, str]:
+    """The environment of a worker: thread pools pinned, optional extra import paths first."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["HF_HUB_OFFLINE"] = "1"  # no model hub, ever
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_isolated(module: str, args: Sequence[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    """Run `python -m module *args` in a fresh process and return the result it emitted."""
+    command = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"worker {' '.join(command[1:])} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}{proc.stdout[-2000:]}"
+        )
+    return json.loads(lines[-1].removeprefix(RESULT_MARKER))
+
+
+def warm_page_cache(path: Path, chunk: int = 64 * 1024 * 1024) -> float:
+    """Read a whole file once, untimed by the caller, so every run starts from a warm page cache; seconds."""
+    start = time.perf_counter()
+    buffer = bytearray(chunk)
+    with open(path, "rb", buffering=0) as file:
+        while file.readinto(buffer):
+            pass
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` has one 'l' or 'r' per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = [headers, rule, *[[str(cell) for cell in row] for row in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def replace_section(doc: Path, name: str, body: str, title: str = "# Benchmarks") -> None:
+    """Put `body` between `<!-- name:begin -->` and `<!-- name:end -->` in doc, keeping everything else."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else f"{title}\n"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_name(f".{doc.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, doc)
