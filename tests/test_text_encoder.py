@@ -14,7 +14,6 @@ from latentforge.text_encoder import (
     TextEncoderConfig,
 )
 
-import transformers
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 BOS_ID = 49406

@@ -16,7 +16,6 @@ import torch
 import latentforge
 from latentforge.tokenizer import Tokenizer
 
-import transformers
 from transformers import CLIPTokenizer  # noqa: E402
 
 BOS_ID = 49406

@@ -10,7 +10,6 @@ import torch
 from latentforge.layouts import vae_config_from_diffusers, vae_from_diffusers
 from latentforge.vae import SD_VAE, AutoencoderKL, VAEConfig, sample_latents
 
-import diffusers
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
 
 # float32 parity; both sides do the same math, so differences are rounding only.

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from . import layouts
 from .config import ModelConfig
+from .errors import FileError, one_line
 
 PathLike = str | os.PathLike[str]
 
@@ -64,20 +65,9 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 _TORCH_TO_ST: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-    """A weight file that cannot be read safely; str() is one line: file, cause and fix."""
+class CheckpointError(FileError):
+    """A weight file that cannot be read safely, or a model folder that cannot be used."""
 
-    def __init__(self, path: PathLike, cause: str, fix: str | None = None) -> None:
-        self.path = os.fspath(path)
-        self.cause = _one_line(cause)
-        self.fix = _one_line(fix) if fix else None
-        message = f"{self.path}: {self.cause}"
-        super().__init__(f"{message}; {self.fix}" if self.fix else message)
-
-
-def _one_line(text: object) -> str:
-    """Collapse any text (e.g. a multi-line library error) onto one line."""
-    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------- format detection
@@ -152,7 +142,7 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def _describe(exc: BaseException, limit: int = 200) -> str:
     """'Type: message' of a library error, shortened: some (miniz) run to several sentences."""
-    text = _one_line(exc)
+    text = one_line(exc)
     if len(text) > limit:
         text = text[: limit - 3].rstrip() + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .checkpoints import CheckpointError, _fsync_file, _fsync_folder, _one_line
+from .checkpoints import CheckpointError, _fsync_file, _fsync_folder
+from .errors import FileError
 
 PathLike = str | os.PathLike[str]
 
@@ -57,15 +58,8 @@ _HASH_BLOCK = 1024 * 1024
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 
 
-class ImageError(ValueError):
-    """An image or output folder that cannot be used; str() is one line: path, cause and fix."""
-
-    def __init__(self, path: PathLike, cause: str, fix: str | None = None) -> None:
-        self.path = os.fspath(path)
-        self.cause = _one_line(cause)
-        self.fix = _one_line(fix) if fix else None
-        message = f"{self.path}: {self.cause}"
-        super().__init__(f"{message}; {self.fix}" if self.fix else message)
+class ImageError(FileError):
+    """An image or output folder that cannot be used."""
 
 
 # --------------------------------------------------------------------------- infotext
