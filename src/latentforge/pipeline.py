@@ -106,7 +106,10 @@ class Pipeline:
             if request.init_image is None
             else img2img_sigmas(spec, schedule, request.steps, request.strength)
         )
-        cond = self.encode_prompt([request.prompt, request.negative_prompt], clip_skip)
+        # the negative prompt is only read by the unconditional pass, which scale 1 skips
+        guided = request.cfg_scale != 1
+        prompts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
+        cond = self.encode_prompt(prompts, request.clip_skip)
         images = []
         for i in range(request.batch_size):
             latents = self._sample(request, spec, schedule, sigmas, cond, request.seed + i, i, callback)
@@ -137,7 +140,7 @@ class Pipeline:
             x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
         conditioning = Conditioning(
             cond=cond[:1],
-            uncond=None if request.cfg_scale == 1 else cond[1:],
+            uncond=cond[1:] if len(cond) > 1 else None,
             cfg_scale=request.cfg_scale,
             inpaint_extra=extra,
         )
@@ -156,10 +159,7 @@ class Pipeline:
             generator=g, callback=on_step,
         )  # fmt: skip
         latents = x / torch.sqrt(1.0 + sigmas[-1] ** 2)
-        if blend is not None:
-            mask, kept = blend
-            latents = kept + mask * (latents - kept)
-        return latents
+        return latents if blend is None else blend_latents(latents, *blend)
 
     def _inpaint_extra(self, request, h: int, w: int, g: torch.Generator) -> torch.Tensor:
         """The inpainting UNet's extra input: the mask at latent size and the masked image's latents.
@@ -194,11 +194,16 @@ class Pipeline:
         return model_hash(self.source) if self.source is not None else ""
 
 
+def blend_latents(latents: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`latents` where the mask is 1, `kept` where it is 0 (mask (1, 1, h, w), latents (1, 4, h, w))."""
+    return kept + mask * (latents - kept)
+
+
 def keep_unmasked(denoise: Denoiser, mask: torch.Tensor, kept: torch.Tensor) -> Denoiser:
     """Inpainting with an ordinary model: where the mask is 0 the prediction is the original latents."""
 
     def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return kept + mask * (denoise(x, sigma) - kept)
+        return blend_latents(denoise(x, sigma), mask, kept)
 
     return blended
 
