@@ -85,13 +85,22 @@ SD1_TEXT_ENCODER = TextEncoderConfig()
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
 
 
+def embedding(count: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with torch's N(0, 1) init, skipped on the meta device: there init does nothing,
+    yet Embedding's normal_ on meta tensors imports torch._dynamo (about 1 s per process)."""
+    weight = torch.empty(count, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(count, dim, _weight=weight)
+
+
 class Embeddings(nn.Module):
     """Token plus learned absolute position embeddings."""
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.max_length, config.width)
+        self.token_embedding = embedding(config.vocab_size, config.width)
+        self.position_embedding = embedding(config.max_length, config.width)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, T) int ids -> (B, T, width)."""
