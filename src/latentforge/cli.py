@@ -120,6 +120,58 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train the VAE, CLIP or UNet (or all three in order) into a run folder; `export` writes the model."""
+    if args.what == "export":
+        _export_trained(args)
+        return
+    from .training import configs, loop
+    from .training.clip import train_clip
+    from .training.unet import train_all, train_unet
+    from .training.vae import train_vae
+
+    if args.what != "unet" and (args.vae or args.text_encoder):
+        raise ValueError("--vae and --text-encoder are for `train unet` (`train all` uses its own)")
+    run = Path(args.run)
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "data": args.data}
+    if args.what == "unet":
+        given |= {"vae": args.vae, "text_encoder": args.text_encoder}
+    dist = loop.setup_distributed()
+    try:
+        if args.what == "all":
+            stages = {
+                kind: configs.resolve_config(kind, run / kind, args.config, args.resume, section=True, **given)
+                for kind in configs.KINDS
+            }
+            train_all(run, stages, dist, args.resume)
+        else:
+            config = configs.resolve_config(args.what, run, args.config, args.resume, **given)
+            trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[args.what]
+            trainer(config, run, dist, args.resume)
+    finally:
+        loop.teardown_distributed()
+    if dist.main:
+        print(f"trained {args.what} in {run}")
+
+
+def _export_trained(args: argparse.Namespace) -> None:
+    """Write a finished `train all` (or UNet) run as one single-file checkpoint."""
+    from .checkpoints import CheckpointError, write_single_file
+    from .pipeline import DTYPES
+    from .training.unet import assemble
+
+    if not args.out:
+        raise ValueError("train export needs --out FILE.safetensors")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the model is written as .safetensors; name it {out.name}.safetensors")
+    if out.exists():
+        raise CheckpointError(out, "already exists", "choose a new destination (nothing is overwritten)")
+    config, parts, _ = assemble(args.run)
+    write_single_file(config, parts, out, DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out} ({config.describe()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description="Stable Diffusion in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"latentforge {__version__}")
@@ -172,6 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
                    help="also save a strip of the predicted image after every N steps")  # fmt: skip
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "train",
+        help="train the VAE, CLIP text encoder or UNet (or all three) on the shapes world or a folder",
+        description="Trains into the run folder (checkpoints, samples, log.jsonl, the exported part). "
+        "Under torchrun it trains data-parallel (gloo on the CPU, NCCL on GPUs), rank 0 writing. "
+        "`all` trains vae, clip and unet in RUN/vae, RUN/clip, RUN/unet; `export` writes a finished "
+        "run as one .safetensors model that `latentforge generate --model` loads.",
+    )
+    p.add_argument("what", choices=["vae", "clip", "unet", "all", "export"])
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="the run folder (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)")
+    p.add_argument("--config", help="JSON of config fields to change (for `all`: sections vae, clip, unet)")
+    p.add_argument("--steps", type=int, help="optimizer steps in all (default: the config's)")
+    p.add_argument("--batch-size", type=int, help="global batch, split across processes (default: the config's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, data order and noise (default: 0)")
+    p.add_argument("--data", help="'shapes' (the procedural shapes world) or a folder of images with .txt captions")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint, exactly")
+    p.add_argument("--vae", help="unet: the VAE, as its run folder or vae.safetensors")
+    p.add_argument("--text-encoder", help="unet: the text encoder, as a CLIP run folder or text_encoder.safetensors")
+    p.add_argument("--out", help="export: the .safetensors file to write")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="export: store weights as")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("samplers", help="list the samplers")
     p.set_defaults(func=cmd_samplers)

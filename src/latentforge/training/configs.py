@@ -1,0 +1,246 @@
+"""Training recipes: one dataclass per trainer, read from and written to JSON.
+
+The defaults are a first recipe for the 64 x 64 shapes world on a 2-core CPU. Seconds per step
+measured on the shared 2-core machine with OMP_NUM_THREADS=1 (two threads there were often several
+times slower, as the cores are shared) are noted on each class: VAE ~1.1, CLIP ~0.65, UNet ~0.75,
+so `train all` with the defaults takes about 2.5 hours there. `batch_size` is always the global
+batch: under torchrun it is split evenly across the ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..text_encoder import TextEncoderConfig
+from ..unet import UNetConfig
+from ..vae import VAEConfig
+
+KINDS = ("vae", "clip", "unet")
+CONFIG_FILE = "config.json"  # the config a run was started with, in its run folder
+RUN_RELATIVE = ("vae", "text_encoder")  # path fields that a run's config.json keeps relative to the run folder
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares: optimisation, schedule of saves and samples, data, seed."""
+
+    steps: int = 2000  # optimizer steps in all
+    batch_size: int = 32  # global batch, split evenly across the ranks
+    lr: float = 2e-4  # AdamW peak learning rate (constant after the warm-up)
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # clip the gradient norm to this (0 = no clipping)
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = none)
+    save_every: int = 250  # steps between checkpoints (the last step is always saved)
+    sample_every: int = 250  # steps between sample images / held-out metrics (0 = only at the end)
+    keep_checkpoints: int = 1  # checkpoints kept in the run folder (older ones are deleted)
+    log_every: int = 10  # steps between lines of log.jsonl
+    seed: int = 0  # model initialisation, data order and every random draw of training
+    data: str = "shapes"  # "shapes" (the procedural shapes world) or a folder of images with .txt captions
+    image_size: int = 64  # training images are image_size x image_size pixels
+
+    def __post_init__(self) -> None:
+        """Reject values the loop cannot run with."""
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "image_size"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    """KL autoencoder: reconstruction + a small KL term. Default: ~1.1 s/step on the 2-core CPU (batch 16)."""
+
+    model: VAEConfig = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1)  # 64 px -> 8x8x4
+    batch_size: int = 16
+    lr: float = 4.5e-4
+    steps: int = 3000
+    recon_loss: str = "l1"  # "l1" or "mse", mean over pixels
+    # KL weight as LDM counts it (KL summed over latents, reconstruction summed over pixels); both are
+    # divided by the pixel count here, so the trade-off is LDM's
+    kl_weight: float = 1e-6
+    scale_batches: int = 8  # batches of data encoded after training to measure the latent std
+    sample_count: int = 8  # held-out images shown with their reconstructions
+
+    def __post_init__(self) -> None:
+        """Check the VAE-specific fields too."""
+        super().__post_init__()
+        if self.recon_loss not in ("l1", "mse"):
+            raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
+        _check_int("scale_batches", self.scale_batches, 1)
+        _check_int("sample_count", self.sample_count, 1)
+        if self.image_size % self.model.downscale:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE's {self.model.downscale}")
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    """The CLIP trainer's small CNN image tower."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # width of each stage; every stage halves H and W
+    norm_groups: int = 8  # GroupNorm groups (per-sample statistics: no batch coupling across ranks)
+    pooled_size: int = 4  # features are average-pooled to pooled_size x pooled_size, then flattened
+
+
+@dataclass
+class CLIPTrainConfig(TrainConfig):
+    """Text tower + small image tower, symmetric InfoNCE. Default: ~0.65 s/step on the 2-core CPU (batch 64)."""
+
+    text: TextEncoderConfig = TextEncoderConfig(width=256, layers=4, heads=4, mlp_width=1024)  # 77 tokens, quick-GELU
+    image: ImageEncoderConfig = ImageEncoderConfig()
+    embed_dim: int = 256  # shared embedding width of the two projections
+    batch_size: int = 64  # contrastive batch (gathered across ranks: the loss sees the global batch)
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    steps: int = 2000
+    init_logit_scale: float = math.log(1 / 0.07)  # learned temperature, as log(1 / T)
+    max_logit_scale: float = math.log(100.0)  # clamp: the logits are scaled by at most 100
+    eval_count: int = 64  # held-out pairs for caption -> image retrieval accuracy
+    sample_count: int = 6  # held-out captions shown with the image each retrieves
+
+
+@dataclass
+class UNetTrainConfig(TrainConfig):
+    """Noise prediction on VAE latents, frozen text encoder. Default: ~0.75 s/step on the 2-core CPU (batch 32)."""
+
+    # context_dim and sample_size are set from the text encoder's width and image_size / the VAE's downscale
+    model: UNetConfig = UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+        num_heads=4, context_dim=256, sample_size=8,
+    )  # fmt: skip
+    lr: float = 2e-4
+    steps: int = 6000
+    ema_decay: float = 0.999  # the sample images and the exported UNet use the EMA weights
+    uncond_prob: float = 0.1  # captions replaced by "" this often (classifier-free guidance)
+    vae: str = ""  # VAE run folder or exported file (required; --vae)
+    text_encoder: str = ""  # CLIP run folder or exported text-encoder file (required; --text-encoder)
+    sample_count: int = 4  # held-out captions drawn as sample prompts
+    sample_seeds: int = 2  # images per sample prompt
+    sample_steps: int = 20
+    sample_sampler: str = "DPM++ 2M"
+    sample_cfg_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Check the UNet-specific fields too."""
+        super().__post_init__()
+        if not 0.0 <= self.uncond_prob <= 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAETrainConfig, "clip": CLIPTrainConfig, "unet": UNetTrainConfig}
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    """Raise ValueError unless value is an int >= low (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON values (nested model configs as objects)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(kind: str, values: dict[str, Any]) -> TrainConfig:
+    """Build the `kind` trainer's config from JSON values; missing keys keep their defaults, unknown ones fail."""
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown trainer {kind!r}; expected one of {', '.join(KINDS)}")
+    return _build(CONFIGS[kind], values, kind)
+
+
+def _build(cls: type, values: dict[str, Any], where: str, base: Any = None) -> Any:
+    """A dataclass from a dict, starting from `base` (else the class defaults): nested dataclasses
+    start from the parent's default for that field, so a JSON object need only name what changes."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            value = _build(kind, value, f"{where}.{name}", fields[name].default)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_config(kind: str, path: str | Path, section: bool = False) -> TrainConfig:
+    """Read a trainer config from a JSON file: an object of the fields to change, or with `section`
+    (a `train all` file) an object with one such object per trainer ("vae", "clip", "unet")."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if section:
+        if not isinstance(values, dict) or set(values) - set(KINDS):
+            raise ValueError(f"{path}: a `train all` config is an object with sections {', '.join(KINDS)}")
+        values = values.get(kind, {})
+    return config_from_dict(kind, values)
+
+
+def run_relative(path: str | Path, run_dir: str | Path) -> str:
+    """A path as a run's config.json keeps it: relative to the run folder."""
+    return os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+
+
+def load_run_config(kind: str, run_dir: str | Path) -> TrainConfig:
+    """The config.json of a run folder, its run-relative paths made usable from the working directory."""
+    config = load_config(kind, Path(run_dir) / CONFIG_FILE)
+    paths = {
+        name: str(Path(run_dir) / getattr(config, name))
+        for name in RUN_RELATIVE
+        if getattr(config, name, "") and not Path(getattr(config, name)).is_absolute()
+    }
+    return dataclasses.replace(config, **paths)
+
+
+def resolve_config(
+    kind: str, run_dir: str | Path, config_file: str | None, resume: bool, section: bool = False, **overrides: Any
+) -> TrainConfig:
+    """The config of `latentforge train KIND`: the run's own config.json when resuming, else the --config
+    file, else the defaults; then the options given on the command line (None = not given)."""
+    if resume and (Path(run_dir) / CONFIG_FILE).is_file():
+        if config_file:
+            raise ValueError("--config cannot be combined with --resume: the run's config.json is used "
+                             "(change steps, batch size, lr with their options)")  # fmt: skip
+        config = load_run_config(kind, run_dir)
+    elif config_file:
+        config = load_config(kind, config_file, section)
+    else:
+        config = CONFIGS[kind]()
+    return with_overrides(config, **overrides)
+
+
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
+    """A copy with the given fields changed; None values are ignored (options not given on the command line)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config
+
+
+
+def model_config(cls: type, values: dict[str, Any]) -> Any:
+    """A model config (VAEConfig, UNetConfig, TextEncoderConfig, ...) from JSON values, lists as tuples."""
+    return _build(cls, values, cls.__name__)
