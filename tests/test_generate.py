@@ -8,19 +8,11 @@ from PIL import Image
 
 import latentforge
 from conftest import saved_folder
+from latentforge.samplers import DIFFUSERS_SCHEDULERS
 
 PROMPT, NEGATIVE = "a small red circle on the left, white background", "blurry"
 # our sampler name -> diffusers scheduler class and options
-SCHEDULERS = {
-    "DDIM": (diffusers.DDIMScheduler, {}),
-    "PLMS": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
-    "Euler": (diffusers.EulerDiscreteScheduler, {}),
-    "Heun": (diffusers.HeunDiscreteScheduler, {}),
-    "LMS": (diffusers.LMSDiscreteScheduler, {}),
-    "DPM++ 2M": (diffusers.DPMSolverMultistepScheduler, {}),
-    "DPM++ 2M Karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "UniPC": (diffusers.UniPCMultistepScheduler, {}),
-}
+SCHEDULERS = {name: (getattr(diffusers, cls), options) for name, (cls, options) in DIFFUSERS_SCHEDULERS.items()}
 MAX_DIFF = 2  # out of 255
 
 

@@ -2,11 +2,13 @@
 
 import random
 from collections import deque
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from latentforge.config import SamplingDefaults
 from latentforge.training.evaluate import eval_prompts, evaluate, format_report
 from latentforge.training.judge import connected_components, judge_image, score
 from latentforge.training.world import (
@@ -187,12 +189,11 @@ def test_judge_refuses_non_images():
 class DrawingPipe:
     """A stand-in pipeline that draws each evaluation prompt's own target (or a fixed wrong scene)."""
 
-    def __init__(self, targets: dict[str, Scene], wrong: Scene | None = None, default_cfg_scale=None):
+    def __init__(self, targets: dict[str, Scene], wrong: Scene | None = None, default_cfg_scale=7.0):
         self.targets, self.wrong, self.calls = targets, wrong, []
-        if default_cfg_scale is not None:
-            self.default_cfg_scale = default_cfg_scale
+        self.config = SimpleNamespace(defaults=SamplingDefaults(cfg_scale=default_cfg_scale))
 
-    def generate(self, prompt, negative_prompt="", steps=20, sampler="Euler a", cfg_scale=7.0, seed=None,
+    def generate(self, prompt, negative_prompt="", steps=None, sampler=None, cfg_scale=None, seed=None,
                  width=None, height=None, batch_size=1):  # fmt: skip
         self.calls.append({"prompt": prompt, "cfg_scale": cfg_scale, "seed": seed, "width": width,
                            "height": height, "steps": steps, "sampler": sampler})  # fmt: skip
@@ -210,7 +211,7 @@ def test_evaluate_counts_right_and_wrong_images():
         assert all(v == 1.0 for v in scale["accuracy"].values())
         assert scale["counts"]["single_object"] + scale["counts"]["two_objects"] == 24
     first = perfect.calls[0]
-    assert (first["width"], first["height"], first["steps"], first["sampler"]) == (None, None, 4, "Euler a")
+    assert (first["width"], first["height"], first["steps"], first["sampler"]) == (None, None, 4, None)
     assert [c["seed"] for c in perfect.calls[:24]] == [c["seed"] for c in perfect.calls[24:]]
     assert [c["seed"] for c in perfect.calls[:24]] == [s for _, _, s in eval_prompts(24, seed=5)]  # reproducible
     assert len({c["seed"] for c in perfect.calls}) > 20

@@ -10,6 +10,7 @@ Nothing from a pickle-based checkpoint is ever executed: those go through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from . import layouts
-from .config import ModelConfig
+from .config import ModelConfig, SamplingDefaults
 from .errors import FileError, one_line
 
 PathLike = str | os.PathLike[str]
@@ -720,6 +721,7 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
             prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
             pad_token=_tokenizer_pad_token(root / "tokenizer"),
             scheduler=scheduler,
+            defaults=_sampling_defaults(index.get("_latentforge_defaults")),
         )
     except ValueError as e:
         if isinstance(e, CheckpointError):
@@ -727,6 +729,15 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
         raise CheckpointError(root, str(e)) from None
     check_parts(config, parts, root)
     return config, parts
+
+
+def _sampling_defaults(values: object) -> SamplingDefaults:
+    """The sampling defaults a folder written by latentforge records, else the usual ones."""
+    if values is None:
+        return SamplingDefaults()
+    if not isinstance(values, dict) or set(values) - {f.name for f in dataclasses.fields(SamplingDefaults)}:
+        raise ValueError(f"model_index.json: _latentforge_defaults must be an object of sampler/steps/cfg_scale, got {values!r}")
+    return SamplingDefaults(**values)
 
 
 def _tokenizer_pad_token(folder: Path) -> str:
@@ -792,16 +803,25 @@ def write_diffusers(
             shutil.rmtree(tmp)
 
 
+def _default_scheduler(config: ModelConfig) -> dict:
+    """SD's published schedule for a model that came without one, as the diffusers scheduler that runs
+    the model's default sampler when there is one (else SD's PNDM)."""
+    from .samplers import DIFFUSERS_SCHEDULERS
+
+    cls, options = DIFFUSERS_SCHEDULERS.get(config.defaults.sampler, (SD_SCHEDULER["_class_name"], {}))
+    return {**SD_SCHEDULER, "_class_name": cls, **options}
+
+
 def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizer, dtype: torch.dtype | None) -> None:
     from . import __version__
 
     pipeline = "StableDiffusionInpaintPipeline" if config.inpainting else "StableDiffusionPipeline"
-    scheduler = config.scheduler or {**SD_SCHEDULER, "prediction_type": config.prediction_type}
-    scheduler = {**scheduler, "prediction_type": config.prediction_type}
+    scheduler = {**(config.scheduler or _default_scheduler(config)), "prediction_type": config.prediction_type}
     index = {
         "_class_name": pipeline,
         "_diffusers_version": "0.30.0",
         "_latentforge_version": __version__,
+        "_latentforge_defaults": dataclasses.asdict(config.defaults),  # "_" keys are not read by diffusers
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],

@@ -120,6 +120,38 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _cfg_scales(values: list[str] | None) -> tuple[float | None, ...]:
+    """--cfg-scale values for eval: numbers, 'default' = None (the model's own)."""
+    scales = []
+    for value in values or ["1", "default"]:
+        if value == "default":
+            scales.append(None)
+            continue
+        try:
+            scales.append(float(value))
+        except ValueError:
+            raise ValueError(f"--cfg-scale must be a number or 'default', got {value!r}") from None
+    return tuple(scales)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Prompt adherence of a model on the shapes world, as a markdown table (and JSON with --json)."""
+    from . import load
+    from .checkpoints import write_json
+    from .training.evaluate import evaluate, format_report
+
+    scales = _cfg_scales(args.cfg_scale)
+    out = Path(args.json) if args.json else None
+    if out is not None and not out.parent.is_dir():
+        raise ValueError(f"--json {out}: folder {out.parent} does not exist")
+    pipe = load(args.model, dtype=args.dtype, device=args.device)
+    result = evaluate(pipe, args.prompts, args.seed, scales, args.steps, args.sampler, args.two_objects)
+    print(f"model: {pipe.name} ({pipe.config.describe()}; defaults: {pipe.config.defaults.describe()})\n")
+    print(format_report(result))
+    if out is not None:
+        write_json({"model": pipe.name, **result}, out)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train the VAE, CLIP or UNet (or all three in order) into a run folder; `export` writes the model."""
     if args.what == "export":
@@ -167,9 +199,11 @@ def _export_trained(args: argparse.Namespace) -> None:
         raise ValueError(f"{out}: the model is written as .safetensors; name it {out.name}.safetensors")
     if out.exists():
         raise CheckpointError(out, "already exists", "choose a new destination (nothing is overwritten)")
-    config, parts, _ = assemble(args.run)
+    config, parts, _ = assemble(
+        args.run, sampler=args.default_sampler, steps=args.default_steps, cfg_scale=args.default_cfg_scale
+    )
     write_single_file(config, parts, out, DTYPES[args.dtype] if args.dtype else None)
-    print(f"wrote {out} ({config.describe()})")
+    print(f"wrote {out} ({config.describe()}; defaults: {config.defaults.describe()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="what to draw; (word:1.3) / [word] emphasis and BREAK as in AUTOMATIC1111")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped in the package)")
-    p.add_argument("--sampler", default="Euler a", help="sampler name as `latentforge samplers` lists (default: Euler a)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
-    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale; 1 = none (default: 7)")
+    p.add_argument("--sampler", help="sampler name as `latentforge samplers` lists (default: the model's; "
+                   "Euler a for SD checkpoints)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's; 20 for SD checkpoints)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale; 1 = none (default: the model's; 7 for SD checkpoints)")  # fmt: skip
     p.add_argument("--seed", type=int, help="0..4294967295; image i of a batch uses seed + i (default: random)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
@@ -247,7 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="unet: the text encoder, as a CLIP run folder or text_encoder.safetensors")
     p.add_argument("--out", help="export: the .safetensors file to write")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="export: store weights as")
+    p.add_argument("--default-sampler", help="export: the model's default sampler (default: the run's sample_sampler)")
+    p.add_argument("--default-steps", type=int, help="export: the model's default steps (default: the run's sample_steps)")
+    p.add_argument("--default-cfg-scale", type=float,
+                   help="export: the model's default guidance (default: the run's sample_cfg_scale)")  # fmt: skip
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="measure prompt adherence on the shapes world: generate, read back with an analytic judge",
+        description="Generates one image per prompt sampled from the shapes world's grammar (fresh seeds "
+        "derived from --seed), reads each back with the analytic judge (colour distances, connected "
+        "components, shape masks, centroids) and prints per-attribute, whole-prompt and two-object "
+        "relation accuracy at each guidance scale, as a markdown table.",
+    )
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped in the package)")
+    p.add_argument("-n", "--prompts", type=int, default=100, help="prompts to judge (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and image seeds (default: 0)")
+    p.add_argument("--cfg-scale", action="append", metavar="SCALE",
+                   help="a guidance scale to measure, or 'default' (the model's); repeat it "
+                   "(default: 1 and default)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--sampler", help="sampler name (default: the model's)")
+    p.add_argument("--two-objects", type=float, default=0.3, metavar="FRACTION",
+                   help="share of two-object prompts (default: 0.3)")  # fmt: skip
+    p.add_argument("--json", metavar="FILE", help="also write every judged prompt and the summary as JSON")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("samplers", help="list the samplers")
     p.set_defaults(func=cmd_samplers)

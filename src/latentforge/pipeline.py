@@ -33,6 +33,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
 
+# trained by this project on the shapes world (docs/default-model.md has the recipe and the command)
+DEFAULT_MODEL = Path(__file__).parent / "data" / "latentforge-shapes.safetensors"
+
 
 @dataclass
 class Step:
@@ -81,9 +84,9 @@ class Pipeline:
         self,
         prompt: str,
         negative_prompt: str = "",
-        steps: int = 20,
-        sampler: str = "Euler a",
-        cfg_scale: float = 7.0,
+        steps: int | None = None,
+        sampler: str | None = None,
+        cfg_scale: float | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -95,6 +98,9 @@ class Pipeline:
         clip_skip: int = 1,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
+
+        steps, sampler and cfg_scale left as None are the model's defaults (config.defaults); width and
+        height left as None are the init image's size, else the model's native size.
 
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
@@ -258,6 +264,16 @@ def from_parts(
     )
 
 
+def default_model_path() -> Path:
+    """The shipped model's file; a clear error when this copy of the package lacks it."""
+    if not DEFAULT_MODEL.is_file():
+        raise ValueError(
+            f"the default model {DEFAULT_MODEL} is missing from this installation; reinstall latentforge, "
+            "or pass the path of a checkpoint file or diffusers folder"
+        )
+    return DEFAULT_MODEL
+
+
 def load_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Tokenizer:
     """The model's own tokenizer/ folder when it has one, else the shipped CLIP vocabulary."""
     folder = Path(path) / "tokenizer"
@@ -272,12 +288,13 @@ def load(
     device: str | torch.device = "auto",
     prediction_type: str | None = None,
 ) -> Pipeline:
-    """Load a Stable Diffusion 1.x/2.x model: a single .safetensors/.ckpt file or a diffusers folder.
+    """Load a Stable Diffusion 1.x/2.x model: a single .safetensors/.ckpt file or a diffusers folder;
+    None loads the small model that ships in the package (DEFAULT_MODEL, 64 x 64, the shapes world).
 
     `prediction_type` ("epsilon" or "v_prediction") overrides what the checkpoint implies, for
     the files whose weights cannot tell."""
     if path is None:
-        raise ValueError("no default model ships yet: pass the path of a checkpoint file or diffusers folder")
+        path = default_model_path()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config, parts = checkpoints.read_checkpoint(path, prediction_type)

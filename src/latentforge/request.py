@@ -51,14 +51,21 @@ def _size(name: str, value: int, multiple: int) -> int:
     return value
 
 
+def _given(value, default):
+    """The value, or the model's default when it was left out (None)."""
+    return default if value is None else value
+
+
 def check_request(pipe, args: dict) -> Request:
     """Validate `Pipeline.generate`'s arguments; return them completed (seed, size) and converted."""
     prompt, negative = args["prompt"], args["negative_prompt"]
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise ValueError("prompt and negative_prompt must be strings")
-    steps = _int("steps", args["steps"], 1, MAX_STEPS)
-    get_sampler(args["sampler"])  # unknown names fail here, listing the known ones
-    cfg = args["cfg_scale"]
+    defaults = pipe.config.defaults  # for the settings left out (None)
+    steps = _int("steps", _given(args["steps"], defaults.steps), 1, MAX_STEPS)
+    sampler = _given(args["sampler"], defaults.sampler)
+    get_sampler(sampler)  # unknown names fail here, listing the known ones
+    cfg = _given(args["cfg_scale"], defaults.cfg_scale)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg!r}")
     seed = args["seed"]
@@ -101,7 +108,7 @@ def check_request(pipe, args: dict) -> Request:
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
-        sampler=args["sampler"],
+        sampler=sampler,
         cfg_scale=float(cfg),
         seed=seed,
         width=width,

@@ -611,6 +611,20 @@ SPECS: tuple[SamplerSpec, ...] = (
     ),
 )  # fmt: skip
 
+# sampler -> the diffusers scheduler class and the config options that make it run this sampler (for
+# the deterministic ones whose whole pipeline output is tested equal); a diffusers folder written for a
+# model whose default sampler is here gets that scheduler
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+
 # both names of every sampler -> its spec; get_sampler() looks them up case-insensitively
 SAMPLERS: dict[str, SamplerSpec] = {key: spec for spec in SPECS for key in (spec.a1111_name, spec.name)}
 _BY_FOLDED_NAME = {key.lower(): spec for key, spec in SAMPLERS.items()}

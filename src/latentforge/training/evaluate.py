@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from .judge import judge_image, score
 from .world import Scene, grammar_prompts
 
-DEFAULT_CFG_SCALE = 7.0  # used for cfg None when the pipeline has no default_cfg_scale
 ATTRIBUTES = ("background", "colour", "shape", "size", "position", "relation", "count")
 MAX_IMAGE_SEED = 2**32 - 1
 
@@ -24,17 +23,19 @@ def eval_prompts(n: int, seed: int, two_objects_fraction: float = 0.3) -> list[t
         raise ValueError(f"n must be a whole number >= 1, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    if not 0.0 <= two_objects_fraction <= 1.0:
+        raise ValueError(f"the two-object fraction must be between 0 and 1, got {two_objects_fraction!r}")
     prompt_rng = random.Random(f"latentforge-eval-prompts:{seed}")
     seed_rng = random.Random(f"latentforge-eval-seeds:{seed}")
     return [(*grammar_prompts(prompt_rng, two_objects_fraction), seed_rng.randint(0, MAX_IMAGE_SEED)) for _ in range(n)]
 
 
 def resolve_cfg(pipe, cfg_scale: float | None) -> float:
-    """The guidance scale to use: the given one, else the pipeline's default_cfg_scale, else 7.0."""
+    """The guidance scale to use: the given one, else the model's default (pipe.config.defaults)."""
     if cfg_scale is None:
-        return float(getattr(pipe, "default_cfg_scale", DEFAULT_CFG_SCALE))
+        return float(pipe.config.defaults.cfg_scale)
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
-        raise ValueError(f"each cfg scale must be a number or None (the pipeline's default), got {cfg_scale!r}")
+        raise ValueError(f"each cfg scale must be a number or None (the model's default), got {cfg_scale!r}")
     return float(cfg_scale)
 
 
@@ -60,21 +61,12 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def _generate_kwargs(cfg: float, image_seed: int, steps: int | None, sampler: str | None) -> dict:
-    """generate()'s keyword arguments: native size, and steps / sampler only when given."""
-    kwargs = {"cfg_scale": cfg, "seed": image_seed, "width": None, "height": None}
-    if steps is not None:
-        kwargs["steps"] = steps
-    if sampler is not None:
-        kwargs["sampler"] = sampler
-    return kwargs
-
-
 def evaluate_scale(pipe, prompts: list[tuple[str, Scene, int]], cfg: float, steps=None, sampler=None) -> dict:
     """Generate and judge every prompt at one guidance scale; the summary plus per-prompt records."""
     start, records = time.perf_counter(), []
     for prompt, target, image_seed in prompts:
-        image = pipe.generate(prompt, **_generate_kwargs(cfg, image_seed, steps, sampler))[0]
+        # steps / sampler None: the model's defaults; width / height None: its native size
+        image = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=image_seed)[0]
         reading = judge_image(image)
         records.append(
             {"prompt": prompt, "seed": image_seed, "objects": len(target.objects), "scores": score(reading, target)}

@@ -20,9 +20,10 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoints import Parts
-from ..config import ModelConfig
+from ..config import ModelConfig, SamplingDefaults
 from ..images import image_strip
 from ..pipeline import Pipeline, from_parts
+from ..samplers import get_sampler
 from ..schedules import SD_DEFAULT
 from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
@@ -200,11 +201,13 @@ def train_all(
     return results
 
 
-def assemble(run_dir: str | Path) -> tuple[ModelConfig, Parts, Tokenizer]:
+def assemble(run_dir: str | Path, **defaults: Any) -> tuple[ModelConfig, Parts, Tokenizer]:
     """The full model of a finished run: EMA UNet, VAE and text encoder, and the default Tokenizer.
 
     run_dir is a `train all` folder or a UNet run folder; the VAE and text encoder are the ones its
-    config.json names. The result goes straight to checkpoints.write_single_file."""
+    config.json names. The model's sampling defaults (sampler, steps, cfg_scale) are those given, the
+    rest the run's sample settings.
+    The result goes straight to checkpoints.write_single_file."""
     root = Path(run_dir)
     unet_run = root / "unet" if (root / "unet" / CONFIG_FILE).is_file() else root
     if not (unet_run / CONFIG_FILE).is_file():
@@ -213,6 +216,9 @@ def assemble(run_dir: str | Path) -> tuple[ModelConfig, Parts, Tokenizer]:
     unet_config, unet = read_part(unet_run, "unet")
     vae_config, vae = read_part(config.vae, "vae")
     text_config, text = read_part(config.text_encoder, "text_encoder")
-    model = ModelConfig(unet=unet_config, vae=vae_config, text_encoder=text_config)
+    run_defaults = {"sampler": config.sample_sampler, "steps": config.sample_steps, "cfg_scale": config.sample_cfg_scale}
+    sampling = SamplingDefaults(**(run_defaults | {k: v for k, v in defaults.items() if v is not None}))
+    get_sampler(sampling.sampler)  # an unknown name fails here, listing the known ones
+    model = ModelConfig(unet=unet_config, vae=vae_config, text_encoder=text_config, defaults=sampling)
     return model, {"unet": unet, "vae": vae, "text_encoder": text}, Tokenizer(max_length=text_config.max_length)
 
