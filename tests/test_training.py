@@ -277,3 +277,39 @@ def test_export_loads_and_generates(trained, tmp_path):
     ema = loop.read_part(trained / "unet", "unet")[1]
     assert all(torch.equal(parts["unet"][k], ema[k]) for k in ema)
     assert cli.main(["train", "export", "--run", str(trained), "--out", str(out)]) == 2  # never overwrites
+
+
+def test_decoder_fine_tuning_keeps_the_encoder(trained, tmp_path):
+    """train_encoder false: only the decoder learns, the scale is kept, and export accepts it as --vae."""
+    run = tmp_path / "decoder"
+    train_vae(tiny("vae", init=str(trained / "vae"), train_encoder=False, steps=4), run)
+    before = loop.read_part(trained / "vae", "vae")
+    after = loop.read_part(run, "vae")
+    assert after[0].scaling_factor == before[0].scaling_factor
+    encoder = [k for k in before[1] if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(before[1][k], after[1][k]) for k in encoder)
+    decoder = [k for k in before[1] if k.startswith("decoder.")]
+    assert any(not torch.equal(before[1][k], after[1][k]) for k in decoder)
+    assert json.loads((run / "config.json").read_text())["init"] == os.path.relpath(trained / "vae", run)
+
+    out = tmp_path / "model.safetensors"
+    argv = ["train", "export", "--run", str(trained), "--vae", str(run), "--out", str(out),
+            "--default-sampler", "DPM++ 2M", "--default-steps", "5"]  # fmt: skip
+    assert cli.main(argv) == 0
+    config, parts, _ = assemble(trained, vae=run)
+    assert all(torch.equal(parts["vae"][k], after[1][k]) for k in after[1])
+    import latentforge
+
+    pipe = latentforge.load(out, dtype="float32", device="cpu")
+    assert (pipe.config.defaults.sampler, pipe.config.defaults.steps) == ("DPM++ 2M", 5)
+    assert pipe.config.defaults.cfg_scale == tiny("unet").sample_cfg_scale  # the rest: the run's sample settings
+
+
+def test_export_refuses_a_vae_with_another_encoder(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    train_vae(tiny("vae", steps=2, seed=5), other)
+    argv = ["train", "export", "--run", str(trained), "--vae", str(other), "--out", str(tmp_path / "m.safetensors")]
+    assert cli.main(argv) == 2
+    assert "its encoder differs from the one the UNet was trained on" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs init"):
+        tiny("vae", train_encoder=False)

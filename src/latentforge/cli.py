@@ -102,6 +102,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(images.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve AUTOMATIC1111's HTTP API and the web page until Ctrl-C."""
+    import os
+
+    try:
+        from .server import Settings, serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extras: pip install 'latentforge[serve]' ({e})") from None
+    serve(
+        Settings(
+            models=args.model or [None],
+            host=args.host,
+            port=args.port,
+            api_auth=args.api_auth or os.environ.get("LATENTFORGE_API_AUTH") or None,
+            cors_allow_origins=args.cors_allow_origin or [],
+            max_body_bytes=args.max_body_mb * 1024 * 1024,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    )
+
+
 def cmd_samplers(args: argparse.Namespace) -> None:
     """List the samplers: AUTOMATIC1111's name, the short name, and the schedule."""
     from .samplers import SPECS
@@ -200,7 +222,7 @@ def _export_trained(args: argparse.Namespace) -> None:
     if out.exists():
         raise CheckpointError(out, "already exists", "choose a new destination (nothing is overwritten)")
     config, parts, _ = assemble(
-        args.run, sampler=args.default_sampler, steps=args.default_steps, cfg_scale=args.default_cfg_scale
+        args.run, args.vae, sampler=args.default_sampler, steps=args.default_steps, cfg_scale=args.default_cfg_scale
     )
     write_single_file(config, parts, out, DTYPES[args.dtype] if args.dtype else None)
     print(f"wrote {out} ({config.describe()}; defaults: {config.defaults.describe()})")
@@ -279,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and noise (default: 0)")
     p.add_argument("--data", help="'shapes' (the procedural shapes world) or a folder of images with .txt captions")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint, exactly")
-    p.add_argument("--vae", help="unet: the VAE, as its run folder or vae.safetensors")
+    p.add_argument("--vae", help="unet: the VAE, as its run folder or vae.safetensors; export: a VAE with the "
+                   "UNet's encoder and a fine-tuned decoder (train vae with train_encoder false)")  # fmt: skip
     p.add_argument("--text-encoder", help="unet: the text encoder, as a CLIP run folder or text_encoder.safetensors")
     p.add_argument("--out", help="export: the .safetensors file to write")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="export: store weights as")
@@ -311,6 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve AUTOMATIC1111's HTTP API (/sdapi/v1) and a web page",
+        description="Serves the API that AUTOMATIC1111's clients speak (txt2img, img2img, progress, interrupt, "
+        "samplers, sd-models, options, png-info) and a web page at /. One generation runs at a time; the others "
+        "wait in a queue. Docs: docs/server.md.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--model", action="append", metavar="PATH",
+                   help="a checkpoint file or diffusers folder; repeat it to offer several, switched with the "
+                   "sd_model_checkpoint option (default: the model shipped in the package)")  # fmt: skip
+    p.add_argument("--api-auth", metavar="USER:PASS",
+                   help="require HTTP Basic auth on every route (or set LATENTFORGE_API_AUTH)")  # fmt: skip
+    p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
+                   help="allow cross-origin requests from this origin, e.g. http://localhost:3000 (repeatable)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default: 32)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("samplers", help="list the samplers")
     p.set_defaults(func=cmd_samplers)

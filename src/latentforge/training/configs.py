@@ -24,7 +24,7 @@ from ..vae import VAEConfig
 
 KINDS = ("vae", "clip", "unet")
 CONFIG_FILE = "config.json"  # the config a run was started with, in its run folder
-RUN_RELATIVE = ("vae", "text_encoder")  # path fields that a run's config.json keeps relative to the run folder
+RUN_RELATIVE = ("vae", "text_encoder", "init")  # path fields that a run's config.json keeps relative to the run folder
 
 
 @dataclass
@@ -75,6 +75,11 @@ class VAETrainConfig(TrainConfig):
     # divided by the pixel count here, so the trade-off is LDM's
     kl_weight: float = 1e-6
     scale_batches: int = 8  # batches of data encoded after training to measure the latent std
+    init: str = ""  # start from this VAE (run folder or vae.safetensors) instead of random weights
+    # False: the encoder stays as init left it, so its latent space (and scaling_factor) are kept and
+    # a UNet trained on them stays valid while the decoder learns on (decoder fine-tuning, as
+    # Stability AI made the ft-MSE VAE); needs init
+    train_encoder: bool = True
     sample_count: int = 8  # held-out images shown with their reconstructions
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class VAETrainConfig(TrainConfig):
             raise ValueError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
         _check_int("scale_batches", self.scale_batches, 1)
         _check_int("sample_count", self.sample_count, 1)
+        if not self.train_encoder and not self.init:
+            raise ValueError("train_encoder false (decoder fine-tuning) needs init: the VAE whose encoder is kept")
         if self.image_size % self.model.downscale:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE's {self.model.downscale}")
 

@@ -201,11 +201,24 @@ def train_all(
     return results
 
 
-def assemble(run_dir: str | Path, **defaults: Any) -> tuple[ModelConfig, Parts, Tokenizer]:
+def same_encoder(trained_on: tuple, other: tuple, name: str | Path) -> tuple:
+    """`other` (config, tensors), after checking that it encodes exactly as the VAE the UNet trained on."""
+    encoder = [k for k in trained_on[1] if k.startswith(("encoder.", "quant_conv."))]
+    same = trained_on[0].scaling_factor == other[0].scaling_factor and all(
+        k in other[1] and torch.equal(trained_on[1][k], other[1][k]) for k in encoder
+    )
+    if not same:
+        raise ValueError(f"{name}: its encoder differs from the one the UNet was trained on; only a VAE "
+                         "fine-tuned with train_encoder false (same encoder, new decoder) can replace it")  # fmt: skip
+    return other
+
+
+def assemble(run_dir: str | Path, vae: str | Path | None = None, **defaults: Any) -> tuple[ModelConfig, Parts, Tokenizer]:
     """The full model of a finished run: EMA UNet, VAE and text encoder, and the default Tokenizer.
 
     run_dir is a `train all` folder or a UNet run folder; the VAE and text encoder are the ones its
-    config.json names. The model's sampling defaults (sampler, steps, cfg_scale) are those given, the
+    config.json names, or `vae`: a VAE with the same encoder and a retrained decoder (a `train vae`
+    run with train_encoder false). The model's sampling defaults (sampler, steps, cfg_scale) are those given, the
     rest the run's sample settings.
     The result goes straight to checkpoints.write_single_file."""
     root = Path(run_dir)
@@ -214,11 +227,13 @@ def assemble(run_dir: str | Path, **defaults: Any) -> tuple[ModelConfig, Parts, 
         raise ValueError(f"{root}: neither a `train all` folder nor a UNet run folder (no {CONFIG_FILE})")
     config = load_run_config("unet", unet_run)
     unet_config, unet = read_part(unet_run, "unet")
-    vae_config, vae = read_part(config.vae, "vae")
+    vae_config, vae_tensors = read_part(config.vae, "vae")
+    if vae is not None:
+        vae_config, vae_tensors = same_encoder((vae_config, vae_tensors), read_part(vae, "vae"), vae)
     text_config, text = read_part(config.text_encoder, "text_encoder")
     run_defaults = {"sampler": config.sample_sampler, "steps": config.sample_steps, "cfg_scale": config.sample_cfg_scale}
     sampling = SamplingDefaults(**(run_defaults | {k: v for k, v in defaults.items() if v is not None}))
     get_sampler(sampling.sampler)  # an unknown name fails here, listing the known ones
     model = ModelConfig(unet=unet_config, vae=vae_config, text_encoder=text_config, defaults=sampling)
-    return model, {"unet": unet, "vae": vae, "text_encoder": text}, Tokenizer(max_length=text_config.max_length)
+    return model, {"unet": unet, "vae": vae_tensors, "text_encoder": text}, Tokenizer(max_length=text_config.max_length)
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import image_strip, tensor_to_images
-from ..vae import AutoencoderKL
-from .configs import VAETrainConfig
+from ..vae import AutoencoderKL, VAEConfig
+from .configs import VAETrainConfig, run_relative
 from .data import open_datasets, take
 from .loop import (
     EXPORTS,
@@ -28,6 +28,7 @@ from .loop import (
     Result,
     StepRandom,
     Task,
+    read_part,
     stack_rows,
     train,
     write_part,
@@ -91,21 +92,38 @@ def _report(heldout: torch.Tensor) -> Report:
     return report
 
 
-def _finish(config: VAETrainConfig, scale_images: torch.Tensor) -> Finish:
-    """Measure the latent scale on the data and export the VAE with it in its config."""
+def _finish(config: VAETrainConfig, scale_images: torch.Tensor, kept_scale: float | None) -> Finish:
+    """Measure the latent scale on the data (or keep the frozen encoder's) and export the VAE with it."""
 
     def finish(vae: nn.Module, run_dir: Path) -> None:
-        scale = measure_scaling_factor(vae, scale_images, config.batch_size, config.seed)
+        scale = kept_scale or measure_scaling_factor(vae, scale_images, config.batch_size, config.seed)
         exported = dataclasses.replace(vae.config, scaling_factor=scale)
         write_part(vae, exported, "vae", run_dir / EXPORTS["vae"])
 
     return finish
 
 
-def vae_task(config: VAETrainConfig, heldout: Any) -> Task:
-    """The VAE trainer as a Task for the shared loop (model initialised from config.seed)."""
+def start_from(vae: AutoencoderKL, config: VAETrainConfig, init: tuple[VAEConfig, dict]) -> float | None:
+    """Load the init part (config, tensors) into vae; freeze the encoder side unless config.train_encoder.
+    Returns the init's scaling_factor when the encoder is frozen (the latent space, hence its scale, is kept)."""
+    init_config, tensors = init
+    if dataclasses.replace(init_config, scaling_factor=vae.config.scaling_factor) != vae.config:
+        raise ValueError(f"init {config.init}: its VAE config {init_config} differs from this run's model {vae.config}")
+    vae.load_state_dict(tensors, strict=True)
+    if config.train_encoder:
+        return None
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    return init_config.scaling_factor
+
+
+def vae_task(config: VAETrainConfig, heldout: Any, init: tuple[VAEConfig, dict] | None = None) -> Task:
+    """The VAE trainer as a Task for the shared loop (model initialised from config.seed, or from init:
+    the (config, tensors) of config.init)."""
     torch.manual_seed(config.seed)
-    vae = AutoencoderKL(config.model)
+    vae, kept_scale = AutoencoderKL(config.model), None
+    if init is not None:
+        kept_scale = start_from(vae, config, init)
     latent = (config.model.latent_channels, config.image_size // vae.downscale, config.image_size // vae.downscale)
     scale_images = take(heldout, config.scale_batches * config.batch_size)[0]
 
@@ -118,7 +136,7 @@ def vae_task(config: VAETrainConfig, heldout: Any) -> Task:
         objective=VAEObjective(vae, config.recon_loss, config.kl_weight),
         inputs=inputs,
         report=_report(scale_images[: config.sample_count]),
-        finish=_finish(config, scale_images),
+        finish=_finish(config, scale_images, kept_scale),
     )
 
 
@@ -127,6 +145,10 @@ def train_vae(
     heldout: Any = None,
 ) -> Result:  # fmt: skip
     """Train a VAE into run_dir; at the end run_dir/vae.safetensors holds it with its measured scaling_factor."""
+    init = None
+    if config.init:  # read now; the run's config.json keeps the path relative to the run folder
+        init = read_part(config.init, "vae")
+        config = dataclasses.replace(config, init=run_relative(config.init, run_dir))
     dataset, heldout = open_datasets(config, dataset, heldout)
-    return train(vae_task(config, heldout), config, run_dir, dataset, dist, resume)
+    return train(vae_task(config, heldout, init), config, run_dir, dataset, dist, resume)
 
