@@ -397,3 +397,20 @@ def test_encode_prompts_batch(encoder):
         encode_prompts(encoder, SD1, [])
     with pytest.raises(ValueError, match="list"):
         encode_prompts(encoder, SD1, "a cat")
+
+
+def test_unweighted_prompt_with_zero_mean_is_not_nan():
+    """An untrained final LayerNorm gives text vectors of mean exactly 0: plain prompts must pass
+    through unchanged (A1111's rescale would be 0 / 0), weighted ones still get rescaled."""
+    from latentforge.prompts import _apply_weights
+
+    hidden = torch.randn(2, 77, 8)
+    hidden = hidden - hidden.mean(dim=(1, 2), keepdim=True)
+    hidden[0] -= hidden[0].mean()  # exactly zero-mean in float32 for row 0
+    hidden[0, 0, 0] -= hidden[0].sum()
+    assert hidden[0].mean() == 0
+    weights = torch.ones(2, 77)
+    weights[1, 3] = 1.5
+    out = _apply_weights(hidden, weights)
+    assert torch.equal(out[0], hidden[0])
+    assert torch.isfinite(out).all() and not torch.equal(out[1], hidden[1])

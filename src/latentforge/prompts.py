@@ -313,10 +313,15 @@ def encode_prompt(
 
 
 def _apply_weights(hidden: Tensor, weights: Tensor) -> Tensor:
-    """Scale (B, T, C) hidden states by (B, T) weights, then restore each row's mean (A1111 "Original")."""
+    """Scale (B, T, C) hidden states by (B, T) weights, then restore each row's mean (A1111 "Original").
+
+    Rows whose weights are all 1 are returned as they are: the rescale would be a division of the mean
+    by itself, which is 0 / 0 = NaN when that mean is exactly 0 (an untrained final LayerNorm)."""
     # Half-precision states are weighted in float32, as A1111's float32 multipliers promote them.
     work = hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
+    weights = weights.to(device=work.device, dtype=work.dtype)
     original_mean = work.mean(dim=(1, 2), keepdim=True)
-    weighted = work * weights.to(device=work.device, dtype=work.dtype).unsqueeze(-1)
+    weighted = work * weights.unsqueeze(-1)
     weighted = weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
-    return weighted.to(hidden.dtype)
+    plain = (weights == 1).all(dim=1).view(-1, 1, 1)
+    return torch.where(plain, work, weighted).to(hidden.dtype)

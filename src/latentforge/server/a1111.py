@@ -1,0 +1,221 @@
+"""AUTOMATIC1111's requests turned into generate() calls, and the results into its responses."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PIL import Image, ImageFilter, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__, images
+from ..request import MAX_BATCH, MAX_SEED
+from ..samplers import SPECS, get_sampler
+from .jobs import Job, ModelEntry, Models, Result, png_base64
+
+T = TypeVar("T")
+
+
+class FieldError(ValueError):
+    """A request field with a value that cannot be used: HTTP 422 naming it."""
+
+    def __init__(self, loc: str, message: str) -> None:
+        super().__init__(message)
+        self.loc = tuple(loc.split("."))
+
+
+class Txt2Img(BaseModel):
+    """AUTOMATIC1111's txt2img request: the fields used here; any other field is accepted and ignored.
+    Fields left out (None) are the model's defaults (steps, sampler, guidance) and native size."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, ge=-1)  # -1: a random one
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # the older name of sampler_name
+    scheduler: str | None = None  # "automatic" or "karras" (A1111 1.9+ splits "DPM++ 2M Karras" in two)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    n_iter: int = Field(1, ge=1, le=MAX_BATCH)  # batches, one after another
+    override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
+    send_images: bool = True
+
+
+class Img2Img(Txt2Img):
+    """AUTOMATIC1111's img2img request; with a mask, inpainting (white is repainted)."""
+
+    init_images: list[str] = Field(min_length=1)  # base64, with or without a data: URL prefix
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int = Field(4, ge=0, le=256)  # Gaussian blur of the mask, in pixels
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: black is repainted
+    include_init_images: bool = False  # echo init_images and mask back in "parameters"
+
+
+def decode_base64(text: str, loc: str) -> bytes:
+    """Base64 with or without a "data:image/png;base64," prefix -> bytes."""
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if not head.endswith(";base64"):
+            raise FieldError(loc, f"{loc}: a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(loc, f"{loc}: not valid base64") from None
+
+
+def read_upload(data: bytes, loc: str, reader: Callable[[Path], T]) -> T:
+    """Run one of latentforge.images' file readers on request bytes, held in a private temporary file
+    (no request field ever names a path); its errors name the field instead of that file."""
+    with tempfile.NamedTemporaryFile(prefix="latentforge-upload-") as file:
+        file.write(data)
+        file.flush()
+        try:
+            return reader(Path(file.name))
+        except images.ImageError as e:
+            raise FieldError(loc, f"{loc}: {e.cause}" + (f"; {e.fix}" if e.fix else "")) from None
+
+
+def read_image(text: str, loc: str, max_pixels: int) -> Image.Image:
+    """A request's base64 image as RGB; its declared size is checked before any pixel is decoded."""
+    return read_upload(decode_base64(text, loc), loc, functools.partial(images.load_image, max_pixels=max_pixels))
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool) -> Image.Image:
+    """A1111's mask handling before the pipeline: grayscale at the image's size, inverted, blurred."""
+    mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.LANCZOS)
+    if invert:
+        mask = ImageOps.invert(mask)
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+
+
+def resolve_sampler(req: Txt2Img) -> str | None:
+    """sampler_name (or sampler_index) and scheduler -> a sampler name; None leaves the model's default."""
+    name = req.sampler_name or req.sampler_index
+    if not name:
+        return None
+    try:
+        spec = get_sampler(name)
+    except ValueError as e:
+        raise FieldError("sampler_name", str(e)) from None
+    scheduler = (req.scheduler or "automatic").strip().lower()
+    if scheduler == "automatic":
+        return spec.a1111_name
+    family = [s for s in SPECS if s.infotext_name == spec.infotext_name]
+    for candidate in family:
+        if candidate.schedule.lower() == scheduler:
+            return candidate.a1111_name
+    known = ", ".join(s.schedule for s in family)
+    raise FieldError(
+        "scheduler", f"scheduler {req.scheduler!r} is not available for {spec.infotext_name}; known: {known}"
+    )
+
+
+def find_model(models: Models, name: object, loc: str) -> ModelEntry:
+    """The configured model called `name` (its title or name); else a FieldError listing them."""
+    entry = models.find(name)
+    if entry is None:
+        known = ", ".join(entry.title for entry in models.entries.values())
+        raise FieldError(loc, f"unknown model {name!r}; known: {known}")
+    return entry
+
+
+def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> tuple[Job, list[int]]:
+    """The job for a txt2img / img2img request, and its seeds (image i: seed + i)."""
+    count = req.batch_size * req.n_iter
+    if count > MAX_BATCH:
+        raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
+    settings = req.override_settings
+    model = models.current
+    if "sd_model_checkpoint" in settings:
+        model = find_model(models, settings["sd_model_checkpoint"], "override_settings.sd_model_checkpoint").name
+    seed = req.seed if req.seed != -1 else secrets.randbelow(MAX_SEED + 2 - count)
+    seeds = [seed + i for i in range(count)]
+    if seeds[-1] > MAX_SEED:  # refused now, not after the first images are made
+        raise FieldError("seed", f"seed + images - 1 must be at most {MAX_SEED}, got {seeds[-1]}")
+    common = {
+        "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+        "sampler": resolve_sampler(req), "cfg_scale": req.cfg_scale, "width": req.width, "height": req.height,
+        "clip_skip": settings.get("CLIP_stop_at_last_layers", clip_skip),
+    }  # fmt: skip
+    calls = [common | {"seed": s} for s in seeds]
+    if isinstance(req, Img2Img):
+        inits = [read_image(text, f"init_images.{i}", max_pixels) for i, text in enumerate(req.init_images)]
+        mask = read_image(req.mask, "mask", max_pixels) if req.mask is not None else None
+        masks: dict[tuple[int, int], Image.Image] = {}  # the mask made ready for each init image size
+        for i, call in enumerate(calls):  # as in A1111, image i starts from init_images[i % count]
+            init = inits[i % len(inits)]
+            call |= {"init_image": init, "strength": req.denoising_strength}
+            if mask is not None:
+                if init.size not in masks:
+                    masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
+                call["mask"] = masks[init.size]
+    return Job(model, calls), seeds
+
+
+# generate()'s arguments as its error messages name them -> the A1111 request field
+GENERATE_FIELDS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
+    "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
+    "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+}  # fmt: skip
+_FIELD_WORD = re.compile(r"\b(" + "|".join(GENERATE_FIELDS) + r")\b")
+
+
+def error_loc(error: ValueError) -> tuple[str, ...]:
+    """Where a ValueError points in the request: FieldError's field, else the field generate()'s message names."""
+    if isinstance(error, FieldError):
+        return ("body", *error.loc)
+    match = _FIELD_WORD.search(str(error))
+    return ("body", *GENERATE_FIELDS[match.group(1)].split(".")) if match else ("body",)
+
+
+def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> dict[str, Any]:
+    """A1111's response: base64 PNGs with their infotexts, the request, and the info JSON."""
+    texts = [image.info.get(images.PNG_TEXT_KEY, "") for image in result.images]
+    made = images.parse_infotext(texts[0]) if texts else {}  # what was used, defaults filled in
+
+    def used(key: str, cast: type, asked: Any) -> Any:
+        return cast(made[key]) if key in made else asked
+
+    info = {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds),
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(seeds),
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": used("Size-1", int, req.width), "height": used("Size-2", int, req.height),
+        "sampler_name": used("Sampler", str, req.sampler_name), "scheduler": used("Schedule type", str, req.scheduler),
+        "cfg_scale": used("CFG scale", float, req.cfg_scale), "steps": used("Steps", int, req.steps),
+        "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": result.model.name, "sd_model_hash": result.model.hash, "sd_vae_name": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": used("Clip skip", int, clip_skip),
+        "is_using_inpainting_conditioning": result.inpainting and isinstance(req, Img2Img),
+        "version": f"latentforge {__version__}",
+    }  # fmt: skip
+    parameters = req.model_dump()
+    if isinstance(req, Img2Img) and not req.include_init_images:
+        parameters |= {"init_images": None, "mask": None}
+    return {
+        "images": [png_base64(image) for image in result.images] if req.send_images else [],
+        "parameters": parameters,
+        "info": json.dumps(info),
+    }

@@ -1,0 +1,242 @@
+"""The FastAPI app: the A1111 routes, the web page, and the ways to run it."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__, images
+from ..pipeline import load
+from ..samplers import SPECS
+from .a1111 import FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload
+from .guard import Guard, is_loopback
+from .jobs import ModelError, Models, QueueFull, Worker
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
+@dataclass
+class Settings:
+    """What `latentforge serve` is started with."""
+
+    models: list[str | None] = field(default_factory=lambda: [None])  # files / diffusers folders; None = shipped
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_auth: str | None = None  # "USER:PASS": HTTP Basic auth on every route
+    cors_allow_origins: list[str] = field(default_factory=list)  # origins allowed cross-origin requests
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # per decoded request image, checked from its header
+    max_queue: int = 64  # jobs waiting behind the running one; more are refused with 503
+    keep_loaded: int = 2  # models kept in memory; the least recently used is dropped
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+def configured_models(settings: Settings) -> Models:
+    """The models named by the settings, loaded with their dtype and device when first used."""
+    loader = functools.partial(load, dtype=settings.dtype, device=settings.device)
+    return Models(settings.models, settings.keep_loaded, loader)
+
+
+STATIC = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
+    """The ASGI app: the API under /sdapi/v1 and the web page at /. Its worker runs while the app does."""
+    models = models or configured_models(settings)
+    worker = Worker(models, settings.max_queue)
+    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="latentforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(
+        Guard, host=settings.host, origins=settings.cors_allow_origins, api_auth=settings.api_auth,
+        max_body=settings.max_body_bytes,
+    )  # fmt: skip
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_credentials=True,
+            allow_methods=["*"], allow_headers=["*"],
+        )  # fmt: skip
+
+    @app.exception_handler(ValueError)
+    async def unprocessable(request: Request, error: ValueError) -> JSONResponse:
+        detail = [{"type": "value_error", "loc": error_loc(error), "msg": str(error)}]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(ModelError)
+    async def model_error(request: Request, error: ModelError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=500)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503)
+
+    async def generate(request: Request, req: Txt2Img) -> Any:
+        clip_skip = options["CLIP_stop_at_last_layers"]
+        job, seeds = await run_in_threadpool(make_job, req, models, clip_skip, settings.max_image_pixels)
+        waiting = asyncio.wrap_future(worker.submit(job))
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+            if not waiting.done() and await request.is_disconnected():
+                worker.cancel(job)
+                return Response(status_code=499)
+        return await run_in_threadpool(answer, req, waiting.result(), seeds, clip_skip)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(req: Txt2Img, request: Request) -> Any:
+        return await generate(request, req)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(req: Img2Img, request: Request) -> Any:
+        return await generate(request, req)
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return worker.progress(with_image=not skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict:
+        worker.interrupt()
+        return {}
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [
+            {"name": s.a1111_name, "aliases": [s.name], "options": {"scheduler": s.schedule.lower()}} for s in SPECS
+        ]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        names = dict.fromkeys(s.schedule for s in SPECS)
+        return [
+            {"name": n.lower(), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for n in names
+        ]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [
+            {
+                "title": e.title,
+                "model_name": e.name,
+                "hash": e.hash,
+                "sha256": None,
+                "filename": e.title,
+                "config": None,
+            }
+            for e in models.entries.values()
+        ]
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        entry = models.entries[models.current]
+        return {
+            "sd_model_checkpoint": entry.title,
+            "sd_checkpoint_hash": entry.hash,
+            "samples_format": "png",
+            **options,
+        }
+
+    @app.post("/sdapi/v1/options")
+    def set_options(changes: dict[str, Any]) -> None:
+        """sd_model_checkpoint and CLIP_stop_at_last_layers are used; other options are accepted and ignored."""
+        if "CLIP_stop_at_last_layers" in changes:
+            clip_skip = changes["CLIP_stop_at_last_layers"]
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+                raise FieldError(
+                    "CLIP_stop_at_last_layers",
+                    f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}",
+                )
+            options["CLIP_stop_at_last_layers"] = clip_skip
+        if "sd_model_checkpoint" in changes:
+            models.current = find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(body: dict[str, str]) -> dict[str, Any]:
+        text = read_upload(decode_base64(body.get("image", ""), "image"), "image", images.read_infotext)
+        return {"info": text or "", "items": {}, "parameters": images.parse_infotext(text) if text else {}}
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list]:
+        return {"txt2img": [], "img2img": []}
+
+    for route, (name, media_type) in STATIC.items():
+        app.add_api_route(route, static_page(name, media_type), methods=["GET"], include_in_schema=False)
+    return app
+
+
+def static_page(name: str, media_type: str) -> Callable[[], Response]:
+    """A route answering with one file of the web page (read once, from the package: never a request's path)."""
+    content = (resources.files("latentforge") / "static" / name).read_bytes()
+
+    def page() -> Response:
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    return page
+
+
+def serve(settings: Settings) -> None:
+    """Load the first model (a broken one fails here, before the port opens) and serve until Ctrl-C."""
+    if settings.api_auth is not None and ":" not in settings.api_auth:
+        raise ValueError("--api-auth must be USER:PASS")
+    if settings.max_body_bytes < 1:
+        raise ValueError(f"--max-body-mb must be at least 1, got {settings.max_body_bytes // 2**20}")
+    models = configured_models(settings)
+    pipe = models.get(models.current)
+    print(f"latentforge serve: {models.current} ({pipe.config.describe()}); the API at /sdapi/v1, a web page at /")
+    if not is_loopback(settings.host) and settings.api_auth is None:
+        print(f"latentforge serve: warning: {settings.host} is not a loopback address and --api-auth is not set")
+    app = create_app(settings, models)
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=2, server_header=False)
+
+
+class ServerThread:
+    """Serve an app on a free loopback port in a background thread: `with ServerThread(app) as url: ...`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1") -> None:
+        self.socket = socket.create_server((host, 0))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        host, port = self.socket.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()

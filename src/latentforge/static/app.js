@@ -1,0 +1,119 @@
+// The latentforge page: a form over POST /sdapi/v1/txt2img, watching GET /sdapi/v1/progress meanwhile.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const PNG = "data:image/png;base64,";
+
+// One API call; a non-2xx answer becomes an Error with the server's message (422s name the field).
+async function api(path, options) {
+  const response = await fetch("sdapi/v1/" + path, options);
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const detail = body && body.detail;
+    const text = Array.isArray(detail)
+      ? detail.map((e) => `${e.loc.slice(1).join(".")}: ${e.msg}`).join("; ")
+      : detail || `HTTP ${response.status}`;
+    throw new Error(text);
+  }
+  return body;
+}
+
+// The form as an A1111 request: fields left empty are left out (the model's defaults).
+function request() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    seed: $("seed").value === "" ? -1 : Number($("seed").value),
+  };
+  if ($("sampler").value) body.sampler_name = $("sampler").value;
+  for (const id of ["steps", "cfg_scale", "width", "height"]) {
+    if ($(id).value !== "") body[id] = Number($(id).value);
+  }
+  return body;
+}
+
+let lastPreview = null;
+
+async function showProgress() {
+  const p = await api("progress");
+  $("progress").value = p.progress;
+  $("status").textContent = p.textinfo || (p.state.queued ? "waiting in the queue" : "starting");
+  if (p.current_image && p.current_image !== lastPreview) {
+    lastPreview = p.current_image;
+    $("preview").src = PNG + p.current_image;
+    const frame = new Image();
+    frame.src = PNG + p.current_image;
+    frame.title = frame.alt = p.textinfo;
+    $("frames").append(frame);
+  }
+}
+
+function addToGallery(result) {
+  const info = JSON.parse(result.info);
+  result.images.forEach((data, i) => {
+    const figure = document.createElement("figure");
+    const image = new Image();
+    image.src = PNG + data;
+    image.alt = info.prompt;
+    const caption = document.createElement("figcaption");
+    caption.textContent = info.infotexts[i];
+    figure.append(image, caption);
+    $("gallery").prepend(figure);
+  });
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  showError("");
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  $("live").hidden = false;
+  $("frames").replaceChildren();
+  $("preview").removeAttribute("src");
+  $("progress").value = 0;
+  lastPreview = null;
+  let finished = false;
+  const job = api("txt2img", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(request()),
+  }).finally(() => { finished = true; });
+  const watching = (async () => {
+    while (!finished) {
+      await showProgress().catch(() => {});
+      await sleep(250);
+    }
+  })();
+  try {
+    const result = await job;
+    $("progress").value = 1;
+    $("status").textContent = result.images.length ? "done" : "interrupted";
+    addToGallery(result);
+  } catch (error) {
+    $("status").textContent = "failed";
+    showError(error.message);
+  } finally {
+    await watching;
+    $("generate").disabled = false;
+    $("interrupt").disabled = true;
+  }
+}
+
+async function init() {
+  $("form").addEventListener("submit", generate);
+  $("interrupt").addEventListener("click", () => api("interrupt", { method: "POST" }).catch(() => {}));
+  try {
+    for (const sampler of await api("samplers")) $("sampler").add(new Option(sampler.name, sampler.name));
+    $("model").textContent = (await api("options")).sd_model_checkpoint;
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+init();

@@ -1,0 +1,54 @@
+"""The web page in headless Chromium (Debian's `chromium` package, driven by Playwright; no browser
+download): type a prompt, press Generate, watch the progress and the step previews, see the image.
+
+Without Playwright or Chromium this test fails, saying what to install: it is never skipped.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from latentforge.server import ServerThread, Settings, create_app
+
+# Chromium as Debian installs it (apt-get install chromium); LATENTFORGE_CHROMIUM names another binary
+CHROMIUM = os.environ.get("LATENTFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+# headless as root in a sandbox with no network: no GPU, no sandbox, none of Chromium's own connections
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs Playwright: pip install playwright (in the test extras)")
+    if CHROMIUM is None:
+        pytest.fail("the browser test needs Chromium: apt-get install -y chromium (or set LATENTFORGE_CHROMIUM)")
+    app = create_app(Settings(models=[str(sd1_folder)]))
+    errors = []
+    with ServerThread(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(bypass_csp=True)  # the page forbids eval, which wait_for_function uses
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.wait_for_selector("#sampler option[value='DPM++ 2M']", state="attached")
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "300")  # long enough (a few seconds) to watch it run
+            page.fill("#seed", "7")
+            page.select_option("#sampler", "Euler")
+            page.click("#generate")
+            page.wait_for_function("0 < document.getElementById('progress').value")
+            assert "step" in page.inner_text("#status")
+            page.wait_for_selector("#frames img")  # a step preview: the image emerging from noise
+            assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
+            page.wait_for_selector("#gallery figure img", timeout=120_000)
+            page.screenshot(path=tmp_path / "page.png", full_page=True)  # to look at, when it fails
+            caption = page.inner_text("#gallery figcaption")
+            assert caption.startswith("a red circle") and "Seed: 7," in caption and "Sampler: Euler," in caption
+            assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 64
+            assert page.inner_text("#status") == "done" and page.is_enabled("#generate")
+        finally:
+            browser.close()
+    assert errors == []
