@@ -90,8 +90,10 @@ async function generate(event) {
       await sleep(250);
     }
   })();
+  // the final status is written after the last progress poll has landed, so that none overwrites it
+  const settled = job.then((r) => watching.then(() => r), (e) => watching.then(() => { throw e; }));
   try {
-    const result = await job;
+    const result = await settled;
     $("progress").value = 1;
     $("status").textContent = result.images.length ? "done" : "interrupted";
     addToGallery(result);
