@@ -141,8 +141,8 @@ def test_generate_command_uses_the_shipped_model(tmp_path, capsys):
 
 
 def test_shipped_model_gives_the_same_image_in_diffusers(shipped, tmp_path, capsys):
-    import numpy as np
     import torch
+    from test_generate import assert_same_image
 
     folder = tmp_path / "shapes-diffusers"
     assert main(["convert", str(pipeline.DEFAULT_MODEL), str(folder)]) == 0
@@ -156,5 +156,4 @@ def test_shipped_model_gives_the_same_image_in_diffusers(shipped, tmp_path, caps
         ours = shipped.generate(prompt, seed=seed)[0]
         theirs = ref(prompt, num_inference_steps=defaults.steps, guidance_scale=defaults.cfg_scale,
                      generator=torch.Generator().manual_seed(seed), height=64, width=64).images[0]  # fmt: skip
-        diff = np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int)).max()
-        assert diff <= 2, f"{prompt}: max pixel difference {diff}"
+        assert_same_image(ours, theirs)

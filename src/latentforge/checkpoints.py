@@ -721,7 +721,7 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
             prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
             pad_token=_tokenizer_pad_token(root / "tokenizer"),
             scheduler=scheduler,
-            defaults=_sampling_defaults(index.get("_latentforge_defaults")),
+            defaults=SamplingDefaults.from_dict(index.get("_latentforge_defaults", {})),
         )
     except ValueError as e:
         if isinstance(e, CheckpointError):
@@ -729,15 +729,6 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
         raise CheckpointError(root, str(e)) from None
     check_parts(config, parts, root)
     return config, parts
-
-
-def _sampling_defaults(values: object) -> SamplingDefaults:
-    """The sampling defaults a folder written by latentforge records, else the usual ones."""
-    if values is None:
-        return SamplingDefaults()
-    if not isinstance(values, dict) or set(values) - {f.name for f in dataclasses.fields(SamplingDefaults)}:
-        raise ValueError(f"model_index.json: _latentforge_defaults must be an object of sampler/steps/cfg_scale, got {values!r}")
-    return SamplingDefaults(**values)
 
 
 def _tokenizer_pad_token(folder: Path) -> str:

@@ -228,6 +228,12 @@ def _export_trained(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({config.describe()}; defaults: {config.defaults.describe()})")
 
 
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--dtype and --device, as `latentforge.load` takes them."""
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description="Stable Diffusion in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"latentforge {__version__}")
@@ -277,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
     p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add_device_options(p)
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
                    help="also save a strip of the predicted image after every N steps")  # fmt: skip
     p.set_defaults(func=cmd_generate)
@@ -331,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-objects", type=float, default=0.3, metavar="FRACTION",
                    help="share of two-object prompts (default: 0.3)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write every judged prompt and the summary as JSON")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -352,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="allow cross-origin requests from this origin, e.g. http://localhost:3000 (repeatable)")  # fmt: skip
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default: 32)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add_device_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("samplers", help="list the samplers")

@@ -31,6 +31,14 @@ class SamplingDefaults:
         if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)):
             raise ValueError(f"the default cfg_scale must be a number, got {self.cfg_scale!r}")
 
+    @classmethod
+    def from_dict(cls, values: object) -> SamplingDefaults:
+        """From stored JSON values (sampler, steps, cfg_scale); anything else is a ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(f"sampling defaults must be an object of {', '.join(sorted(known))}, got {values!r}")
+        return cls(**values)
+
     def describe(self) -> str:
         """'DPM++ 2M, 12 steps, guidance 5'."""
         return f"{self.sampler}, {self.steps} steps, guidance {self.cfg_scale:g}"
@@ -95,7 +103,7 @@ class ModelConfig:
             }
             rest = {k: d[k] for k in ("prediction_type", "pad_token", "scheduler") if k in d}
             if "defaults" in d:
-                rest["defaults"] = SamplingDefaults(**d["defaults"])
+                rest["defaults"] = SamplingDefaults.from_dict(d["defaults"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed latentforge config: {e}") from None
         return cls(**parts, **rest)
