@@ -88,7 +88,7 @@ def test_single_file_to_diffusers_folder(diffusers_folder, tmp_path):
     assert main(["convert", str(path), str(tmp_path / "back")]) == 0
     back = reference(tmp_path / "back", kind)
     assert back.scheduler.config.prediction_type == expected_config(kind)[1]
-    assert_same_model(latentforge.load(path, device="cpu"), back)
+    assert_same_model(latentforge.load(path, dtype="float32", device="cpu"), back)
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
@@ -203,7 +203,7 @@ def test_foreign_single_file_config_inferred_from_tensors(diffusers_folder, tmp_
     foreign = tmp_path / f"foreign.{fmt}"
     strip_to_foreign_file(ours_file, foreign, fmt, global_step=875000 if base_release else 470000)
 
-    pipe = latentforge.load(foreign, device="cpu")
+    pipe = latentforge.load(foreign, dtype="float32", device="cpu")
     want = latentforge.load(folder, device="cpu").config
     got = pipe.config
     assert (got.version, got.inpainting, got.pad_token) == (want.version, want.inpainting, want.pad_token)
@@ -227,7 +227,7 @@ def test_diffusers_folder_with_bin_weights(sd1_folder, tmp_path):
         bin_name = "pytorch_model.bin" if part == "text_encoder" else f"{stem}.bin"
         torch.save(tensors, folder / part / bin_name)
         (folder / part / f"{stem}.safetensors").unlink()
-    assert_same_model(latentforge.load(folder, device="cpu"), reference(sd1_folder, "sd1"))
+    assert_same_model(latentforge.load(folder, dtype="float32", device="cpu"), reference(sd1_folder, "sd1"))
 
 
 class _Payload:

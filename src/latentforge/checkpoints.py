@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import pickletools
@@ -150,11 +151,37 @@ def _describe(exc: BaseException, limit: int = 200) -> str:
 
 
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Validate the header, then let safetensors map the tensors (no extra copies)."""
+    """Validate the header, then map each tensor from the file on its own (no copies, nothing read yet).
+
+    One private (copy-on-write) mapping per tensor, so that when a tensor is converted (dtype, layout) and its
+    source dropped, the source's pages leave this process's memory at once: loading an float32 file as
+    bfloat16 then peaks near the bfloat16 weights, not at both copies. Writes to a tensor never reach the file."""
     header = _safetensors_header(path)
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as file:
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    start = 8 + int.from_bytes(_read_head(path, 8), "little")
+    tensors = {}
+    with open(path, "rb") as file:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:  # a dtype this torch lacks a name for: safetensors judges it
+                with safe_open(os.fspath(path), framework="pt", device="cpu") as st:
+                    tensors[name] = st.get_tensor(name)
+                continue
+            begin, end = info["data_offsets"]
+            tensors[name] = _map_tensor(file, start + begin, end - begin, _ST_DTYPES[info["dtype"]], info["shape"])
     return tensors, dict(header.get("__metadata__") or {})
+
+
+def _map_tensor(file: IO[bytes], offset: int, size: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing `size` bytes of `file` at `offset` through a mapping of its own (freed with it)."""
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(file.fileno(), offset - aligned + size, access=mmap.ACCESS_COPY, offset=aligned)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=offset - aligned)
+    if (offset - aligned) % dtype.itemsize:  # misaligned data (a non-padded header): one copy
+        flat = flat.clone()
+    return flat.view(dtype).reshape(shape)
 
 
 def _safetensors_header(path: PathLike) -> dict[str, Any]:
