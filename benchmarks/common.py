@@ -199,3 +199,108 @@ def replace_section(doc: Path, name: str, body: str, title: str = "# Benchmarks"
     tmp = doc.with_name(f".{doc.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, doc)
+
+
+def publish(out: Path, data: dict[str, Any], markdown: str, section: str, to_doc: bool = True) -> None:
+    """Write the raw results to `out` (JSON), print the markdown, and put it in docs/benchmarks.md's section."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(markdown)
+    if to_doc:
+        replace_section(DOC, section, markdown)
+        print(f"wrote the '{section}' section of {DOC.relative_to(REPO)}; raw results in {out.relative_to(REPO)}")
+
+
+# --------------------------------------------------------------------------- peak memory of a phase
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, so that a later `peak_rss()` covers only
+    what came after (Linux >= 4.0: writing 5 to /proc/self/clear_refs). False where that is unsupported.
+    `ru_maxrss` (memory_now()["peak"]) is not reset: it keeps the whole process's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> float:
+    """This process's peak RSS (VmHWM) since it started or since the last `reset_peak_rss()`, in GB."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- long-lived workers
+
+
+def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Worker side of `Worker`: answer each JSON request line on stdin with one `emit`ted result, until stdin closes."""
+    for line in sys.stdin:
+        if line.strip():
+            emit(handle(json.loads(line)))
+
+
+class Worker:
+    """A long-lived `python -m module *args` driven by requests: one JSON line in, one marked JSON line out.
+
+    Lets a benchmark keep each library loaded in a process of its own and alternate single calls between
+    them. The worker's stderr and any unmarked stdout go to `log`."""
+
+    def __init__(self, module: str, args: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.name = " ".join([module, *args])
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        self._log = open(log, "a", encoding="utf-8")  # O_APPEND: the worker's stderr appends to the same file
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=REPO, env=env, text=True, bufsize=1,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+        )  # fmt: skip
+
+    def receive(self) -> dict[str, Any]:
+        """The worker's next result (its first one, once it has started, says it is ready)."""
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, ""):
+            if line.startswith(RESULT_MARKER):
+                return json.loads(line.removeprefix(RESULT_MARKER))
+            self._log.write(line)
+            self._log.flush()
+        code = self.proc.wait()
+        self._log.flush()
+        tail = self.log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"worker {self.name} exited (code {code}) without answering; end of {self.log}:\n{tail}")
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its result."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def close(self, timeout: float = 120) -> int:
+        """End the worker (closing its stdin ends `serve`); its exit code."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.close()

@@ -45,6 +45,7 @@ def main() -> None:
     from latentforge.checkpoints import read_checkpoint, write_diffusers
 
     ours = latentforge.load(dtype="float32", device="cpu")
+    auto = latentforge.load(device="cpu")  # dtype "auto": what `latentforge generate` runs
     folder = CACHE / "latentforge-shapes-diffusers"
     if not folder.exists():
         config, parts = read_checkpoint(pipeline.DEFAULT_MODEL)
@@ -56,17 +57,21 @@ def main() -> None:
     def run_ours(prompt: str, seed: int) -> None:
         ours.generate(prompt, seed=seed)
 
+    def run_auto(prompt: str, seed: int) -> None:
+        auto.generate(prompt, seed=seed)
+
     def run_diffusers(prompt: str, seed: int) -> None:
         ref(prompt, num_inference_steps=d.steps, guidance_scale=d.cfg_scale, height=64, width=64,
             generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
-    runs = {"latentforge": run_ours, "diffusers": run_diffusers}
+    auto_name = f"latentforge, dtype auto ({str(auto.dtype).removeprefix('torch.')})"
+    runs = {"latentforge": run_ours, auto_name: run_auto, "diffusers": run_diffusers}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
         fn(PROMPTS[0], 0)  # warm-up
 
     for i in range(args.images):
-        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        order = list(runs)[i % len(runs) :] + list(runs)[: i % len(runs)]  # each library first in turn
         for name in order:
             start = time.perf_counter()
             runs[name](PROMPTS[i % len(PROMPTS)], 100 + i)
@@ -79,11 +84,12 @@ def main() -> None:
         "## The shipped model",
         f"`python -m benchmarks.default_model --images {args.images}`",
         machine_markdown(machine_info()),
-        f"One 64 x 64 image at the model's defaults ({d.describe()}), float32, 2 threads, {args.images} images "
-        "per library alternating, after one warm-up each; diffusers runs the same weights converted to its "
-        "layout with the same scheduler.",
+        f"One 64 x 64 image at the model's defaults ({d.describe()}), 2 threads, {args.images} images per "
+        "library, the libraries taking turns image by image, after one warm-up each; float32 unless named; "
+        "diffusers runs the same weights converted to its layout with the same scheduler.",
         markdown_table(["library", "s / image (median)", "min..max"], rows),
-        f"latentforge / diffusers: **{median['latentforge'] / median['diffusers']:.2f}x**.",
+        f"latentforge / diffusers (float32): **{median['latentforge'] / median['diffusers']:.2f}x**; "
+        f"{auto_name} / diffusers: **{median[auto_name] / median['diffusers']:.2f}x**.",
     ])  # fmt: skip
     print(body)
     if not args.no_doc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from typing import Any
 
 from benchmarks.common import (
     CACHE,
-    DOC,
     REPO,
     THREADS,
     cpu_seconds,
@@ -33,7 +31,7 @@ from benchmarks.common import (
     markdown_table,
     memory_now,
     package_version,
-    replace_section,
+    publish,
     run_isolated,
     spread,
     timed,
@@ -517,12 +515,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = summarise(results)
     command = "python -m benchmarks.load" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     markdown = render(info, command, summary, checks, args.repeats, [r["loadavg"] for r in results])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"machine": info, "checks": checks, "runs": results}, indent=2))
-    print(markdown)
-    if not args.no_doc:
-        replace_section(DOC, SECTION, markdown)
-        print(f"wrote the '{SECTION}' section of {DOC.relative_to(REPO)}; raw results in {OUT.relative_to(REPO)}")
+    publish(OUT, {"machine": info, "checks": checks, "runs": results}, markdown, SECTION, not args.no_doc)
     return None
 
 

@@ -207,6 +207,39 @@ def test_model_hash_of_a_folder_hashes_weight_files_in_sorted_order(tmp_path):
         model_hash(tmp_path / "missing.ckpt")
 
 
+def test_model_hash_is_remembered_across_calls_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv(images.HASH_CACHE_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"first weights")
+    calls = []
+    real = images.model_hash
+    monkeypatch.setattr(images, "model_hash", lambda p: calls.append(p) or real(p))
+    first = images.cached_model_hash(path)
+    assert first == hashlib.sha256(b"first weights").hexdigest()[:10] and len(calls) == 1
+    assert images.cached_model_hash(path) == first and len(calls) == 1  # read back, not hashed again
+    path.write_bytes(b"other weights, another size")
+    assert images.cached_model_hash(path) == hashlib.sha256(b"other weights, another size").hexdigest()[:10]
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "unwritable"])
+def test_model_hash_cache_that_cannot_be_used_is_ignored(tmp_path, monkeypatch, damage):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    if damage == "corrupt":
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        (cache / "model-hashes.json").write_text("{not json")
+    else:  # the cache folder's place is taken by a file
+        cache = tmp_path / "a-file"
+        cache.write_text("")
+    monkeypatch.setenv(images.HASH_CACHE_ENV, str(cache))
+    assert images.cached_model_hash(path) == hashlib.sha256(b"weights").hexdigest()[:10]
+    if damage == "corrupt":  # rewritten whole
+        assert images.cached_model_hash(path) == hashlib.sha256(b"weights").hexdigest()[:10]
+        assert "model.safetensors" in (cache / "model-hashes.json").read_text()
+
+
 # --------------------------------------------------------------------------- PNG writing
 
 

@@ -227,6 +227,48 @@ def model_hash(path: PathLike) -> str:
     return digest.hexdigest()[:10]
 
 
+HASH_CACHE_ENV = "LATENTFORGE_CACHE_DIR"  # where model hashes are remembered (default: the user's cache folder)
+
+
+def hash_cache_file() -> Path:
+    """$LATENTFORGE_CACHE_DIR/model-hashes.json, else under $XDG_CACHE_HOME/latentforge or ~/.cache/latentforge."""
+    folder = os.environ.get(HASH_CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "latentforge"
+    )
+    return Path(folder) / "model-hashes.json"
+
+
+def cached_model_hash(path: PathLike) -> str:
+    """`model_hash`, remembered across processes for a single file, keyed by its absolute path, size and
+    modification time (as AUTOMATIC1111's cache.json does): hashing SD 1.5 takes ~4.5 s of a 2-core CPU,
+    in front of every first image. Folders are hashed each time. A cache that cannot be read or written
+    is ignored."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        return model_hash(file)
+    stat = file.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    store = hash_cache_file()
+    try:
+        cache = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(str(file))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("hash"), str):
+        return entry["hash"]
+    cache[str(file)] = {"stamp": stamp, "hash": model_hash(file)}
+    temp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(json.dumps(cache, indent=1), encoding="utf-8")
+        os.replace(temp, store)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+    return cache[str(file)]["hash"]
+
+
 # --------------------------------------------------------------------------- PNG writing
 
 

@@ -18,7 +18,7 @@ from . import checkpoints
 from .checkpoints import Parts
 from .config import ModelConfig
 from .guidance import Conditioning, Denoiser, make_denoiser
-from .images import GenerationInfo, format_infotext, model_hash, tensor_to_images
+from .images import GenerationInfo, cached_model_hash, format_infotext, tensor_to_images
 from .prompts import encode_prompts
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
@@ -218,7 +218,7 @@ class Pipeline:
     @functools.cached_property
     def model_hash(self) -> str:
         """A1111's short model hash of the checkpoint, '' when the model was not loaded from a path."""
-        return model_hash(self.source) if self.source is not None else ""
+        return cached_model_hash(self.source) if self.source is not None else ""
 
 
 def blend_latents(latents: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
