@@ -154,7 +154,7 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     """Validate the header, then map each tensor from the file on its own (no copies, nothing read yet).
 
     One private (copy-on-write) mapping per tensor, so that when a tensor is converted (dtype, layout) and its
-    source dropped, the source's pages leave this process's memory at once: loading an float32 file as
+    source dropped, the source's pages leave this process's memory at once: loading a float32 file as
     bfloat16 then peaks near the bfloat16 weights, not at both copies. Writes to a tensor never reach the file."""
     header = _safetensors_header(path)
     start = 8 + int.from_bytes(_read_head(path, 8), "little")

@@ -230,7 +230,12 @@ def _export_trained(args: argparse.Namespace) -> None:
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
     """--dtype and --device, as `latentforge.load` takes them."""
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (float16 on CUDA, bfloat16 on a CPU with native bfloat16, else float32), float32, float16 "
+        "or bfloat16 (default: auto)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
 
 
