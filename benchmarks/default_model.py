@@ -12,6 +12,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
 
@@ -46,10 +47,10 @@ def main() -> None:
 
     ours = latentforge.load(dtype="float32", device="cpu")
     auto = latentforge.load(device="cpu")  # dtype "auto": what `latentforge generate` runs
-    folder = CACHE / "latentforge-shapes-diffusers"
-    if not folder.exists():
-        config, parts = read_checkpoint(pipeline.DEFAULT_MODEL)
-        write_diffusers(config, parts, folder, ours.tokenizer)
+    folder = CACHE / "latentforge-shapes-diffusers"  # made again every run: the shipped model changes
+    shutil.rmtree(folder, ignore_errors=True)
+    config, parts = read_checkpoint(pipeline.DEFAULT_MODEL)
+    write_diffusers(config, parts, folder, ours.tokenizer)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     d = ours.config.defaults
