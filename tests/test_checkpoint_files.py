@@ -79,6 +79,28 @@ def test_safetensors_round_trip_keeps_dtypes_and_metadata(tmp_path: Path) -> Non
     assert detect_format(path) == "safetensors"
 
 
+def test_mapped_tensors_can_be_changed_without_touching_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}, path)
+    before = path.read_bytes()
+    tensors, _ = read_state_dict(path)
+    assert tensors["w"].tolist() == [[0, 1, 2], [3, 4, 5]] and tensors["b"].dtype == torch.float16
+    tensors["w"].mul_(10)  # private copy-on-write pages: the change stays in memory
+    assert tensors["w"][1, 2] == 50 and path.read_bytes() == before
+
+
+def test_misaligned_safetensors_data_is_read_right(tmp_path: Path) -> None:
+    """A header whose length leaves the data off a 4-byte boundary (the format allows it) still reads."""
+    values = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}).encode()
+    header += b" " * ((3 - len(header)) % 4)  # 8 + len(header) is then 3 mod 4
+    assert (8 + len(header)) % 4 == 3
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + values.numpy().tobytes())
+    tensors, _ = read_state_dict(path)
+    assert torch.equal(tensors["x"], values)
+
+
 def test_write_safetensors_without_metadata(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     write_safetensors({"a": torch.ones(2)}, path)
