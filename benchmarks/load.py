@@ -394,11 +394,13 @@ def notes(summary: dict[tuple[str, str], dict[str, Any]], loadavg: Sequence[floa
         f"*peak RSS*: `ru_maxrss` up to the end of the load, imports included ({min(base):.2f}..{max(base):.2f} GB is the interpreter, "
         "torch and the library before loading). *RSS after load* counts file-backed pages (memory-mapped weights) "
         "too; *of which file-backed* is `RssFile`, page-cache pages that the kernel can drop and re-read.",
-        "*first touch*: one single-threaded pass summing every weight right after the load. A memory-mapped load (safetensors "
-        "`safe_open`; latentforge keeps those tensors when no dtype conversion is needed, and so does diffusers with "
-        "accelerate) reads the weights only when they are first used, so *load + first touch* is the fair "
-        "time-to-usable-weights comparison. fp16 files are converted to float32 during the load: those weights "
-        "end up in anonymous memory for every library.",
+        "*first touch*: one single-threaded pass summing every weight right after the load. A memory-mapped load "
+        "reads the weights only when they are first used, so *load + first touch* is the fair time-to-usable-weights "
+        "comparison. latentforge maps each tensor of the file on its own and keeps it mapped when no dtype conversion "
+        "is needed, except the convolution weights, which it copies into channels-last (the faster layout for "
+        "oneDNN: docs/design.md) and which are therefore anonymous memory after the load; diffusers with accelerate "
+        "maps too. fp16 files are converted to float32 during the load: those weights end up in anonymous memory for "
+        "every library (latentforge frees each source tensor's mapping as soon as it is converted).",
     ]
     if without:
         lines.append(
@@ -415,8 +417,10 @@ def notes(summary: dict[tuple[str, str], dict[str, Any]], loadavg: Sequence[floa
             "`torch._compile` wrapper imports dynamo. `import diffusers` imports dynamo itself, so for diffusers that "
             "second is in *imports s*; *imports + load + first touch* counts it once for everyone."
         )
+    busy = max(loadavg) > THREADS + 0.5  # more than our own threads: someone else was running too
     lines.append(
-        f"Caveat: other people ran test suites on this {os.cpu_count()}-core machine at the same time (1-minute load "
+        ("Caveat: other work ran on" if busy else "Noise: a quiet run on")
+        + f" this {os.cpu_count()}-core machine (1-minute load "
         f"average during the runs {min(loadavg):.1f}..{max(loadavg):.1f}; the largest max/min of one row's load "
         f"times is {worst:.1f}x). With {THREADS} threads on {os.cpu_count()} shared cores each parallel op waits for "
         "its slower thread, so calls made of many small parallel ops (the per-tensor float16 -> float32 conversions, "
