@@ -201,14 +201,17 @@ def replace_section(doc: Path, name: str, body: str, title: str = "# Benchmarks"
     os.replace(tmp, doc)
 
 
-def publish(out: Path, data: dict[str, Any], markdown: str, section: str, to_doc: bool = True) -> None:
-    """Write the raw results to `out` (JSON), print the markdown, and put it in docs/benchmarks.md's section."""
+def publish(
+    out: Path, data: dict[str, Any], markdown: str, section: str, to_doc: bool = True,
+    doc: Path = DOC, title: str = "# Benchmarks",
+) -> None:  # fmt: skip
+    """Write the raw results to `out` (JSON), print the markdown, and put it in `doc`'s section."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     print(markdown)
     if to_doc:
-        replace_section(DOC, section, markdown)
-        print(f"wrote the '{section}' section of {DOC.relative_to(REPO)}; raw results in {out.relative_to(REPO)}")
+        replace_section(doc, section, markdown, title=title)
+        print(f"wrote the '{section}' section of {doc.relative_to(REPO)}; raw results in {out.relative_to(REPO)}")
 
 
 # --------------------------------------------------------------------------- peak memory of a phase
@@ -296,11 +299,3 @@ class Worker:
             code = self.proc.wait()
         self._log.close()
         return code
-
-    def __enter__(self) -> Worker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is not None and self.proc.poll() is None:
-            self.proc.kill()
-        self.close()

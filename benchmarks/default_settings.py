@@ -13,7 +13,6 @@ section of docs/default-model.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from benchmarks.common import (
@@ -22,7 +21,7 @@ from benchmarks.common import (
     machine_info,
     machine_markdown,
     markdown_table,
-    replace_section,
+    publish,
 )
 
 DOC = REPO / "docs" / "default-model.md"
@@ -101,11 +100,8 @@ def main() -> None:
         table(rows, chosen),
         f"Chosen: **{chosen['sampler']}, {chosen['steps']} steps, guidance {chosen['cfg_scale']:g}**.",
     ])  # fmt: skip
-    print(body)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"chosen": chosen, "scales": scales, "settings": rows}, indent=2))
-    if not args.no_doc:
-        replace_section(DOC, "settings", body, title="# The default model")
+    data = {"chosen": chosen, "scales": scales, "settings": rows}
+    publish(OUT, data, body, "settings", not args.no_doc, doc=DOC, title="# The default model")
 
 
 if __name__ == "__main__":
