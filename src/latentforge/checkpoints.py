@@ -157,9 +157,9 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     source dropped, the source's pages leave this process's memory at once: loading a float32 file as
     bfloat16 then peaks near the bfloat16 weights, not at both copies. Writes to a tensor never reach the file."""
     header = _safetensors_header(path)
-    start = 8 + int.from_bytes(_read_head(path, 8), "little")
     tensors = {}
     with open(path, "rb") as file:
+        start = 8 + int.from_bytes(file.read(8), "little")  # the data follows the length and the header
         for name, info in header.items():
             if name == "__metadata__":
                 continue
