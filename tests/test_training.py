@@ -101,6 +101,19 @@ def test_run_outputs(trained):
     assert unet_config["model"]["context_dim"] == 32 and unet_config["vae"] == "../vae"
 
 
+def test_learning_rate_schedule():
+    """Linear warm-up to lr, constant, then a linear cooldown that reaches 0 after the last step."""
+    config = UNetTrainConfig(steps=100, lr=1.0, warmup_steps=10, cooldown_steps=20)
+    rates = [loop.learning_rate(config, step) for step in range(config.steps)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == 1.0
+    assert rates[10:80] == [1.0] * 70
+    assert rates[80] == 1.0 and rates[90] == pytest.approx(0.5) and rates[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(rates[80:], rates[81:], strict=False))
+    assert loop.learning_rate(UNetTrainConfig(steps=100, lr=1.0, warmup_steps=0), 99) == 1.0
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        UNetTrainConfig(cooldown_steps=-1)
+
+
 def test_config_json():
     """A JSON config changes only what it names (nested model configs too), round-trips, and unknown keys fail."""
     config = config_from_dict("unet", {"steps": 5, "model": {"model_channels": 32, "attention_levels": [2]}})

@@ -187,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.what != "unet" and (args.vae or args.text_encoder):
         raise ValueError("--vae and --text-encoder are for `train unet` (`train all` uses its own)")
     run = Path(args.run)
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "data": args.data}
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "data": args.data,
+             "cooldown_steps": args.cooldown_steps}
     if args.what == "unet":
         given |= {"vae": args.vae, "text_encoder": args.text_encoder}
     dist = loop.setup_distributed()
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps in all (default: the config's)")
     p.add_argument("--batch-size", type=int, help="global batch, split across processes (default: the config's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
+    p.add_argument("--cooldown-steps", type=int,
+                   help="decay the lr linearly to 0 over the last N steps (default: the config's, 0 = none)")
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and noise (default: 0)")
     p.add_argument("--data", help="'shapes' (the procedural shapes world) or a folder of images with .txt captions")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint, exactly")

@@ -33,8 +33,9 @@ class TrainConfig:
 
     steps: int = 2000  # optimizer steps in all
     batch_size: int = 32  # global batch, split evenly across the ranks
-    lr: float = 2e-4  # AdamW peak learning rate (constant after the warm-up)
+    lr: float = 2e-4  # AdamW peak learning rate (constant between the warm-up and the cooldown)
     warmup_steps: int = 100  # linear warm-up from 0 to lr
+    cooldown_steps: int = 0  # linear decay from lr to 0 over the last cooldown_steps steps (0 = none)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0 = no clipping)
@@ -51,7 +52,7 @@ class TrainConfig:
         """Reject values the loop cannot run with."""
         for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "image_size"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "sample_every", "seed"):
+        for name in ("warmup_steps", "cooldown_steps", "sample_every", "seed"):
             _check_int(name, getattr(self, name), 0)
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")

@@ -179,10 +179,14 @@ class EMA:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """The learning rate of 0-based step `step`: linear warm-up to config.lr, then constant."""
-    if config.warmup_steps == 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+    """The learning rate of 0-based step `step`: linear warm-up to config.lr, constant, then a linear
+    cooldown to 0 over the last config.cooldown_steps steps (warm-up / stable / decay)."""
+    scale = 1.0
+    if config.warmup_steps:
+        scale = min(scale, (step + 1) / config.warmup_steps)
+    if config.cooldown_steps:
+        scale = min(scale, (config.steps - step) / config.cooldown_steps)
+    return config.lr * max(scale, 0.0)
 
 
 # --------------------------------------------------------------------------- checkpoints
