@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -110,7 +112,7 @@ class Attention(nn.Module):
             proj(src).view(b, -1, self.heads, dim // self.heads).transpose(1, 2)
             for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
 
 
