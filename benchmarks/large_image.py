@@ -1,6 +1,6 @@
 """Peak memory of one large txt2img (default 1024 x 1024) on the SD 1.5-sized random-weight file, weights included.
 
-    python -m benchmarks.large_image [--size 1024] [--steps 2] [--dtype auto]
+    python -m benchmarks.large_image [--size 1024] [--steps 2] [--dtype auto] [--vae-tiling]
 
 Runs in a fresh process of its own (so its peak RSS is this job's alone): load, then one txt2img. The peak
 does not grow with the step count (every step needs the same memory), so 2 steps measure it. Prints one
@@ -21,17 +21,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="image width and height (default 1024)")
     parser.add_argument("--steps", type=int, default=2, help="sampler steps (default 2)")
     parser.add_argument("--dtype", default="auto", help="as latentforge.load takes it (default auto)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode in 512 x 512 tiles (Pipeline.vae_tiling)")
     args = parser.parse_args()
     prepare(accelerate=False)
     limit_threads(THREADS)
     import latentforge
 
     pipe = latentforge.load(FILES["fp32"], dtype=args.dtype, device="cpu")
+    pipe.vae_tiling = args.vae_tiling
     start = time.perf_counter()
     pipe.generate("a photo of an astronaut riding a horse on mars", steps=args.steps, sampler="Euler", seed=0,
                   width=args.size, height=args.size)  # fmt: skip
     seconds = time.perf_counter() - start
-    print(f"{args.size}x{args.size}, {args.steps} steps, {str(pipe.dtype).removeprefix('torch.')}, {THREADS} threads: "
+    print(f"{args.size}x{args.size}, {args.steps} steps, {str(pipe.dtype).removeprefix('torch.')}, "
+          f"{'tiled' if args.vae_tiling else 'whole'} VAE decode, {THREADS} threads: "
           f"{seconds:.1f} s, peak RSS of the process {memory_now()['peak']:.2f} GB (load + txt2img, weights included)")  # fmt: skip
 
 

@@ -63,6 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if mask is not None and init is None:
         raise ValueError("--mask needs --init-image")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
+    pipe.vae_tiling = args.vae_tiling
     previews: dict[int, list] = {}
     bars: dict[int, tqdm] = {}
 
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
     add_device_options(p)
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode images larger than the model's native size in overlapping tiles: bounded memory "
+                   "for large images, a slightly different image (seams blended)")  # fmt: skip
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
                    help="also save a strip of the predicted image after every N steps")  # fmt: skip
     p.set_defaults(func=cmd_generate)

@@ -63,6 +63,10 @@ class Pipeline:
     dtype: torch.dtype
     name: str = ""
     source: Path | None = None  # the checkpoint file or folder, for the infotext's model hash
+    # decode latents larger than the model's native size in overlapping native-size tiles (bounded memory
+    # for large images; seams blended, the image differs slightly from a whole decode), like diffusers'
+    # enable_vae_tiling(); images at the native size or smaller are decoded whole either way
+    vae_tiling: bool = False
 
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
@@ -73,8 +77,15 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) as the sampler leaves them -> PIL images (8h x 8w)."""
-        (x,) = self._run_vae(lambda z: (self.vae.decode(z),), latents / self.config.vae.scaling_factor)
+        (x,) = self._run_vae(lambda z: (self._decode(z),), latents / self.config.vae.scaling_factor)
         return tensor_to_images(x.float().cpu())
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE decode, tiled when vae_tiling is on: tiles of the native latent size, a quarter overlapping."""
+        tile = self.config.unet.sample_size
+        if self.vae_tiling and max(z.shape[-2:]) > tile:
+            return self.vae.decode_tiled(z, tile, tile // 4)
+        return self.vae.decode(z)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

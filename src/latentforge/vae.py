@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
+
 # The original model uses eps=1e-6 in every GroupNorm of the VAE (not PyTorch's default 1e-5).
 GROUPNORM_EPS = 1e-6
 # The original clamps logvar to this range so that exp(logvar) can neither overflow nor vanish.
@@ -136,11 +138,11 @@ class AttnBlock(nn.Module):
         batch, channels, height, width = x.shape
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head whose dimension is all C channels,
-        # so SDPA's default scale is the original's C ** -0.5.
+        # so the default 1/sqrt(d) scale is the original's C ** -0.5.
         q, k, v = (
             proj(h).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v)
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj_out(out)
 
@@ -311,6 +313,32 @@ class AutoencoderKL(nn.Module):
         self._check_input(z, self.config.latent_channels, 1, "decode", "latents")
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+        """decode() in overlapping tiles of tile x tile latents, blended linearly across each overlap.
+
+        Peak memory is that of one tile's decode plus the output image, whatever the image size. The
+        result differs slightly from decode() (each tile's GroupNorm sees only its own pixels; the seams
+        are blended over overlap latents, i.e. overlap * downscale pixels). A latent no larger than
+        `tile` on a side is decoded whole along that side."""
+        self._check_input(z, self.config.latent_channels, 1, "decode_tiled", "latents")
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+        f, (b, _, h, w) = self.downscale, z.shape
+        th, tw = min(tile, h), min(tile, w)
+        out = weight = None
+        for top in tile_starts(h, tile, overlap):
+            for left in tile_starts(w, tile, overlap):
+                image = self.decode(z[:, :, top : top + th, left : left + tw]).float()
+                ramp = _blend_ramp(top, th, h, overlap, f)[:, None] * _blend_ramp(left, tw, w, overlap, f)[None, :]
+                ramp = ramp.to(image.device)
+                if out is None:
+                    out = image.new_zeros(b, image.shape[1], h * f, w * f)
+                    weight = image.new_zeros(h * f, w * f)
+                region = (slice(top * f, (top + th) * f), slice(left * f, (left + tw) * f))
+                out[(..., *region)] += image * ramp
+                weight[region] += ramp
+        return (out / weight).to(z.dtype)
+
     @staticmethod
     def _check_input(x: torch.Tensor, channels: int, multiple: int, method: str, what: str) -> None:
         """Raise ValueError unless x is (B, channels, H, W) with H and W multiples of `multiple`."""
@@ -325,6 +353,28 @@ class AutoencoderKL(nn.Module):
                 f"AutoencoderKL.{method} needs height and width divisible by {multiple} "
                 f"(the VAE's downscale factor), got {height}x{width}; resize or crop the {what}"
             )
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` latents start so that they cover `length` with at least `overlap` shared."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _blend_ramp(start: int, size: int, length: int, overlap: int, f: int) -> torch.Tensor:
+    """Per-pixel blend weights of one tile along one axis: rising over `overlap` latents from each side
+    that another tile shares, 1 elsewhere (a side at the image border keeps full weight)."""
+    ramp = torch.ones(size * f)
+    width = overlap * f
+    if width:
+        rise = (torch.arange(width) + 0.5) / width
+        if start > 0:
+            ramp[:width] = rise
+        if start + size < length:
+            ramp[-width:] = torch.minimum(ramp[-width:], rise.flip(0))
+    return ramp
 
 
 def sample_latents(
