@@ -17,9 +17,9 @@ import torch
 
 from latentforge import cli
 from latentforge.training import loop
-from latentforge.training.clip import clip_task, train_clip
+from latentforge.training.clip import clip_task, train_clip, twin_world
 from latentforge.training.configs import UNetTrainConfig, config_from_dict, config_to_dict
-from latentforge.training.unet import assemble, train_unet
+from latentforge.training.unet import assemble, fit_to_parts, train_unet, unet_task
 from latentforge.training.vae import train_vae
 from latentforge.training.world import ShapesWorld
 from latentforge.vae import sample_latents
@@ -326,3 +326,42 @@ def test_export_refuses_a_vae_with_another_encoder(trained, tmp_path, capsys):
     assert "its encoder differs from the one the UNet was trained on" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs init"):
         tiny("vae", train_encoder=False)
+
+
+def test_clip_starts_from_a_run_and_trains_on_twins(trained, tmp_path):
+    """init: both towers start as another run's checkpoint left them; hard_negatives: the batches are
+    scene / twin pairs, and the report measures retrieval among such pairs too."""
+    source = loop.checkpoint_weights(trained / "clip")
+    config = tiny("clip", init=str(trained / "clip"), hard_negatives=True, steps=2, sample_every=0)
+    started = state_of(clip_task(config, ShapesWorld(1, SIZE), source).model)
+    assert max_difference(started, source) == 0.0
+    world = twin_world(config)
+    assert world.twins and world.example_at(0)[0] == ShapesWorld(config.seed, SIZE).scene_at(0)
+    run = tmp_path / "clip"
+    train_clip(config, run)
+    final = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= final["twin_retrieval_top1"] <= 1.0
+    assert json.loads((run / "config.json").read_text())["init"] == os.path.relpath(trained / "clip", run)
+    with pytest.raises(ValueError, match="not a run folder with a checkpoint"):
+        train_clip(tiny("clip", init=str(tmp_path / "missing")), tmp_path / "other")
+    with pytest.raises(ValueError, match="needs the shapes world"):
+        tiny("clip", hard_negatives=True, data=str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        tiny("clip", hard_negatives=True, batch_size=7)
+
+
+def test_unet_starts_from_a_run(trained, tmp_path):
+    """init: the UNet starts as another run's exported (EMA) UNet; a UNet of another shape is refused."""
+    parts = {"vae": str(trained / "vae"), "text_encoder": str(trained / "clip")}
+    config = tiny("unet", init=str(trained / "unet"), steps=1, sample_every=0, **parts)
+    vae, text_encoder = loop.load_part(parts["vae"], "vae"), loop.load_part(parts["text_encoder"], "text_encoder")
+    init = loop.read_part(trained / "unet", "unet")
+    config = fit_to_parts(config, vae, text_encoder)
+    task = unet_task(config, vae, text_encoder, ShapesWorld(1, SIZE), init)
+    assert max_difference(state_of(task.model), init[1]) == 0.0
+    wider = dataclasses.replace(config, model=dataclasses.replace(config.model, model_channels=32))
+    with pytest.raises(ValueError, match="differs from this run's"):
+        unet_task(wider, vae, text_encoder, ShapesWorld(1, SIZE), init)
+    run = tmp_path / "unet"
+    train_unet(tiny("unet", init=str(trained / "unet"), steps=1, sample_every=0, **parts), run)
+    assert json.loads((run / "config.json").read_text())["init"] == os.path.relpath(trained / "unet", run)

@@ -205,6 +205,33 @@ def test_several_templates_for_each_kind_of_scene():
     assert len(forms[1]) >= 4 and len(forms[2]) >= 4, forms
 
 
+def test_twins_are_the_same_objects_laid_out_the_other_way():
+    """Item 2k of a twins world is item k of the plain world; item 2k + 1 is its hard negative: two
+    objects trade places (the relation inverts), one object moves; the caption keeps its template."""
+    plain = ShapesWorld(9, 32, two_objects_fraction=0.5)
+    twins = ShapesWorld(9, 32, two_objects_fraction=0.5, twins=True)
+    kinds = set()
+    for k in range(60):
+        (scene, text), (other, other_text) = twins.example_at(2 * k), twins.example_at(2 * k + 1)
+        assert (scene, text) == plain.example_at(k)
+        assert other.background == scene.background and other_text != text
+        words = [[(o.colour, o.kind, o.size) for o in s.objects] for s in (scene, other)]
+        assert words[0] == words[1]
+        assert _form(other_text) == _form(text)
+        if len(scene.objects) == 2:
+            kinds.add(2)
+            assert other.relation == INVERSE[scene.relation]
+            assert [o.center for o in other.objects] == [o.center for o in reversed(scene.objects)]
+        else:
+            kinds.add(1)
+            assert other.position != scene.position
+            assert _words_in(other_text, POSITIONS) == [other.position]
+        image = np.asarray(draw(other, 32))
+        for shape in other.objects:  # drawn where the twin says
+            assert tuple(image[int(shape.center[1] * 32), int(shape.center[0] * 32)]) == COLOURS[shape.colour]
+    assert kinds == {1, 2}
+
+
 # --------------------------------------------------------------------------- drawing
 
 

@@ -9,6 +9,7 @@ always compares the whole global batch, exactly as one process would.
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from torch import nn
 from ..images import image_strip, tensor_to_images
 from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
-from .configs import CLIPTrainConfig, ImageEncoderConfig
+from .configs import CLIPTrainConfig, ImageEncoderConfig, run_relative
 from .data import open_datasets, take
+from .world import ShapesWorld
 from .loop import (
     EXPORTS,
     SINGLE_PROCESS,
@@ -31,6 +33,7 @@ from .loop import (
     Result,
     StepRandom,
     Task,
+    checkpoint_weights,
     stack_rows,
     train,
     write_part,
@@ -184,10 +187,15 @@ def retrieval(model: CLIPModel, images: torch.Tensor, ids: torch.Tensor, caption
     return sum(right) / len(right), ranked
 
 
-def _report(config: CLIPTrainConfig, heldout: tuple[torch.Tensor, list[str]], tokenizer: Tokenizer) -> Report:
-    """Held-out retrieval accuracy; the image shows a few captions' own images, then the images each retrieves."""
+def _report(
+    config: CLIPTrainConfig, heldout: tuple[torch.Tensor, list[str]], twins: tuple[torch.Tensor, list[str]] | None,
+    tokenizer: Tokenizer,
+) -> Report:  # fmt: skip
+    """Held-out retrieval accuracy (and on scene / twin pairs, when the data is the shapes world); the
+    image shows a few captions' own images, then the images each retrieves."""
     images, captions = heldout
     ids = tokenizer(captions)
+    twin_ids = tokenizer(twins[1]) if twins is not None else None
     big = tensor_to_images(F.interpolate(images.float(), scale_factor=2, mode="nearest"))
 
     def report(model: nn.Module, path: Path) -> dict[str, float]:
@@ -198,16 +206,27 @@ def _report(config: CLIPTrainConfig, heldout: tuple[torch.Tensor, list[str]], to
             marks = [f"{'=' if captions[j] == captions[i] else 'x'} {n}" for n, j in enumerate(top, 1)]
             rows.append(image_strip([big[i]] + [big[j] for j in top], [captions[i], *marks]))
         write_png(stack_rows(rows), path)
-        return {"retrieval_top1": accuracy}
+        if twins is None:
+            return {"retrieval_top1": accuracy}
+        return {"retrieval_top1": accuracy, "twin_retrieval_top1": retrieval(model, twins[0], twin_ids, twins[1])[0]}
 
     return report
 
 
-def clip_task(config: CLIPTrainConfig, heldout: Any) -> Task:
-    """The CLIP trainer as a Task for the shared loop (model initialised from config.seed)."""
+def twin_world(config: CLIPTrainConfig, heldout: bool = False) -> ShapesWorld:
+    """The shapes world of the config's seed (held-out: the held-out seed) in scene / twin pairs."""
+    world = open_datasets(config)[1 if heldout else 0]
+    return ShapesWorld(world.seed, world.size, world.two_objects_fraction, twins=True)
+
+
+def clip_task(config: CLIPTrainConfig, heldout: Any, init: dict[str, torch.Tensor] | None = None) -> Task:
+    """The CLIP trainer as a Task for the shared loop (model initialised from config.seed, or set to init)."""
     tokenizer = Tokenizer(max_length=config.text.max_length)
     torch.manual_seed(config.seed)
     model = CLIPModel(config, tokenizer.eos_id)
+    if init is not None:
+        model.load_state_dict(init, strict=True)
+    twins = take(twin_world(config, heldout=True), config.eval_count) if config.data == "shapes" else None
 
     def inputs(images: torch.Tensor, captions: list[str], draws: StepRandom) -> dict[str, torch.Tensor]:
         return {"images": images, "ids": tokenizer(captions).to(images.device)}
@@ -220,7 +239,7 @@ def clip_task(config: CLIPTrainConfig, heldout: Any) -> Task:
         model=model,
         objective=CLIPObjective(model),
         inputs=inputs,
-        report=_report(config, take(heldout, config.eval_count), tokenizer),
+        report=_report(config, take(heldout, config.eval_count), twins, tokenizer),
         finish=finish,
     )
 
@@ -230,6 +249,12 @@ def train_clip(
     heldout: Any = None,
 ) -> Result:  # fmt: skip
     """Train CLIP into run_dir; at the end run_dir/text_encoder.safetensors holds the text tower."""
+    if dataset is None and config.hard_negatives:
+        dataset = twin_world(config)
     dataset, heldout = open_datasets(config, dataset, heldout)
-    return train(clip_task(config, heldout), config, run_dir, dataset, dist, resume)
+    init = None
+    if config.init:  # read now; the run's config.json keeps the path relative to the run folder
+        init = checkpoint_weights(config.init)
+        config = dataclasses.replace(config, init=run_relative(config.init, run_dir))
+    return train(clip_task(config, heldout, init), config, run_dir, dataset, dist, resume)
 

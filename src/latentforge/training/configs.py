@@ -125,6 +125,22 @@ class CLIPTrainConfig(TrainConfig):
     max_logit_scale: float = math.log(100.0)  # clamp: the logits are scaled by at most 100
     eval_count: int = 64  # held-out pairs for caption -> image retrieval accuracy
     sample_count: int = 6  # held-out captions shown with the image each retrieves
+    # batches of scene / twin pairs (ShapesWorld twins): each two-object scene beside the same objects
+    # swapped, each single object beside itself elsewhere, captioned alike. Random batches almost never
+    # hold such a pair, so without them the text tower may treat "above" and "below" as one word
+    hard_negatives: bool = False
+    init: str = ""  # start from this CLIP run's latest checkpoint (both towers) instead of random weights
+
+    def __post_init__(self) -> None:
+        """Check the CLIP-specific fields too."""
+        super().__post_init__()
+        if self.hard_negatives and self.data != "shapes":
+            raise ValueError(f"hard_negatives needs the shapes world (data 'shapes'), got data {self.data!r}: "
+                             "a caption folder has no twin scenes")  # fmt: skip
+        if self.hard_negatives and self.batch_size % 2:
+            raise ValueError(
+                f"hard_negatives pairs each scene with its twin: batch_size must be even, got {self.batch_size}"
+            )
 
 
 @dataclass
@@ -142,6 +158,7 @@ class UNetTrainConfig(TrainConfig):
     uncond_prob: float = 0.1  # captions replaced by "" this often (classifier-free guidance)
     vae: str = ""  # VAE run folder or exported file (required; --vae)
     text_encoder: str = ""  # CLIP run folder or exported text-encoder file (required; --text-encoder)
+    init: str = ""  # start from this UNet (run folder or unet.safetensors: its EMA weights) instead of random
     sample_count: int = 4  # held-out captions drawn as sample prompts
     sample_seeds: int = 2  # images per sample prompt
     sample_steps: int = 20

@@ -272,6 +272,14 @@ def load_checkpoint(
     return TrainState(**json.loads((folder / "state.json").read_text(encoding="utf-8")))
 
 
+def checkpoint_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The trained weights (not the EMA) of a run folder's latest checkpoint, to start another run from."""
+    folder = latest_checkpoint(Path(run_dir)) if Path(run_dir).is_dir() else None
+    if folder is None:
+        raise ValueError(f"{run_dir}: not a run folder with a checkpoint; give a folder `latentforge train` wrote")
+    return read_state_dict(folder / "model.safetensors")[0]
+
+
 # --------------------------------------------------------------------------- exported parts
 
 

@@ -127,11 +127,18 @@ def _report(config: UNetTrainConfig, objective: DiffusionObjective, heldout: Any
     return report
 
 
-def unet_task(config: UNetTrainConfig, vae: AutoencoderKL, text_encoder: TextEncoder, heldout: Any) -> Task:
-    """The UNet trainer as a Task for the shared loop; config.model must already fit the VAE and text encoder."""
+def unet_task(
+    config: UNetTrainConfig, vae: AutoencoderKL, text_encoder: TextEncoder, heldout: Any, init: tuple | None = None
+) -> Task:
+    """The UNet trainer as a Task for the shared loop; config.model must already fit the VAE and text
+    encoder. The UNet starts from config.seed, or from init: the (config, tensors) of config.init."""
     tokenizer = Tokenizer(max_length=text_encoder.config.max_length)
     torch.manual_seed(config.seed)
     unet = UNet(config.model)
+    if init is not None:
+        if init[0] != config.model:
+            raise ValueError(f"init {config.init}: its UNet config {init[0]} differs from this run's {config.model}")
+        unet.load_state_dict(init[1], strict=True)
     objective = DiffusionObjective(unet, vae, text_encoder)
     latent = (config.model.out_channels, config.model.sample_size, config.model.sample_size)
 
@@ -181,10 +188,13 @@ def train_unet(
         raise ValueError("the UNet trainer needs --vae (a VAE run or file) and --text-encoder (a CLIP run or file)")
     vae, text_encoder = load_part(config.vae, "vae"), load_part(config.text_encoder, "text_encoder")
     config = fit_to_parts(config, vae, text_encoder)
+    init = read_part(config.init, "unet") if config.init else None  # run folder: its exported EMA weights
     stored = {"vae": run_relative(config.vae, run_dir), "text_encoder": run_relative(config.text_encoder, run_dir)}
+    if config.init:
+        stored["init"] = run_relative(config.init, run_dir)
     config = dataclasses.replace(config, **stored)
     dataset, heldout = open_datasets(config, dataset, heldout)
-    return train(unet_task(config, vae, text_encoder, heldout), config, run_dir, dataset, dist, resume)
+    return train(unet_task(config, vae, text_encoder, heldout, init), config, run_dir, dataset, dist, resume)
 
 
 def train_all(

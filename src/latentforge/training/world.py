@@ -7,6 +7,7 @@ Geometry is in fractions of the image side, so a scene draws at any size.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -247,12 +248,30 @@ def canonical_caption(scene: Scene) -> str:
     return _templates(scene)[0].format(**_fields(scene))
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A caption naming everything drawn, in a template and word order chosen by `rng`."""
+def _pick_template(scene: Scene, rng: random.Random) -> str:
+    """A caption template for the scene's kind, the canonical one with weight CANONICAL_WEIGHT."""
     templates = _templates(scene)
     rest = (1.0 - CANONICAL_WEIGHT) / (len(templates) - 1)
-    template = rng.choices(templates, weights=[CANONICAL_WEIGHT] + [rest] * (len(templates) - 1))[0]
-    return template.format(**_fields(scene))
+    return rng.choices(templates, weights=[CANONICAL_WEIGHT] + [rest] * (len(templates) - 1))[0]
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A caption naming everything drawn, in a template and word order chosen by `rng`."""
+    return _pick_template(scene, rng).format(**_fields(scene))
+
+
+def twin(scene: Scene, rng: random.Random) -> Scene:
+    """The scene's hard negative: the same objects laid out the other way. Two objects trade places (so
+    the relation becomes its inverse: "a red circle above a blue square" -> "... below ..."); one
+    object moves to another of the five positions."""
+    if len(scene.objects) == 2:
+        a, b = scene.objects
+        swapped = (dataclasses.replace(a, center=b.center), dataclasses.replace(b, center=a.center))
+        return Scene(scene.background, swapped, relation=INVERSE[scene.relation])
+    (shape,) = scene.objects
+    position = rng.choice([p for p in POSITIONS if p != scene.position])
+    moved = dataclasses.replace(shape, center=_place(rng, POSITIONS[position], shape.side))
+    return Scene(scene.background, (moved,), position=position)
 
 
 def grammar_prompts(rng: random.Random, two_objects_fraction: float = 0.3) -> tuple[str, Scene]:
@@ -277,12 +296,16 @@ def _check_seed(seed: object) -> int:
 
 
 class ShapesWorld(IterableDataset):
-    """Endless (image tensor (3, size, size) in [-1, 1], caption) pairs; item i depends only on (seed, i)."""
+    """Endless (image tensor (3, size, size) in [-1, 1], caption) pairs; item i depends only on (seed, i).
 
-    def __init__(self, seed: int, size: int = 64, two_objects_fraction: float = 0.3) -> None:
+    With `twins`, items come in hard-negative pairs: item 2k + 1 is the twin of item 2k (see `twin`),
+    captioned in the same template, so a contrastive batch must tell "above" from "below"."""
+
+    def __init__(self, seed: int, size: int = 64, two_objects_fraction: float = 0.3, twins: bool = False) -> None:
         self.seed = _check_seed(seed)
         self.size = _check_size(size)
         self.two_objects_fraction = _check_fraction(two_objects_fraction)
+        self.twins = bool(twins)
 
     def rng_at(self, index: int) -> random.Random:
         """The random stream of item `index` (independent of every other item)."""
@@ -292,9 +315,13 @@ class ShapesWorld(IterableDataset):
 
     def example_at(self, index: int) -> tuple[Scene, str]:
         """Item `index` as its scene and caption."""
-        rng = self.rng_at(index)
+        base, second = divmod(index, 2) if self.twins else (index, 0)
+        rng = self.rng_at(base)
         scene = sample_scene(rng, self.two_objects_fraction)
-        return scene, caption(scene, rng)
+        template = _pick_template(scene, rng)
+        if second:
+            scene = twin(scene, rng)
+        return scene, template.format(**_fields(scene))
 
     def scene_at(self, index: int) -> Scene:
         """The scene of item `index`."""
