@@ -17,7 +17,7 @@ import torch
 
 from latentforge import cli
 from latentforge.training import loop
-from latentforge.training.clip import clip_task, train_clip, twin_world
+from latentforge.training.clip import clip_task, train_clip
 from latentforge.training.configs import UNetTrainConfig, config_from_dict, config_to_dict
 from latentforge.training.unet import assemble, fit_to_parts, train_unet, unet_task
 from latentforge.training.vae import train_vae
@@ -335,8 +335,6 @@ def test_clip_starts_from_a_run_and_trains_on_twins(trained, tmp_path):
     config = tiny("clip", init=str(trained / "clip"), hard_negatives=True, steps=2, sample_every=0)
     started = state_of(clip_task(config, ShapesWorld(1, SIZE), source).model)
     assert max_difference(started, source) == 0.0
-    world = twin_world(config)
-    assert world.twins and world.example_at(0)[0] == ShapesWorld(config.seed, SIZE).scene_at(0)
     run = tmp_path / "clip"
     train_clip(config, run)
     final = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
@@ -348,6 +346,8 @@ def test_clip_starts_from_a_run_and_trains_on_twins(trained, tmp_path):
         tiny("clip", hard_negatives=True, data=str(tmp_path))
     with pytest.raises(ValueError, match="batch_size must be even"):
         tiny("clip", hard_negatives=True, batch_size=7)
+    with pytest.raises(ValueError, match="needs the shapes world as training data"):
+        train_clip(config, tmp_path / "folder", dataset=[(torch.zeros(3, SIZE, SIZE), "a caption")] * 8)
 
 
 def test_unet_starts_from_a_run(trained, tmp_path):

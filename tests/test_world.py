@@ -210,6 +210,7 @@ def test_twins_are_the_same_objects_laid_out_the_other_way():
     objects trade places (the relation inverts), one object moves; the caption keeps its template."""
     plain = ShapesWorld(9, 32, two_objects_fraction=0.5)
     twins = ShapesWorld(9, 32, two_objects_fraction=0.5, twins=True)
+    assert plain.paired().example_at(7) == twins.example_at(7) and not plain.twins
     kinds = set()
     for k in range(60):
         (scene, text), (other, other_text) = twins.example_at(2 * k), twins.example_at(2 * k + 1)

@@ -213,12 +213,6 @@ def _report(
     return report
 
 
-def twin_world(config: CLIPTrainConfig, heldout: bool = False) -> ShapesWorld:
-    """The shapes world of the config's seed (held-out: the held-out seed) in scene / twin pairs."""
-    world = open_datasets(config)[1 if heldout else 0]
-    return ShapesWorld(world.seed, world.size, world.two_objects_fraction, twins=True)
-
-
 def clip_task(config: CLIPTrainConfig, heldout: Any, init: dict[str, torch.Tensor] | None = None) -> Task:
     """The CLIP trainer as a Task for the shared loop (model initialised from config.seed, or set to init)."""
     tokenizer = Tokenizer(max_length=config.text.max_length)
@@ -226,7 +220,7 @@ def clip_task(config: CLIPTrainConfig, heldout: Any, init: dict[str, torch.Tenso
     model = CLIPModel(config, tokenizer.eos_id)
     if init is not None:
         model.load_state_dict(init, strict=True)
-    twins = take(twin_world(config, heldout=True), config.eval_count) if config.data == "shapes" else None
+    twins = take(heldout.paired(), config.eval_count) if isinstance(heldout, ShapesWorld) else None
 
     def inputs(images: torch.Tensor, captions: list[str], draws: StepRandom) -> dict[str, torch.Tensor]:
         return {"images": images, "ids": tokenizer(captions).to(images.device)}
@@ -249,9 +243,11 @@ def train_clip(
     heldout: Any = None,
 ) -> Result:  # fmt: skip
     """Train CLIP into run_dir; at the end run_dir/text_encoder.safetensors holds the text tower."""
-    if dataset is None and config.hard_negatives:
-        dataset = twin_world(config)
     dataset, heldout = open_datasets(config, dataset, heldout)
+    if config.hard_negatives:
+        if not isinstance(dataset, ShapesWorld):
+            raise ValueError(f"hard_negatives needs the shapes world as training data, got {type(dataset).__name__}")
+        dataset = dataset.paired()
     init = None
     if config.init:  # read now; the run's config.json keeps the path relative to the run folder
         init = checkpoint_weights(config.init)

@@ -7,6 +7,7 @@ Geometry is in fractions of the image side, so a scene draws at any size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from collections.abc import Iterator
@@ -306,6 +307,12 @@ class ShapesWorld(IterableDataset):
         self.size = _check_size(size)
         self.two_objects_fraction = _check_fraction(two_objects_fraction)
         self.twins = bool(twins)
+
+    def paired(self) -> ShapesWorld:
+        """A copy (of the same class) whose items come in scene / twin pairs."""
+        world = copy.copy(self)
+        world.twins = True
+        return world
 
     def rng_at(self, index: int) -> random.Random:
         """The random stream of item `index` (independent of every other item)."""
