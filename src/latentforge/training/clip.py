@@ -24,7 +24,6 @@ from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
 from .configs import CLIPTrainConfig, ImageEncoderConfig, run_relative
 from .data import open_datasets, take
-from .world import ShapesWorld
 from .loop import (
     EXPORTS,
     SINGLE_PROCESS,
@@ -39,6 +38,7 @@ from .loop import (
     write_part,
     write_png,
 )
+from .world import ShapesWorld
 
 RETRIEVED = 3  # images shown per caption in the report
 
