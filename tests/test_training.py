@@ -19,6 +19,7 @@ from latentforge import cli
 from latentforge.training import loop
 from latentforge.training.clip import clip_task, train_clip
 from latentforge.training.configs import UNetTrainConfig, config_from_dict, config_to_dict
+from latentforge.training.data import open_datasets
 from latentforge.training.unet import assemble, fit_to_parts, train_unet, unet_task
 from latentforge.training.vae import train_vae
 from latentforge.training.world import ShapesWorld
@@ -365,3 +366,12 @@ def test_unet_starts_from_a_run(trained, tmp_path):
     run = tmp_path / "unet"
     train_unet(tiny("unet", init=str(trained / "unet"), steps=1, sample_every=0, **parts), run)
     assert json.loads((run / "config.json").read_text())["init"] == os.path.relpath(trained / "unet", run)
+
+
+def test_two_objects_fraction_sets_the_shapes_mix():
+    """two_objects_fraction reaches the training and held-out shapes worlds; out-of-range values are refused."""
+    dataset, heldout = open_datasets(tiny("vae", two_objects_fraction=1.0))
+    assert all(len(world.scene_at(i).objects) == 2 for world in (dataset, heldout) for i in range(20))
+    assert open_datasets(tiny("vae"))[0].two_objects_fraction == 0.3
+    with pytest.raises(ValueError, match="two_objects_fraction must be a number in"):
+        tiny("unet", two_objects_fraction=1.5)

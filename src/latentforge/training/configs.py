@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0  # model initialisation, data order and every random draw of training
     data: str = "shapes"  # "shapes" (the procedural shapes world) or a folder of images with .txt captions
     image_size: int = 64  # training images are image_size x image_size pixels
+    two_objects_fraction: float = 0.3  # shapes world: the share of two-object scenes (training and held-out)
 
     def __post_init__(self) -> None:
         """Reject values the loop cannot run with."""
@@ -56,6 +57,8 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.two_objects_fraction, bool) or not 0.0 <= self.two_objects_fraction <= 1.0:
+            raise ValueError(f"two_objects_fraction must be a number in [0, 1], got {self.two_objects_fraction!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
         if self.max_grad_norm < 0:

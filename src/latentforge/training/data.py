@@ -20,26 +20,28 @@ Item = tuple[torch.Tensor, str]  # (image (3, H, W) in [-1, 1], caption)
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out shapes world is drawn with seed + this
 
 
-def open_dataset(spec: str, size: int, seed: int) -> Any:
-    """'shapes' -> ShapesWorld(seed, size); anything else is a folder of images with .txt captions."""
+def open_dataset(spec: str, size: int, seed: int, two_objects_fraction: float = 0.3) -> Any:
+    """'shapes' -> ShapesWorld(seed, size, two_objects_fraction); anything else is a folder of images
+    with .txt captions."""
     if spec == "shapes":
-        return ShapesWorld(seed, size)
+        return ShapesWorld(seed, size, two_objects_fraction)
     return CaptionFolder(spec, size)
 
 
-def open_heldout(spec: str, size: int, seed: int) -> Any:
+def open_heldout(spec: str, size: int, seed: int, two_objects_fraction: float = 0.3) -> Any:
     """Data for held-out checks: the shapes world under another seed; a folder is its own held-out set."""
     if spec == "shapes":
-        return ShapesWorld(seed + HELDOUT_SEED_OFFSET, size)
+        return ShapesWorld(seed + HELDOUT_SEED_OFFSET, size, two_objects_fraction)
     return CaptionFolder(spec, size)
 
 
 def open_datasets(config: Any, dataset: Any = None, heldout: Any = None) -> tuple[Any, Any]:
-    """(training data, held-out data) of a trainer config (its data, image_size, seed), unless given."""
+    """(training data, held-out data) of a trainer config (its data, image_size, seed, two_objects_fraction),
+    unless given."""
     if dataset is None:
-        dataset = open_dataset(config.data, config.image_size, config.seed)
+        dataset = open_dataset(config.data, config.image_size, config.seed, config.two_objects_fraction)
     if heldout is None:
-        heldout = open_heldout(config.data, config.image_size, config.seed)
+        heldout = open_heldout(config.data, config.image_size, config.seed, config.two_objects_fraction)
     return dataset, heldout
 
 
