@@ -373,5 +373,5 @@ def test_two_objects_fraction_sets_the_shapes_mix():
     dataset, heldout = open_datasets(tiny("vae", two_objects_fraction=1.0))
     assert all(len(world.scene_at(i).objects) == 2 for world in (dataset, heldout) for i in range(20))
     assert open_datasets(tiny("vae"))[0].two_objects_fraction == 0.3
-    with pytest.raises(ValueError, match="two_objects_fraction must be a number in"):
+    with pytest.raises(ValueError, match="two_objects_fraction must be a number between 0 and 1"):
         tiny("unet", two_objects_fraction=1.5)

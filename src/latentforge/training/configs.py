@@ -21,6 +21,7 @@ from typing import Any
 from ..text_encoder import TextEncoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
+from .world import check_fraction
 
 KINDS = ("vae", "clip", "unet")
 CONFIG_FILE = "config.json"  # the config a run was started with, in its run folder
@@ -57,8 +58,7 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if isinstance(self.two_objects_fraction, bool) or not 0.0 <= self.two_objects_fraction <= 1.0:
-            raise ValueError(f"two_objects_fraction must be a number in [0, 1], got {self.two_objects_fraction!r}")
+        check_fraction(self.two_objects_fraction)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
         if self.max_grad_norm < 0:

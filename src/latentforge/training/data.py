@@ -20,7 +20,7 @@ Item = tuple[torch.Tensor, str]  # (image (3, H, W) in [-1, 1], caption)
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out shapes world is drawn with seed + this
 
 
-def open_dataset(spec: str, size: int, seed: int, two_objects_fraction: float = 0.3) -> Any:
+def open_dataset(spec: str, size: int, seed: int, two_objects_fraction: float) -> Any:
     """'shapes' -> ShapesWorld(seed, size, two_objects_fraction); anything else is a folder of images
     with .txt captions."""
     if spec == "shapes":
@@ -28,7 +28,7 @@ def open_dataset(spec: str, size: int, seed: int, two_objects_fraction: float = 
     return CaptionFolder(spec, size)
 
 
-def open_heldout(spec: str, size: int, seed: int, two_objects_fraction: float = 0.3) -> Any:
+def open_heldout(spec: str, size: int, seed: int, two_objects_fraction: float) -> Any:
     """Data for held-out checks: the shapes world under another seed; a folder is its own held-out set."""
     if spec == "shapes":
         return ShapesWorld(seed + HELDOUT_SEED_OFFSET, size, two_objects_fraction)

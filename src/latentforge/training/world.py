@@ -85,7 +85,7 @@ def _check_size(size: object) -> int:
     return size
 
 
-def _check_fraction(fraction: object) -> float:
+def check_fraction(fraction: object) -> float:
     """A two-objects fraction in [0, 1], or a ValueError."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"two_objects_fraction must be a number between 0 and 1, got {fraction!r}")
@@ -184,7 +184,7 @@ def _sample_pair(rng: random.Random, background: str) -> Scene:
 
 def sample_scene(rng: random.Random, two_objects_fraction: float = 0.3) -> Scene:
     """A random scene: two objects with probability `two_objects_fraction`, else one."""
-    two_objects_fraction = _check_fraction(two_objects_fraction)
+    two_objects_fraction = check_fraction(two_objects_fraction)
     background = rng.choice(tuple(BACKGROUNDS))
     if rng.random() < two_objects_fraction:
         return _sample_pair(rng, background)
@@ -305,7 +305,7 @@ class ShapesWorld(IterableDataset):
     def __init__(self, seed: int, size: int = 64, two_objects_fraction: float = 0.3, twins: bool = False) -> None:
         self.seed = _check_seed(seed)
         self.size = _check_size(size)
-        self.two_objects_fraction = _check_fraction(two_objects_fraction)
+        self.two_objects_fraction = check_fraction(two_objects_fraction)
         self.twins = bool(twins)
 
     def paired(self) -> ShapesWorld:
