@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .convolution import Conv2d
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         self.out_layers = nn.Sequential(
-            group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+            group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_ch, out_ch, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
@@ -190,11 +191,11 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Nearest-neighbour up to `size` (2x, or the skip's size when the input was odd), then conv."""
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv.upsampled(x, size)
 
 
 class Block(nn.ModuleList):
@@ -231,7 +232,7 @@ class UNet(nn.Module):
                 ch, c.heads_at(ch), c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
             )
 
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
         skip_channels = [c.model_channels]  # widths of the skip connections, in the order they are made
         ch = c.model_channels
         last = len(c.channel_mult) - 1
@@ -259,7 +260,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(
-            group_norm(ch, c.norm_groups), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1)
+            group_norm(ch, c.norm_groups), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:

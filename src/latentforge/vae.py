@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .convolution import Conv2d
 
 # The original model uses eps=1e-6 in every GroupNorm of the VAE (not PyTorch's default 1e-5).
 GROUPNORM_EPS = 1e-6
@@ -105,9 +106,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # The original only has a (1x1) projection when the width changes; keys must match.
         self.nin_shortcut: nn.Conv2d | None = (
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -179,11 +180,11 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv.upsampled(x)
 
 
 def _resnet_stack(in_channels: int, out_channels: int, count: int, groups: int) -> nn.ModuleList:
@@ -238,7 +239,7 @@ class Encoder(nn.Module):
         super().__init__()
         groups, widths = config.norm_groups, config.level_channels
         last = len(widths) - 1
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, config.base_channels, 3, padding=1)
         # Level i widens from the previous level's width (base_channels before level 0).
         inputs = (config.base_channels, *widths[:-1])
         self.down = nn.ModuleList(
@@ -248,7 +249,7 @@ class Encoder(nn.Module):
         self.mid = MidBlock(widths[-1], groups)
         self.norm_out = _group_norm(widths[-1], groups)
         # Twice the latent channels: mean and log-variance of the diagonal Gaussian.
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)."""
@@ -263,7 +264,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         groups, widths = config.norm_groups, config.level_channels
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(widths[-1], groups)
         # up[i] is resolution level i (up[0] = full resolution), matching the original's keys;
         # it receives the width of level i + 1 because the decoder runs from the lowest level up.
@@ -273,7 +274,7 @@ class Decoder(nn.Module):
             for i in range(len(widths))
         )
         self.norm_out = _group_norm(widths[0], groups)
-        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""

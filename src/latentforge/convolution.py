@@ -1,0 +1,208 @@
+"""Faster 3 x 3 convolutions for CPU inference on large images: Winograd, and upsampling folded into the kernel.
+
+Both compute what `nn.Conv2d` computes, with fewer multiplies, and are used only where they were measured
+to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without autograd, in float32
+or bfloat16, on images with many pixels per weight (the VAE at 512 x 512; the UNet's first level in
+float32). The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
+
+Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2015) computes an m x m block of outputs from an a x a input tile (a = m + 2) as
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A
+
+where * is elementwise per channel pair and the sum over input channels turns it into a^2 matrix
+products of (tiles x C_in) by (C_in x C_out). A direct 3 x 3 convolution does 9 multiply-adds per output
+and channel pair; F(4 x 4) does 36 / 16 = 2.25 and F(2 x 2) 16 / 4 = 4. The transforms around the
+products are cheap in FLOPs but move memory, so the image is done a few tile rows at a time (the
+transformed tiles stay in cache). It loses for few channels (the transforms dominate) and for small
+images with many channels (the transformed weights, 4x or 1.8x the weights, are then the traffic; keeping
+them would cost the memory this project keeps low). Accuracy (relative L2 error of one convolution
+against float64, random data): float32 uses F(4 x 4), 2.7e-6 against the direct convolution's 1.1e-6;
+bfloat16 uses F(2 x 2): 5.3e-3 against 1.7e-3 (F(4 x 4) would be 3e-2 in bfloat16, too coarse).
+
+Nearest-neighbour 2x upsampling followed by a 3 x 3 convolution (the decoder's and UNet's Upsample) is
+four 2 x 2 convolutions of the small image: output pixel (2i + a, 2j + b) sees input rows i - 1, i
+(a = 0) or i, i + 1 (a = 1) and the same for columns, with the 3 x 3 kernel's taps that land on the same
+input pixel summed. That is 16 multiply-adds per 4 outputs instead of 36, and the 4x upsampled tensor is
+never made. The four are one convolution with 4 C_out output channels; its outputs are interleaved into
+the large image. Exact but for the rounding of the summed taps (bfloat16: 2.4e-3 against 1.7e-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIN_CHANNELS = 256  # Winograd: fewer input or output channels and the transforms outweigh the saved multiplies
+MIN_UPSAMPLE_PIXELS = 64 * 64  # folded upsampling: below this, summing the taps each call costs what it saves
+# Which taps of a 3 x 3 kernel row land on each of the two input rows, for output row parity a = 0, 1.
+TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """F(m x m, 3 x 3): input transform B^T (a x a), filter transform G (a x 3), output transform A^T (m x a)."""
+
+    m: int
+    min_pixels: int  # height x width below which the direct convolution is as fast (the weights dominate)
+    tiles_per_chunk: int  # tiles transformed and multiplied at once: a few MB, in cache (measured best)
+    BT: tuple[tuple[float, ...], ...]
+    G: tuple[tuple[float, ...], ...]
+    AT: tuple[tuple[float, ...], ...]
+
+    @property
+    def a(self) -> int:
+        return self.m + 2
+
+    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 2-D transforms as Kronecker products acting on a flattened tile: B (a^2 x a^2), G (a^2 x 9),
+        A (m^2 x a^2)."""
+        bt, g, at = (torch.tensor(t, dtype=torch.float64) for t in (self.BT, self.G, self.AT))
+        return torch.kron(bt, bt).to(dtype), torch.kron(g, g).to(dtype), torch.kron(at, at).to(dtype)
+
+
+# Interpolation points 0, 1, -1 and infinity.
+F2 = Algorithm(
+    m=2,
+    min_pixels=128 * 128,
+    tiles_per_chunk=512,
+    BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    G=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+    AT=((1, 1, 1, 0), (0, 1, -1, -1)),
+)
+# Interpolation points 0, 1, -1, 2, -2 and infinity.
+F4 = Algorithm(
+    m=4,
+    min_pixels=64 * 64,
+    tiles_per_chunk=256,
+    BT=(
+        (4, 0, -5, 0, 1, 0),
+        (0, -4, -4, 1, 1, 0),
+        (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0),
+        (0, 4, 0, -5, 0, 1),
+    ),
+    G=(
+        (1 / 4, 0, 0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0, 0, 1),
+    ),
+    AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+)
+ALGORITHMS = {torch.float32: F4, torch.bfloat16: F2}
+
+
+def inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` is a plain 3 x 3, stride 1, padding 1 convolution, on the CPU in float32 or bfloat16,
+    outside autograd (training keeps PyTorch's convolution, whose backward it has)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in ALGORITHMS
+        and conv.weight.dtype == x.dtype
+        and x.ndim == 4
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+    )
+
+
+def winograd_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` goes the Winograd way: at least MIN_CHANNELS input and output channels, on an image
+    of at least the algorithm's `min_pixels`."""
+    return (
+        inference_3x3(conv, x)
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+        and x.shape[2] * x.shape[3] >= ALGORITHMS[x.dtype].min_pixels
+    )
+
+
+def upsample_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether conv(2x nearest upsampling of x) is done as four 2 x 2 convolutions of x."""
+    return inference_3x3(conv, x) and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: Algorithm) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a (C_out, C_in, 3, 3) weight, computed by `algorithm`.
+    The result is channels-last (as oneDNN's is for channels-last weights)."""
+    m, a = algorithm.m, algorithm.a
+    n, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    exact = torch.promote_types(x.dtype, torch.float32)  # the filter transform's precision
+    B, G, A = algorithm.matrices(exact)
+    tiles_h, tiles_w = -(-height // m), -(-width // m)
+    # (a^2, C_in, C_out) transformed weights, made in float32 (or better) and rounded once.
+    U = (G @ weight.to(exact).permute(2, 3, 1, 0).reshape(9, -1)).view(a * a, channels, out_channels).to(x.dtype)
+    B, A = B.to(x.dtype), A.to(x.dtype)
+    image = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last x
+    out = x.new_empty(n, tiles_h * m, tiles_w * m, out_channels)
+    rows = max(1, algorithm.tiles_per_chunk // (n * tiles_w))
+    for top in range(0, tiles_h, rows):
+        count = min(rows, tiles_h - top)
+        # Input rows m*top-1 ... m*(top+count): the chunk's tiles with their one-pixel halo; zeros outside the
+        # image (the convolution's padding, and whatever rounds the image up to whole tiles). Padding a
+        # chunk at a time keeps it in cache.
+        first, last = m * top - 1, m * (top + count) + 1
+        chunk = image[:, max(first, 0) : min(last, height)]
+        pad_above = int(first < 0)
+        pad_below = last - first - pad_above - chunk.shape[1]
+        chunk = F.pad(chunk, (0, 0, 1, 1 + tiles_w * m - width, pad_above, pad_below))
+        s_n, s_h, s_w, s_c = chunk.stride()
+        tiles = chunk.as_strided((a, a, n, count, tiles_w, channels), (s_h, s_w, s_n, m * s_h, m * s_w, s_c))
+        V = (B @ tiles.reshape(a * a, -1)).view(a * a, -1, channels)
+        M = torch.bmm(V, U)
+        Y = (A @ M.view(a * a, -1)).view(m, m, n, count, tiles_w, out_channels)
+        target = out[:, m * top : m * (top + count)].view(n, count, m, tiles_w, m, out_channels)
+        if bias is None:
+            target.copy_(Y.permute(2, 3, 0, 4, 1, 5))
+        else:
+            torch.add(Y.permute(2, 3, 0, 4, 1, 5), bias, out=target)
+    if out.shape[1:3] != (height, width):
+        out = out[:, :height, :width].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed from x
+    as four 2 x 2 convolutions; channels-last result."""
+    n, _, height, width = x.shape
+    out_channels = weight.shape[0]
+    exact = torch.promote_types(x.dtype, torch.float32)
+    taps = torch.tensor(TAPS, dtype=exact)  # (a, 2 input rows, 3 kernel rows)
+    # (a, b, C_out, C_in, 2, 2) kernels, summed in float32 (or better) and rounded once.
+    kernels = torch.einsum("aik,ockl,bjl->abocij", taps, weight.to(exact), taps)
+    kernels = kernels.reshape(4 * out_channels, -1, 2, 2).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    # Padding 1 gives (H + 1) x (W + 1) outputs per phase; phase (a, b) wants those from row a and column b.
+    phases = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
+    phases = phases.permute(0, 2, 3, 1).view(n, height + 1, width + 1, 2, 2, out_channels)
+    out = x.new_empty(n, height, 2, width, 2, out_channels)
+    for a in range(2):
+        for b in range(2):
+            out[:, :, a, :, b] = phases[:, a : a + height, b : b + width, a, b]
+    return out.view(n, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state-dict keys) that takes a faster way where one wins."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if winograd_wins(self, x):
+            return conv3x3(x, self.weight, self.bias, ALGORITHMS[x.dtype])
+        return super().forward(x)
+
+    def upsampled(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """self(F.interpolate(x, size, mode="nearest")); size defaults to twice x's, the case made faster."""
+        doubled = (2 * x.shape[2], 2 * x.shape[3])
+        if tuple(size or doubled) == doubled and upsample_wins(self, x):
+            return upsampled_conv3x3(x, self.weight, self.bias)
+        return self(F.interpolate(x, size=size or doubled, mode="nearest"))
