@@ -138,35 +138,41 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, al
     m, a = algorithm.m, algorithm.a
     n, channels, height, width = x.shape
     out_channels = weight.shape[0]
-    exact = torch.promote_types(x.dtype, torch.float32)  # the filter transform's precision
-    B, G, A = algorithm.matrices(exact)
+    B, G, A = algorithm.matrices(x.dtype)
     tiles_h, tiles_w = -(-height // m), -(-width // m)
-    # (a^2, C_in, C_out) transformed weights, made in float32 (or better) and rounded once.
-    U = (G @ weight.to(exact).permute(2, 3, 1, 0).reshape(9, -1)).view(a * a, channels, out_channels).to(x.dtype)
-    B, A = B.to(x.dtype), A.to(x.dtype)
     image = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last x
     out = x.new_empty(n, tiles_h * m, tiles_w * m, out_channels)
-    rows = max(1, algorithm.tiles_per_chunk // (n * tiles_w))
+    rows = min(tiles_h, max(1, algorithm.tiles_per_chunk // (n * tiles_w)))
+    most = n * rows * tiles_w  # tiles in a chunk
+    # (a^2, C_in, C_out) transformed weights. G's entries are exact in the dtype used (F(2x2)'s are halves)
+    # and the GEMM accumulates in float32, so U is rounded once.
+    U = (G @ weight.permute(2, 3, 1, 0).reshape(9, -1)).view(a * a, channels, out_channels)
+    # One set of chunk buffers, reused from chunk to chunk (a few MB: they stay in cache). `halo`: a chunk's
+    # input rows with a one-pixel zero border (the convolution's padding) and zeros for whatever rounds the
+    # image up to whole tiles; its border columns are never written.
+    halo = x.new_zeros(n, m * rows + 2, m * tiles_w + 2, channels)
+    tiles, V = x.new_empty(a * a, most * channels), x.new_empty(a * a, most, channels)
+    M, Y = x.new_empty(a * a, most, out_channels), x.new_empty(m * m, most * out_channels)
+    s_n, s_h, s_w, s_c = halo.stride()
     for top in range(0, tiles_h, rows):
         count = min(rows, tiles_h - top)
-        # Input rows m*top-1 ... m*(top+count): the chunk's tiles with their one-pixel halo; zeros outside the
-        # image (the convolution's padding, and whatever rounds the image up to whole tiles). Padding a
-        # chunk at a time keeps it in cache.
-        first, last = m * top - 1, m * (top + count) + 1
-        chunk = image[:, max(first, 0) : min(last, height)]
-        pad_above = int(first < 0)
-        pad_below = last - first - pad_above - chunk.shape[1]
-        chunk = F.pad(chunk, (0, 0, 1, 1 + tiles_w * m - width, pad_above, pad_below))
-        s_n, s_h, s_w, s_c = chunk.stride()
-        tiles = chunk.as_strided((a, a, n, count, tiles_w, channels), (s_h, s_w, s_n, m * s_h, m * s_w, s_c))
-        V = (B @ tiles.reshape(a * a, -1)).view(a * a, -1, channels)
-        M = torch.bmm(V, U)
-        Y = (A @ M.view(a * a, -1)).view(m, m, n, count, tiles_w, out_channels)
+        t = n * count * tiles_w
+        first, last = m * top - 1, m * (top + count) + 1  # image rows this chunk reads (with its halo)
+        low, high = max(first, 0), min(last, height)
+        halo[:, low - first : high - first, 1 : 1 + width] = image[:, low:high]
+        halo[:, : low - first].zero_()  # above the image (first chunk)
+        halo[:, high - first : last - first].zero_()  # below it (last chunk)
+        windows = halo.as_strided((a, a, n, count, tiles_w, channels), (s_h, s_w, s_n, m * s_h, m * s_w, s_c))
+        tiles[:, : t * channels].view(a, a, n, count, tiles_w, channels).copy_(windows)
+        torch.mm(B, tiles[:, : t * channels], out=V[:, :t].view(a * a, -1))
+        torch.bmm(V[:, :t], U, out=M[:, :t])
+        torch.mm(A, M[:, :t].view(a * a, -1), out=Y[:, : t * out_channels])
+        blocks = Y[:, : t * out_channels].view(m, m, n, count, tiles_w, out_channels).permute(2, 3, 0, 4, 1, 5)
         target = out[:, m * top : m * (top + count)].view(n, count, m, tiles_w, m, out_channels)
         if bias is None:
-            target.copy_(Y.permute(2, 3, 0, 4, 1, 5))
+            target.copy_(blocks)
         else:
-            torch.add(Y.permute(2, 3, 0, 4, 1, 5), bias, out=target)
+            torch.add(blocks, bias, out=target)
     if out.shape[1:3] != (height, width):
         out = out[:, :height, :width].contiguous()
     return out.permute(0, 3, 1, 2)
