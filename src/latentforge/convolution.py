@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MIN_CHANNELS = 256  # Winograd: fewer input or output channels and the transforms outweigh the saved multiplies
-MIN_UPSAMPLE_PIXELS = 64 * 64  # folded upsampling: below this, summing the taps each call costs what it saves
+MIN_UPSAMPLE_PIXELS = 32 * 32  # folded upsampling: below this, summing the taps each call costs what it saves
 # Which taps of a 3 x 3 kernel row land on each of the two input rows, for output row parity a = 0, 1.
 TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
 
