@@ -144,9 +144,10 @@ def test_upsampled_folds_only_an_exact_doubling_where_it_wins(monkeypatch):
     calls = []
     real = convolution.upsampled_conv3x3
     monkeypatch.setattr(convolution, "upsampled_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
-    conv = random_conv(8, 8, seed=0, dtype=torch.float32)
+    channels = convolution.MIN_CHANNELS
+    conv = random_conv(channels, channels, seed=0, dtype=torch.float32)
     side = int(convolution.MIN_UPSAMPLE_PIXELS**0.5)
-    x = image(1, 8, side, side, seed=1, dtype=torch.float32)
+    x = image(1, channels, side, side, seed=1, dtype=torch.float32)
     def want(size):
         return F.conv2d(F.interpolate(x, size=size, mode="nearest"), conv.weight, conv.bias, padding=1)
 
@@ -157,6 +158,8 @@ def test_upsampled_folds_only_an_exact_doubling_where_it_wins(monkeypatch):
         torch.testing.assert_close(conv.upsampled(x, odd), want(odd))
         small = x[:, :, : side // 2]
         conv.upsampled(small)
+        narrow = random_conv(8, 8, seed=0, dtype=torch.float32)
+        narrow.upsampled(image(1, 8, side, side, seed=1, dtype=torch.float32))  # few channels: plain
     assert calls == [x.shape]
     conv.requires_grad_(True)
     conv.upsampled(x).sum().backward()  # autograd: the plain path, differentiable

@@ -3,7 +3,7 @@
 Both compute what `nn.Conv2d` computes, with fewer multiplies, and are used only where they were measured
 to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without autograd, in float32
 or bfloat16, on images with many pixels per weight (the VAE at 512 x 512; the UNet's first level in
-float32). The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
+float32 and its 32 -> 64 upsampling). Small models (the shipped one) keep the plain path. The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
 
 Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2015) computes an m x m block of outputs from an a x a input tile (a = m + 2) as
@@ -130,8 +130,14 @@ def winograd_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def upsample_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether conv(2x nearest upsampling of x) is done as four 2 x 2 convolutions of x."""
-    return inference_3x3(conv, x) and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
+    """Whether conv(2x nearest upsampling of x) is done as four 2 x 2 convolutions of x: at least
+    MIN_CHANNELS input and output channels (measured there; small models keep the plain path) and an
+    input of at least MIN_UPSAMPLE_PIXELS."""
+    return (
+        inference_3x3(conv, x)
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+        and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
+    )
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: Algorithm) -> torch.Tensor:
