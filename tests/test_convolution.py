@@ -94,7 +94,10 @@ def test_winograd_is_used_only_where_it_wins():
         strided = torch.nn.Conv2d(256, 256, 3, stride=2, padding=1)
         assert not convolution.winograd_wins(strided, x)
         assert not convolution.winograd_wins(torch.nn.Conv2d(256, 256, 1), x)
-    # Training: with autograd recording, the direct convolution (whose backward PyTorch has) is used.
+    # Training: with autograd recording, the direct convolution (whose backward PyTorch has) is used,
+    # also when only the bias is trained.
+    big.bias.requires_grad_(True)
+    assert not convolution.winograd_wins(big, x)
     assert not convolution.winograd_wins(big.requires_grad_(True), x)
 
 

@@ -3,7 +3,8 @@
 Both compute what `nn.Conv2d` computes, with fewer multiplies, and are used only where they were measured
 to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without autograd, in float32
 or bfloat16, on images with many pixels per weight (the VAE at 512 x 512; the UNet's first level in
-float32 and its 32 -> 64 upsampling). Small models (the shipped one) keep the plain path. The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
+float32 and its 32 -> 64 upsampling). Small models (the shipped one) keep the plain path. The models'
+3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
 
 Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2015) computes an m x m block of outputs from an a x a input tile (a = m + 2) as
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MIN_CHANNELS = 256  # Winograd: fewer input or output channels and the transforms outweigh the saved multiplies
+MIN_CHANNELS = 256  # fewer input or output channels and the transforms outweigh the saved multiplies
 MIN_UPSAMPLE_PIXELS = 32 * 32  # folded upsampling: below this, summing the taps each call costs what it saves
 # Which taps of a 3 x 3 kernel row land on each of the two input rows, for output row parity a = 0, 1.
 TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
@@ -115,7 +116,7 @@ def inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())))
     )
 
 
