@@ -102,9 +102,10 @@ F4 = Algorithm(
 ALGORITHMS = {torch.float32: F4, torch.bfloat16: F2}
 
 
-def inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` is a plain 3 x 3, stride 1, padding 1 convolution, on the CPU in float32 or bfloat16,
-    outside autograd (training keeps PyTorch's convolution, whose backward it has)."""
+def wide_inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` is a plain 3 x 3, stride 1, padding 1 convolution with at least MIN_CHANNELS input
+    and output channels, on the CPU in float32 or bfloat16, outside autograd (training keeps PyTorch's
+    convolution, whose backward it has). Both fast ways need this; each adds its own image-size bound."""
     return (
         x.device.type == "cpu"
         and x.dtype in ALGORITHMS
@@ -116,29 +117,20 @@ def inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())))
     )
 
 
 def winograd_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` goes the Winograd way: at least MIN_CHANNELS input and output channels, on an image
-    of at least the algorithm's `min_pixels`."""
-    return (
-        inference_3x3(conv, x)
-        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-        and x.shape[2] * x.shape[3] >= ALGORITHMS[x.dtype].min_pixels
-    )
+    """Whether `conv(x)` goes the Winograd way: on an image of at least the algorithm's `min_pixels`."""
+    return wide_inference_3x3(conv, x) and x.shape[2] * x.shape[3] >= ALGORITHMS[x.dtype].min_pixels
 
 
 def upsample_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether conv(2x nearest upsampling of x) is done as four 2 x 2 convolutions of x: at least
-    MIN_CHANNELS input and output channels (measured there; small models keep the plain path) and an
-    input of at least MIN_UPSAMPLE_PIXELS."""
-    return (
-        inference_3x3(conv, x)
-        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-        and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
-    )
+    """Whether conv(2x nearest upsampling of x) is done as four 2 x 2 convolutions of x: for inputs of at
+    least MIN_UPSAMPLE_PIXELS (measured there; small models keep the plain path)."""
+    return wide_inference_3x3(conv, x) and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: Algorithm) -> torch.Tensor:
