@@ -84,3 +84,25 @@ def test_full_size_keys_and_shapes_match_diffusers(ours, hub_config):
     converted = {k: v.shape for k, v in layouts.unet_to_diffusers(unet.state_dict(), ours).items()}
     assert converted == theirs
     assert {k: v.shape for k, v in layouts.unet_from_diffusers(reference.state_dict(), ours).items()} == mine
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_feed_forward_in_chunks_is_the_whole_feed_forward(monkeypatch, dtype):
+    """Outside autograd the feed-forward goes FEED_FORWARD_ROWS tokens at a time (partial last chunk
+    here); each token's result is what the one-call path (autograd's) gives."""
+    from latentforge import unet
+
+    torch.manual_seed(0)
+    ff = unet.FeedForward(16).to(dtype)
+    x = torch.randn(2, 37, 16, dtype=dtype)
+    monkeypatch.setattr(unet, "FEED_FORWARD_ROWS", 10)
+    calls = []
+    ff.net.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        chunked = ff(x)
+    assert calls == [(10, 16)] * 7 + [(4, 16)]
+    whole = ff(x)  # autograd on: one call, no in-place operations
+    assert whole.requires_grad and calls[-1] == (2, 37, 16)
+    # float64: equal but for the GEMM's summation order; bfloat16: a rounding of the outputs (~1e-2 here)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-2}
+    torch.testing.assert_close(chunked, whole.detach(), **tolerance)

