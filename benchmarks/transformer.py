@@ -68,7 +68,10 @@ def measure_attention(batch: int, heads: int, n: int, m: int, width: int, repeat
                      for count in (n, m, m))  # fmt: skip
     want = F.scaled_dot_product_attention(q64, k64, v64)
     q, k, v = (t.bfloat16() for t in (q64, k64, v64))  # strided (B, heads, N, d) views, as the models make them
-    ways = {"plain": lambda: F.scaled_dot_product_attention(q, k, v), "fast": lambda: attention.blocked_attention(q, k, v)}
+    ways = {
+        "plain": lambda: F.scaled_dot_product_attention(q, k, v),
+        "fast": lambda: attention.blocked_attention(q, k, v),
+    }
     with torch.inference_mode():
         seconds = alternate(ways, repeats)
         errors = {name: relative_error(fn(), want) for name, fn in ways.items()}

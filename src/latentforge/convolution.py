@@ -41,8 +41,6 @@ import torch.nn.functional as F
 
 MIN_CHANNELS = 256  # fewer input or output channels and the transforms outweigh the saved multiplies
 MIN_UPSAMPLE_PIXELS = 32 * 32  # folded upsampling: below this, summing the taps each call costs what it saves
-# Which taps of a 3 x 3 kernel row land on each of the two input rows, for output row parity a = 0, 1.
-TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
 
 
 @dataclass(frozen=True)
@@ -184,21 +182,34 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     as four 2 x 2 convolutions; channels-last result."""
     n, _, height, width = x.shape
     out_channels = weight.shape[0]
-    exact = torch.promote_types(x.dtype, torch.float32)
-    taps = torch.tensor(TAPS, dtype=exact)  # (a, 2 input rows, 3 kernel rows)
-    # (a, b, C_out, C_in, 2, 2) kernels, summed in float32 (or better) and rounded once.
-    kernels = torch.einsum("aik,ockl,bjl->abocij", taps, weight.to(exact), taps)
-    kernels = kernels.reshape(2, 2 * out_channels, -1, 2, 2).to(x.dtype)
+    kernels = folded_kernels(weight)
     bias = None if bias is None else bias.repeat(2)
     out = x.new_empty(n, height, 2, width, 2, out_channels)
     for a in range(2):  # one output row parity at a time: half the intermediate memory of all four at once
         # Padding 1 gives (H + 1) x (W + 1) outputs per phase; phase (a, b) wants those from row a, column b.
-        phases = F.conv2d(x, kernels[a].contiguous(memory_format=torch.channels_last), bias, padding=1)
+        phases = F.conv2d(x, kernels[a], bias, padding=1)
         phases = phases.permute(0, 2, 3, 1).view(n, height + 1, width + 1, 2, out_channels)
         for b in range(2):
             out[:, :, a, :, b] = phases[:, a : a + height, b : b + width, b]
         del phases
     return out.view(n, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
+
+
+def folded_kernels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For output row parity a = 0, 1 the (2 C_out, C_in, 2, 2) kernels of folded upsampling: column parity
+    b = 0's C_out kernels, then b = 1's; channels-last. Parity 0 sees input pixels (i - 1, i) with taps
+    (k0, k1 + k2), parity 1 sees (i, i + 1) with (k0 + k1, k2): rows first, then columns. The taps are summed
+    in float32 (or better) and rounded once."""
+
+    def fold(taps: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k0, k1, k2 = taps.unbind(dim)
+        return torch.stack((k0, k1 + k2), dim), torch.stack((k0 + k1, k2), dim)
+
+    exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    return tuple(
+        torch.cat(fold(rows, -1)).to(weight.dtype).contiguous(memory_format=torch.channels_last)
+        for rows in fold(exact, -2)
+    )
 
 
 class Conv2d(nn.Conv2d):
