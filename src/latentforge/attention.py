@@ -2,13 +2,15 @@
 
 PyTorch's CPU SDPA kernel runs SD's 4096-token, 40-wide-head self-attention at ~140 GFLOP/s, the same
 in float32 and bfloat16. In bfloat16 the plain formulation is faster when it is cut so that one block
-of scores stays in the L2 cache: per head, 512 queries at a time, scores = q k^T (oneDNN bfloat16
-GEMM, the 1/sqrt(d) scale applied in its float32 accumulator), softmax in place, then scores v. On the
-2-core AVX-512 BF16 CPU this is 0.71x SDPA's time for that attention (0.51x for the VAE's one 512-wide
-head) and 0.93x for a whole guided SD 1.5 UNet step. It rounds the scores and probabilities to bfloat16
-where SDPA keeps them in float32, which a bfloat16 UNet does not feel: its output is 1.140e-2 from float32
-(relative L2) against 1.148e-2 with SDPA (tests/test_attention.py; docs/design.md "The fast path"). In
-float32, or for short sequences, SDPA is faster and is used.
+of scores stays in cache: per head, 512 queries at a time, scores = q k^T (oneDNN bfloat16 GEMM, the
+1/sqrt(d) scale applied in its float32 accumulator), softmax, then probabilities x values, the values
+zero-padded to a multiple of 16 wide (oneDNN's GEMM is 1.9x faster for 48 columns than for SD 1.5's 40).
+On the 2-core AVX-512 BF16 CPU this takes 0.70x SDPA's time at SD 1.5's 64 x 64 level, 0.60x at its
+32 x 32 level (1024 tokens of 80-wide heads), 0.62-0.65x for SD 2.x's 64-wide heads and 0.47x for the
+VAE's one 512-wide head (`python -m benchmarks.transformer`, docs/benchmarks.md); from 256 tokens down,
+or with 77 keys (cross-attention), SDPA is as fast or faster and is used, and in float32 always.
+It rounds the scores and probabilities to bfloat16 where SDPA keeps them in float32, which a bfloat16
+UNet does not feel (tests/test_attention.py; docs/design.md "The fast path").
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BLOCK_QUERIES = 512  # queries per block: 512 x 4096 bfloat16 scores = 4 MB, in L2 with the GEMM operands
+BLOCK_QUERIES = 512  # queries per block: 512 x 4096 bfloat16 scores = 4 MB (measured best of 256-1024)
 MIN_TOKENS = 1024  # below this (query or key length) SDPA wins
 VALUE_WIDTH_MULTIPLE = 16  # values are zero-padded to a multiple of this width: oneDNN's bfloat16 GEMM
 # runs the scores x values product 1.9x faster for SD 1.5's 40-wide heads padded to 48 than unpadded
