@@ -114,7 +114,7 @@ def render(info: dict, results: list[dict], repeats: int) -> str:
         "`latentforge.attention.blocked_attention` (per head, 512 queries at a time, values zero-padded to a multiple of "
         "16 wide). Feed-forward (shape: batch x tokens x width; GEGLU to 8x the width, then back): *plain* is the layers "
         f"in one call, *fast* `latentforge.unet.FeedForward` outside autograd ({unet.FEED_FORWARD_ROWS} tokens at a "
-        "time, the GELU product in place). *models use it*: the rule the models follow for that input.",
+        "time). *models use it*: the rule the models follow for that input.",
         "",
         markdown_table(headers, rows, align="llllrrrrl"),
     ])  # fmt: skip

@@ -101,7 +101,7 @@ def test_feed_forward_in_chunks_is_the_whole_feed_forward(monkeypatch, dtype):
     with torch.no_grad():
         chunked = ff(x)
     assert calls == [(10, 16)] * 7 + [(4, 16)]
-    whole = ff(x)  # autograd on: one call, no in-place operations
+    whole = ff(x)  # autograd on: one call
     assert whole.requires_grad and calls[-1] == (2, 37, 16)
     # float64: equal but for the GEMM's summation order; bfloat16: a rounding of the outputs (~1e-2 here)
     tolerance = {} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-2}

@@ -128,9 +128,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return hidden * F.gelu(gate)
-        return hidden.mul_(F.gelu(gate))  # a temporary: no autograd needs it
+        return hidden * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
