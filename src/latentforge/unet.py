@@ -134,7 +134,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU then a linear layer back to `dim`. Outside autograd, FEED_FORWARD_ROWS tokens at a time: the
     8x-wide intermediate is ~10-20 MB from chunk to chunk instead of a fresh ~40-80 MB per call (SD 1.5's
-    64 x 64 level: 0.73-0.97x the time in float32, 0.73-0.85x in bfloat16 over several runs of
+    64 x 64 level: 0.75-0.97x the time in float32, 0.73-0.86x in bfloat16 over four runs of
     `python -m benchmarks.transformer`). Each token's result is the same."""
 
     def __init__(self, dim: int):
