@@ -5,10 +5,11 @@ in float32 and bfloat16. In bfloat16 the plain formulation is faster when it is 
 of scores stays in cache: per head, 512 queries at a time, scores = q k^T (oneDNN bfloat16 GEMM, the
 1/sqrt(d) scale applied in its float32 accumulator), softmax, then probabilities x values, the values
 zero-padded to a multiple of 16 wide (oneDNN's GEMM is 1.9x faster for 48 columns than for SD 1.5's 40).
-On the 2-core AVX-512 BF16 CPU this takes 0.70x SDPA's time at SD 1.5's 64 x 64 level, 0.60x at its
-32 x 32 level (1024 tokens of 80-wide heads), 0.62-0.65x for SD 2.x's 64-wide heads and 0.47x for the
-VAE's one 512-wide head (`python -m benchmarks.transformer`, docs/benchmarks.md); from 256 tokens down,
-or with 77 keys (cross-attention), SDPA is as fast or faster and is used, and in float32 always.
+On the 2-core AVX-512 BF16 CPU this takes 0.66-0.70x SDPA's time at SD 1.5's 64 x 64 level, 0.60-0.79x
+at its 32 x 32 level (1024 tokens of 80-wide heads), 0.56-0.68x for SD 2.x's 64-wide heads and
+0.47-0.52x for the VAE's one 512-wide head (four runs of `python -m benchmarks.transformer`,
+docs/benchmarks.md). At 256 tokens the two are within noise (0.74-1.10x) and with 77 keys
+(cross-attention) SDPA is faster, so SDPA is used there, and in float32 always.
 It rounds the scores and probabilities to bfloat16 where SDPA keeps them in float32, which a bfloat16
 UNet does not feel (tests/test_attention.py; docs/design.md "The fast path").
 """
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BLOCK_QUERIES = 512  # queries per block: 512 x 4096 bfloat16 scores = 4 MB (measured best of 256-1024)
-MIN_TOKENS = 1024  # below this (query or key length) SDPA wins
+BLOCK_QUERIES = 512  # queries per block: 512 x 4096 bfloat16 scores = 4 MB (256-2048 measured: best or near it)
+MIN_TOKENS = 1024  # below this (query or key length) SDPA is kept: as fast or faster there
 VALUE_WIDTH_MULTIPLE = 16  # values are zero-padded to a multiple of this width: oneDNN's bfloat16 GEMM
 # runs the scores x values product 1.9x faster for SD 1.5's 40-wide heads padded to 48 than unpadded
 
