@@ -334,3 +334,23 @@ def test_serve_command_requires_credentials_with_api_auth(sd1_folder):
         reader.join(timeout=10)
     # a clean shutdown on SIGTERM (uvicorn then exits by the signal it caught)
     assert server.returncode in (0, -signal.SIGTERM) and "shutdown complete" in "".join(lines), "".join(lines)
+
+
+def test_vae_tiling_reaches_the_models_the_server_loads(sd1_folder, monkeypatch):
+    """`latentforge serve --vae-tiling` loads every model with Pipeline.vae_tiling on: a 128 x 128 txt2img
+    over HTTP is the image a tiling pipeline makes alone, not the whole-decode one."""
+    from latentforge import cli, server
+
+    started = []
+    monkeypatch.setattr(server, "serve", started.append)
+    assert cli.main(["serve", "--model", str(sd1_folder), "--vae-tiling"]) == 0
+    assert started[0].vae_tiling and not Settings().vae_tiling
+    tiled, whole = latentforge.load(sd1_folder), latentforge.load(sd1_folder)
+    tiled.vae_tiling = True
+    request = {"prompt": "a red circle", "steps": 2, "cfg_scale": 5, "width": 128, "height": 128}
+    want, untiled = (np.asarray(p.generate(seed=5, sampler="Euler a", **request)[0]) for p in (tiled, whole))
+    assert not np.array_equal(want, untiled)
+    with ServerThread(create_app(started[0])) as url:
+        host, port = url.removeprefix("http://").split(":")
+        result = webuiapi.WebUIApi(host=host, port=int(port)).txt2img(seed=5, sampler_name="Euler a", **request)
+    np.testing.assert_array_equal(pixels(result.image), want)

@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             max_body_bytes=args.max_body_mb * 1024 * 1024,
             dtype=args.dtype,
             device=args.device,
+            vae_tiling=args.vae_tiling,
         )
     )
 
@@ -241,6 +242,13 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
 
 
+def add_vae_tiling_option(p: argparse.ArgumentParser) -> None:
+    """--vae-tiling, as `Pipeline.vae_tiling`."""
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode images larger than the model's native size in overlapping tiles: bounded memory "
+                   "for large images, a slightly different image (seams blended)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentforge", description="Stable Diffusion in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"latentforge {__version__}")
@@ -291,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
     add_device_options(p)
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="decode images larger than the model's native size in overlapping tiles: bounded memory "
-                   "for large images, a slightly different image (seams blended)")  # fmt: skip
+    add_vae_tiling_option(p)
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
                    help="also save a strip of the predicted image after every N steps")  # fmt: skip
     p.set_defaults(func=cmd_generate)
@@ -369,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow cross-origin requests from this origin, e.g. http://localhost:3000 (repeatable)")  # fmt: skip
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default: 32)")
     add_device_options(p)
+    add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("samplers", help="list the samplers")

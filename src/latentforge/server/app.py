@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
 import threading
 import time
@@ -11,6 +10,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__, images
-from ..pipeline import load
+from ..pipeline import Pipeline, load
 from ..samplers import SPECS
 from .a1111 import FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload
 from .guard import Guard, is_loopback
@@ -44,11 +44,17 @@ class Settings:
     keep_loaded: int = 2  # models kept in memory; the least recently used is dropped
     dtype: str = "auto"
     device: str = "auto"
+    vae_tiling: bool = False  # Pipeline.vae_tiling for every model: large images decoded in tiles
 
 
 def configured_models(settings: Settings) -> Models:
-    """The models named by the settings, loaded with their dtype and device when first used."""
-    loader = functools.partial(load, dtype=settings.dtype, device=settings.device)
+    """The models named by the settings, loaded with their dtype, device and VAE tiling when first used."""
+
+    def loader(path: Path) -> Pipeline:
+        pipe = load(path, dtype=settings.dtype, device=settings.device)
+        pipe.vae_tiling = settings.vae_tiling
+        return pipe
+
     return Models(settings.models, settings.keep_loaded, loader)
 
 
