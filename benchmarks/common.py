@@ -122,6 +122,24 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
+def alternate(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each way over `repeats` calls, the ways taking turns (order reversed every other
+    turn) after one warm-up call each."""
+    for fn in ways.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    names = list(ways)
+    for turn in range(repeats):
+        for name in names if turn % 2 == 0 else reversed(names):
+            times[name].append(timed(ways[name])[1])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def relative_error(got: Any, want: Any) -> float:
+    """Relative L2 error of a tensor against a float64 reference."""
+    return float((got.double() - want).norm() / want.norm())
+
+
 def cpu_seconds() -> float:
     """User plus system CPU time this process has used so far (all threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -13,14 +13,21 @@ Writes the table into docs/benchmarks.md (section `convolution`) and benchmarks/
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import THREADS, limit_threads, machine_info, machine_markdown, markdown_table, publish
+from benchmarks.common import (
+    THREADS,
+    alternate,
+    limit_threads,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    publish,
+    relative_error,
+)
 from latentforge import convolution
 
 OUT = Path(__file__).resolve().parent / "out" / "convolution.json"
@@ -47,12 +54,6 @@ SHAPES = [
 ]
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure(kind: str, batch: int, c_in: int, c_out: int, size: int, dtype: torch.dtype, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     conv = convolution.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last).eval()
@@ -73,16 +74,11 @@ def measure(kind: str, batch: int, c_in: int, c_out: int, size: int, dtype: torc
             algorithm = convolution.ALGORITHMS[dtype]
             ways["fast"] = lambda: convolution.conv3x3(x, conv.weight, conv.bias, algorithm)
             used = convolution.winograd_wins(conv, x)
-        times = {name: [] for name in ways}
-        for fn in ways.values():
-            fn()  # warm-up
-        for turn in range(repeats):
-            for name in ("plain", "fast") if turn % 2 == 0 else ("fast", "plain"):
-                times[name].append(seconds(ways[name]))
-        error = {name: float((fn().double() - want).norm() / want.norm()) for name, fn in ways.items()}
+        times = alternate(ways, repeats)
+        error = {name: relative_error(fn(), want) for name, fn in ways.items()}
     return {
-        "plain_s": statistics.median(times["plain"]),
-        "fast_s": statistics.median(times["fast"]),
+        "plain_s": times["plain"],
+        "fast_s": times["fast"],
         "plain_error": error["plain"],
         "fast_error": error["fast"],
         "used": used,

@@ -14,15 +14,21 @@ benchmarks/out/transformer.json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import THREADS, limit_threads, machine_info, machine_markdown, markdown_table, publish
+from benchmarks.common import (
+    THREADS,
+    alternate,
+    limit_threads,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    publish,
+    relative_error,
+)
 from latentforge import attention, unet
 
 OUT = Path(__file__).resolve().parent / "out" / "transformer.json"
@@ -42,24 +48,6 @@ FEED_FORWARD = [
     ("SD 1.5 UNet 32x32", 2, 1024, 640),
     ("SD 1.5 UNet 16x16", 2, 256, 1280),
 ]
-
-
-def alternate(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each way, the ways alternating (order reversed every other turn) after a warm-up."""
-    for fn in ways.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    names = list(ways)
-    for turn in range(repeats):
-        for name in names if turn % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            ways[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).norm() / want.norm())
 
 
 def measure_attention(batch: int, heads: int, n: int, m: int, width: int, repeats: int) -> dict:
