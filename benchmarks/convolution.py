@@ -3,16 +3,18 @@
     python -m benchmarks.convolution [--repeats 5] [--no-doc]
 
 For each shape and dtype, the plain way (F.conv2d, channels-last as the models run it; after
-F.interpolate for an upsampling) against `latentforge.convolution`'s (Winograd `conv3x3`, or
-`upsampled_conv3x3` for nearest 2x upsampling then a 3 x 3 convolution), each call paying its weight
-transform as the models' calls do: the two alternate, median of the repeats; each one's relative L2 error
-against float64; and whether the models take the fast way there (`winograd_wins` / `upsample_wins`).
+F.interpolate for an upsampling) against `latentforge.convolution`'s (Winograd `conv3x3`,
+`upsampled_conv3x3` for nearest 2x upsampling then a 3 x 3 convolution, or `unfolded_conv3x3` for tiny
+images), each call paying its weight transform as the models' calls do: the two alternate, median of the
+repeats; each one's relative L2 error against float64; and whether the models take the fast way there
+(`winograd_wins` / `upsample_wins` / `unfold_wins`).
 Writes the table into docs/benchmarks.md (section `convolution`) and benchmarks/out/convolution.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -33,7 +35,8 @@ from latentforge import convolution
 OUT = Path(__file__).resolve().parent / "out" / "convolution.json"
 # (what, where, batch, input channels, output channels, input height = width). "winograd": the 3 x 3
 # stride-1 convolutions with 256 or more channels (and two narrower ones, to show why those stay direct);
-# "upsample": the Upsample layers (input size before the 2x).
+# "upsample": the Upsample layers (input size before the 2x); "unfold": the smallest levels' convolutions
+# (and the next level up, to show where the matrix product stops winning).
 SHAPES = [
     ("winograd", "UNet 64x64", 2, 320, 320, 64),
     ("winograd", "UNet 64x64, skip concatenated", 2, 960, 320, 64),
@@ -51,7 +54,18 @@ SHAPES = [
     ("upsample", "VAE decoder 64x64 -> 128x128", 1, 512, 512, 64),
     ("upsample", "VAE decoder 128x128 -> 256x256", 1, 512, 512, 128),
     ("upsample", "VAE decoder 256x256 -> 512x512", 1, 256, 256, 256),
+    ("unfold", "UNet 8x8", 2, 1280, 1280, 8),
+    ("unfold", "UNet 8x8, skip concatenated", 2, 2560, 1280, 8),
+    ("unfold", "UNet 8x8, no guidance batch", 1, 1280, 1280, 8),
+    ("unfold", "SD 2.x 768 px UNet 12x12", 2, 1280, 1280, 12),
+    ("unfold", "UNet 16x16", 2, 1280, 1280, 16),
+    ("unfold", "UNet 8x8, 640 channels (256 px images)", 2, 640, 640, 8),
 ]
+WAYS = {  # kind: (its name in the table, the fast function, the rule the models follow)
+    "winograd": ("Winograd", None, convolution.winograd_wins),
+    "upsample": ("folded 2x upsampling", convolution.upsampled_conv3x3, convolution.upsample_wins),
+    "unfold": ("one matrix product", convolution.unfolded_conv3x3, convolution.unfold_wins),
+}
 
 
 def measure(kind: str, batch: int, c_in: int, c_out: int, size: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -66,14 +80,14 @@ def measure(kind: str, batch: int, c_in: int, c_out: int, size: int, dtype: torc
         want = F.conv2d(up(x64), conv.weight.double(), conv.bias.double(), padding=1)
         conv = conv.to(dtype)
         x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
-        ways = {"plain": lambda: F.conv2d(up(x), conv.weight, conv.bias, padding=1)}
-        if kind == "upsample":
-            ways["fast"] = lambda: convolution.upsampled_conv3x3(x, conv.weight, conv.bias)
-            used = convolution.upsample_wins(conv, x)
-        else:
-            algorithm = convolution.ALGORITHMS[dtype]
-            ways["fast"] = lambda: convolution.conv3x3(x, conv.weight, conv.bias, algorithm)
-            used = convolution.winograd_wins(conv, x)
+        _, fast, rule = WAYS[kind]
+        if kind == "winograd":
+            fast = functools.partial(convolution.conv3x3, algorithm=convolution.ALGORITHMS[dtype])
+        ways = {
+            "plain": lambda: F.conv2d(up(x), conv.weight, conv.bias, padding=1),
+            "fast": lambda: fast(x, conv.weight, conv.bias),
+        }
+        used = rule(conv, x)
         times = alternate(ways, repeats)
         error = {name: relative_error(fn(), want) for name, fn in ways.items()}
     return {
@@ -89,7 +103,7 @@ def measure(kind: str, batch: int, c_in: int, c_out: int, size: int, dtype: torc
 def render(info: dict, results: list[dict], repeats: int) -> str:
     rows = [
         [
-            r["where"], "Winograd" if r["kind"] == "winograd" else "folded 2x upsampling",
+            r["where"], WAYS[r["kind"]][0],
             f"{r['batch']} x {r['c_in']} x {r['size']}^2 -> {r['c_out']}", r["dtype"],
             f"{r['plain_s'] * 1e3:.1f}", f"{r['gflop'] / r['plain_s']:.0f}", f"{r['fast_s'] * 1e3:.1f}",
             f"**{r['fast_s'] / r['plain_s']:.2f}**", f"{r['plain_error']:.1e} / {r['fast_error']:.1e}",
@@ -109,8 +123,9 @@ def render(info: dict, results: list[dict], repeats: int) -> str:
         f"One call, {THREADS} threads, median of {repeats} calls of each way, alternating, after a warm-up. *plain*: "
         "`F.conv2d` on channels-last tensors (after `F.interpolate` for an upsampling), what the models did before; "
         "*fast*: `latentforge/convolution.py` with its weight transform, as each call pays it (Winograd F(4x4, 3x3) "
-        "in float32, F(2x2, 3x3) in bfloat16; upsampling folded into four 2 x 2 convolutions). *models use it*: "
-        "the rule the models follow for that input.",
+        "in float32, F(2x2, 3x3) in bfloat16; upsampling folded into four 2 x 2 convolutions; for tiny images one "
+        "matrix product of the 3 x 3 neighbourhoods and the weights). *models use it*: the rule the models follow "
+        "for that input.",
         "",
         markdown_table(headers, rows, align="lllrrrrrrl"),
     ])  # fmt: skip

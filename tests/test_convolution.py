@@ -1,5 +1,6 @@
-"""Faster 3 x 3 convolutions (latentforge.convolution): Winograd, and nearest 2x upsampling folded into the
-kernel. The same functions as F.conv2d (after F.interpolate), used only where they win.
+"""Faster 3 x 3 convolutions (latentforge.convolution): Winograd, nearest 2x upsampling folded into the
+kernel, and one matrix product for tiny images. The same functions as F.conv2d (after F.interpolate), used
+only where they win.
 
 Their speed is measured in benchmarks (`python -m benchmarks.convolution`, docs/benchmarks.md); these tests
 hold their correctness and quality guard.
@@ -117,6 +118,57 @@ def test_conv2d_module_dispatches_and_keeps_gradients(monkeypatch):
     assert relative_error(fast, slow.detach()) < 1e-5
 
 
+@pytest.mark.parametrize("n, c_in, c_out, h, w", [(2, 5, 7, 8, 8), (1, 3, 4, 5, 7), (1, 2, 3, 1, 3), (3, 4, 2, 2, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_unfolded_is_the_convolution(n, c_in, c_out, h, w, bias, layout):
+    """In float64 the one matrix product is F.conv2d to rounding: borders, non-square and 1-pixel-wide
+    images, batches, with and without bias; an NCHW input or weight is read correctly (only slower)."""
+    conv = random_conv(c_in, c_out, seed=0)
+    x = image(n, c_in, h, w, seed=1)
+    weight = conv.weight if layout == "channels_last" else conv.weight.contiguous()
+    x = x if layout == "channels_last" else x.contiguous()
+    b = conv.bias if bias else None
+    got = convolution.unfolded_conv3x3(x, weight, b)
+    torch.testing.assert_close(got, F.conv2d(x, weight, b, padding=1), rtol=1e-12, atol=1e-12)
+    assert got.shape == (n, c_out, h, w) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unfolded_error_in_bfloat16():
+    """Same multiplies and float32 accumulation as the direct convolution: within a rounding of it."""
+    conv64 = random_conv(256, 256, seed=0)
+    x64 = image(2, 256, 8, 8, seed=1)
+    want = F.conv2d(x64, conv64.weight, conv64.bias, padding=1)
+    conv = random_conv(256, 256, seed=0, dtype=torch.bfloat16)
+    x = x64.bfloat16()
+    error = relative_error(convolution.unfolded_conv3x3(x, conv.weight, conv.bias), want)
+    direct = relative_error(F.conv2d(x, conv.weight, conv.bias, padding=1), want)
+    assert error <= 2**-8 and error < 1.5 * direct, (error, direct)
+
+
+def test_unfold_is_used_only_where_it_wins(monkeypatch):
+    calls = []
+    real = convolution.unfolded_conv3x3
+    monkeypatch.setattr(convolution, "unfolded_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    channels = convolution.UNFOLD_MIN_CHANNELS
+    conv = random_conv(channels, channels, seed=0, dtype=torch.float32)
+    x = image(2, channels, 8, 8, seed=1, dtype=torch.float32)  # SD 1.5's deepest level, guidance batch
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+        assert calls == [x.shape]
+        half = random_conv(channels, channels, seed=0, dtype=torch.bfloat16)
+        assert convolution.unfold_wins(half, x.bfloat16())
+        assert x.shape[0] * 12 * 12 <= convolution.UNFOLD_MAX_ROWS  # SD 2.x at 768 px: 12 x 12
+        assert not convolution.unfold_wins(conv, image(2, channels, 16, 16, seed=1, dtype=torch.float32))
+        narrow = random_conv(channels // 2, channels // 2, seed=0, dtype=torch.float32)
+        assert not convolution.unfold_wins(narrow, x[:, : channels // 2])  # weights in cache: oneDNN is as fast
+        half.weight.data = half.weight.contiguous()
+        assert not convolution.unfold_wins(half, x.bfloat16())  # NCHW weights would be copied each call
+    conv.requires_grad_(True)
+    conv(x).sum().backward()  # autograd: the plain path, differentiable
+    assert calls == [x.shape] and conv.weight.grad is not None
+
+
 @pytest.mark.parametrize("n, c_in, c_out, h, w", [(2, 5, 7, 8, 8), (1, 3, 4, 5, 7), (1, 2, 3, 1, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_folded_upsampling_is_upsample_then_convolution(n, c_in, c_out, h, w, bias):
@@ -179,13 +231,13 @@ def test_models_use_it_for_every_3x3_stride_1_convolution(sd1_folder):
         assert all(type(m) is torch.nn.Conv2d for m in convs if m not in same_size)
 
 
-@pytest.fixture
-def everywhere(monkeypatch):
-    """Both fast paths on every 3 x 3 convolution of the tiny test model (normally too small to qualify)."""
-    monkeypatch.setattr(convolution, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(convolution, "MIN_UPSAMPLE_PIXELS", 1)
-    fast = {dtype: dataclasses.replace(a, min_pixels=1) for dtype, a in convolution.ALGORITHMS.items()}
-    monkeypatch.setattr(convolution, "ALGORITHMS", fast)
+def fast_everywhere(way: str) -> tuple[dict, tuple[str, ...]]:
+    """The module settings that put one fast way on every 3 x 3 convolution of the tiny test model (normally
+    too small to qualify), and the functions that way calls."""
+    if way == "winograd":  # and the folded upsampling
+        fast = {dtype: dataclasses.replace(a, min_pixels=1) for dtype, a in convolution.ALGORITHMS.items()}
+        return {"MIN_CHANNELS": 1, "MIN_UPSAMPLE_PIXELS": 1, "ALGORITHMS": fast}, ("conv3x3", "upsampled_conv3x3")
+    return {"MIN_CHANNELS": 1, "UNFOLD_MIN_CHANNELS": 1, "UNFOLD_MAX_ROWS": 10**9}, ("unfolded_conv3x3",)
 
 
 def final_latents(pipe, seed: int) -> torch.Tensor:
@@ -195,16 +247,20 @@ def final_latents(pipe, seed: int) -> torch.Tensor:
     return box["x0"]
 
 
-def test_generation_through_the_fast_convolutions_keeps_the_outputs(sd1_folder, monkeypatch, everywhere):
+@pytest.mark.parametrize("way", ["winograd", "unfold"])
+def test_generation_through_the_fast_convolutions_keeps_the_outputs(sd1_folder, monkeypatch, way):
     """Quality guard: with every UNet and VAE 3 x 3 convolution on the Winograd path and every Upsample
-    folded, float32 final latents and images are those of the plain path, and bfloat16 stays within the
-    fast path's stated tolerance of float32 (tests/test_fast_path.py, BF16_LATENT_TOLERANCE)."""
+    folded (or every 3 x 3 convolution one matrix product), float32 final latents and images are those of
+    the plain path, and bfloat16 stays within the fast path's stated tolerance of float32
+    (tests/test_fast_path.py, BF16_LATENT_TOLERANCE)."""
     from test_fast_path import BF16_LATENT_TOLERANCE
 
     f32 = latentforge.load(sd1_folder, dtype="float32", device="cpu")
     b16 = latentforge.load(sd1_folder, dtype="bfloat16", device="cpu")
+    settings, names = fast_everywhere(way)
+    for name, value in settings.items():
+        monkeypatch.setattr(convolution, name, value)
     calls = []
-    names = ("conv3x3", "upsampled_conv3x3")
     for name in names:
         real = getattr(convolution, name)
         monkeypatch.setattr(convolution, name, lambda *a, f=real, name=name: calls.append((name, a[0].dtype)) or f(*a))
@@ -212,8 +268,7 @@ def test_generation_through_the_fast_convolutions_keeps_the_outputs(sd1_folder, 
     fast_b16 = {seed: final_latents(b16, seed) for seed in (0, 1)}
     fast_image = np.asarray(f32.generate("a red circle", seed=0, steps=4, width=64, height=64)[0], dtype=int)
     assert {(name, dtype) for name in names for dtype in (torch.float32, torch.bfloat16)} <= set(calls)
-    monkeypatch.setattr(convolution, "MIN_CHANNELS", 10**9)  # the plain path
-    monkeypatch.setattr(convolution, "MIN_UPSAMPLE_PIXELS", 10**9)
+    monkeypatch.setattr(convolution, "MIN_CHANNELS", 10**9)  # the plain path, for every way
     calls.clear()
     for seed in (0, 1):
         plain = final_latents(f32, seed)

@@ -1,9 +1,11 @@
-"""Faster 3 x 3 convolutions for CPU inference on large images: Winograd, and upsampling folded into the kernel.
+"""Faster 3 x 3 convolutions for CPU inference: Winograd and upsampling folded into the kernel for large images,
+one matrix product for tiny ones.
 
-Both compute what `nn.Conv2d` computes, with fewer multiplies, and are used only where they were measured
-to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without autograd, in float32
-or bfloat16, on images with many pixels per weight (the VAE at 512 x 512; the UNet's first level in
-float32 and its 32 -> 64 upsampling). Small models (the shipped one) keep the plain path. The models'
+All three compute what `nn.Conv2d` computes (the first two with fewer multiplies) and are used only where
+they were measured to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without
+autograd, in float32 or bfloat16, with 256 channels or more. Winograd and the folding on images with many
+pixels per weight (the VAE at 512 x 512; the UNet's first level in float32 and its 32 -> 64 upsampling),
+the matrix product on few (the UNet's 8 x 8 level). Small models (the shipped one) keep the plain path. The models'
 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
 
 Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -29,6 +31,13 @@ four 2 x 2 convolutions of the small image: output pixel (2i + a, 2j + b) sees i
 input pixel summed. That is 16 multiply-adds per 4 outputs instead of 36, and the 4x upsampled tensor is
 never made. Each output row parity is one convolution with 2 C_out output channels; its outputs are
 interleaved into the large image. Exact but for the rounding of the summed taps (bfloat16: 3.3e-3 against 2.9e-3).
+
+The third way is for the opposite case, wide convolutions on tiny images (the UNet's deepest level, 8 x 8
+latents at 512 x 512): oneDNN's direct convolution runs 1280 -> 1280 channels on 2 x 8 x 8 pixels at
+under half its usual float32 speed (~80 against ~190 GFLOP/s). The same sums as one matrix product, the nine shifted copies of the
+image side by side ((N H W) x (3 3 C_in), "im2col": a few MB there) times the weights read in place as
+(C_out, 3 3 C_in), take 0.43-0.61x its time in float32 and 0.48-0.94x in bfloat16 at 8 x 8, with the same
+number of multiplies and the same float32 accumulation.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import torch.nn.functional as F
 
 MIN_CHANNELS = 256  # fewer input or output channels and the transforms outweigh the saved multiplies
 MIN_UPSAMPLE_PIXELS = 32 * 32  # folded upsampling: below this, summing the taps each call costs what it saves
+UNFOLD_MIN_CHANNELS = 1280  # one matrix product: with fewer channels (weights that fit in cache) oneDNN is as fast
+UNFOLD_MAX_ROWS = 288  # ... and on at most this many output pixels (batch x height x width; 2 x 12 x 12 wins)
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,17 @@ def upsample_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return wide_inference_3x3(conv, x) and x.shape[2] * x.shape[3] >= MIN_UPSAMPLE_PIXELS
 
 
+def unfold_wins(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` is done as one matrix product: at least UNFOLD_MIN_CHANNELS in and out, on at most
+    UNFOLD_MAX_ROWS output pixels, with channels-last weights (read in place; other layouts would be copied)."""
+    return (
+        wide_inference_3x3(conv, x)
+        and min(conv.in_channels, conv.out_channels) >= UNFOLD_MIN_CHANNELS
+        and x.shape[0] * x.shape[2] * x.shape[3] <= UNFOLD_MAX_ROWS
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: Algorithm) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a (C_out, C_in, 3, 3) weight, computed by `algorithm`.
     The result is channels-last (as oneDNN's is for channels-last weights)."""
@@ -177,6 +199,21 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, al
     return out.permute(0, 3, 1, 2)
 
 
+def unfolded_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a (C_out, C_in, 3, 3) weight as one matrix product: the
+    (N H W) x (3 3 C_in) matrix of each output pixel's 3 x 3 neighbourhood times the weights as (C_out, 3 3 C_in),
+    a view of channels-last weights. The result is channels-last."""
+    n, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H + 2, W + 2, C), zero border
+    s_n, s_h, s_w, s_c = padded.stride()
+    windows = padded.as_strided((n, height, width, 3, 3, channels), (s_n, s_h, s_w, s_h, s_w, s_c))
+    columns = windows.reshape(n * height * width, 9 * channels)  # the one copy
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, 9 * channels).t()
+    out = torch.mm(columns, kernel) if bias is None else torch.addmm(bias, columns, kernel)
+    return out.view(n, height, width, out_channels).permute(0, 3, 1, 2)
+
+
 def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1), computed from x
     as four 2 x 2 convolutions; channels-last result."""
@@ -218,6 +255,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if winograd_wins(self, x):
             return conv3x3(x, self.weight, self.bias, ALGORITHMS[x.dtype])
+        if unfold_wins(self, x):
+            return unfolded_conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
     def upsampled(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
