@@ -5,8 +5,8 @@ All three compute what `nn.Conv2d` computes (the first two with fewer multiplies
 they were measured to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without
 autograd, in float32 or bfloat16, with 256 channels or more. Winograd and the folding on images with many
 pixels per weight (the VAE at 512 x 512; the UNet's first level in float32 and its 32 -> 64 upsampling),
-the matrix product on few (the UNet's 8 x 8 level). Small models (the shipped one) keep the plain path. The models'
-3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
+the matrix product on few (the UNet's 8 x 8 level). Small models (the shipped one) keep the plain path.
+The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
 
 Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2015) computes an m x m block of outputs from an a x a input tile (a = m + 2) as
@@ -34,10 +34,10 @@ interleaved into the large image. Exact but for the rounding of the summed taps 
 
 The third way is for the opposite case, wide convolutions on tiny images (the UNet's deepest level, 8 x 8
 latents at 512 x 512): oneDNN's direct convolution runs 1280 -> 1280 channels on 2 x 8 x 8 pixels at
-under half its usual float32 speed (~80 against ~190 GFLOP/s). The same sums as one matrix product, the nine shifted copies of the
-image side by side ((N H W) x (3 3 C_in), "im2col": a few MB there) times the weights read in place as
-(C_out, 3 3 C_in), take 0.43-0.61x its time in float32 and 0.48-0.94x in bfloat16 at 8 x 8, with the same
-number of multiplies and the same float32 accumulation.
+under half its usual float32 speed (~80 against ~190 GFLOP/s). The same sums as one matrix product, the
+nine shifted copies of the image side by side ((N H W) x (3 3 C_in), "im2col": a few MB there) times the
+weights read in place as (C_out, 3 3 C_in), take 0.43-0.61x its time in float32 and 0.48-0.94x in
+bfloat16 at 8 x 8, with the same number of multiplies and the same float32 accumulation.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ import torch.nn.functional as F
 
 MIN_CHANNELS = 256  # fewer input or output channels and the transforms outweigh the saved multiplies
 MIN_UPSAMPLE_PIXELS = 32 * 32  # folded upsampling: below this, summing the taps each call costs what it saves
-UNFOLD_MIN_CHANNELS = 1280  # one matrix product: with fewer channels (weights that fit in cache) oneDNN is as fast
-UNFOLD_MAX_ROWS = 288  # ... and on at most this many output pixels (batch x height x width; 2 x 12 x 12 wins)
+UNFOLD_MIN_CHANNELS = 1280  # one matrix product: with 640 channels oneDNN is as fast (1.09x / 0.92x at 8 x 8)
+UNFOLD_MAX_ROWS = 288  # ... on at most this many output pixels, batch x height x width (2 x 12 x 12: 0.8x / ~1x)
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, al
 
 def unfolded_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a (C_out, C_in, 3, 3) weight as one matrix product: the
-    (N H W) x (3 3 C_in) matrix of each output pixel's 3 x 3 neighbourhood times the weights as (C_out, 3 3 C_in),
-    a view of channels-last weights. The result is channels-last."""
+    (N H W) x (3 3 C_in) matrix of each output pixel's 3 x 3 neighbourhood times the weights as
+    (C_out, 3 3 C_in), a view of channels-last weights. The result is channels-last."""
     n, channels, height, width = x.shape
     out_channels = weight.shape[0]
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H + 2, W + 2, C), zero border
