@@ -7,7 +7,7 @@ of scores stays in cache: per head, 512 queries at a time, scores = q k^T (oneDN
 zero-padded to a multiple of 16 wide (oneDNN's GEMM is 1.9x faster for 48 columns than for SD 1.5's 40).
 On the 2-core AVX-512 BF16 CPU this takes 0.66-0.70x SDPA's time at SD 1.5's 64 x 64 level, 0.60-0.79x
 at its 32 x 32 level (1024 tokens of 80-wide heads), 0.56-0.68x for SD 2.x's 64-wide heads and
-0.47-0.52x for the VAE's one 512-wide head (four runs of `python -m benchmarks.transformer`,
+0.47-0.54x for the VAE's one 512-wide head (five runs of `python -m benchmarks.transformer`,
 docs/benchmarks.md). At 256 tokens the two are within noise (0.74-1.10x) and with 77 keys
 (cross-attention) SDPA is faster, so SDPA is used there, and in float32 always.
 It rounds the scores and probabilities to bfloat16 where SDPA keeps them in float32, which a bfloat16
@@ -42,24 +42,32 @@ def blocked_wins(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention one head and BLOCK_QUERIES queries at a time; strided q, k, v are read in place.
+    """Attention one head and BLOCK_QUERIES queries at a time; strided q, k, v are read in place (values
+    whose width is not a multiple of VALUE_WIDTH_MULTIPLE are copied, zero-padded, one head at a time).
     The result is a (B, heads, N, dv) view of a (B, N, heads, dv) tensor, so that merging the heads
     back into (B, N, heads * dv) costs no copy."""
     batch, heads, n, d = q.shape
     dv = v.shape[-1]
     out = q.new_empty(batch, n, heads, dv)
     scores = q.new_empty(min(BLOCK_QUERIES, n), k.shape[-2])
-    values = q.new_zeros(k.shape[-2], -(-dv // VALUE_WIDTH_MULTIPLE) * VALUE_WIDTH_MULTIPLE)
-    result = q.new_empty(len(scores), values.shape[1])
+    width = -(-dv // VALUE_WIDTH_MULTIPLE) * VALUE_WIDTH_MULTIPLE
+    padded = q.new_zeros(k.shape[-2], width) if width != dv else None
+    result = q.new_empty(len(scores), width) if padded is not None else None
     scale = d**-0.5
     for b in range(batch):
         for h in range(heads):
             keys_t = k[b, h].t()
-            values[:, :dv] = v[b, h]
+            if padded is not None:
+                padded[:, :dv] = v[b, h]
+            values = v[b, h] if padded is None else padded
             for start in range(0, n, BLOCK_QUERIES):
                 stop = min(n, start + BLOCK_QUERIES)
                 block = scores[: stop - start]
                 torch.addmm(block, q[b, h, start:stop], keys_t, beta=0, alpha=scale, out=block)
-                torch.mm(torch.softmax(block, dim=-1), values, out=result[: stop - start])
-                out[b, start:stop, h] = result[: stop - start, :dv]
+                probabilities = torch.softmax(block, dim=-1)
+                if padded is None:
+                    torch.mm(probabilities, values, out=out[b, start:stop, h])
+                else:
+                    torch.mm(probabilities, values, out=result[: stop - start])
+                    out[b, start:stop, h] = result[: stop - start, :dv]
     return out.transpose(1, 2)
