@@ -199,15 +199,19 @@ def _resnet_stack(in_channels: int, out_channels: int, count: int, groups: int) 
     return nn.ModuleList(ResnetBlock(widths[j], out_channels, groups) for j in range(count))
 
 
-def _run_stack(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """Apply blocks in order: (B, in, H, W) -> (B, out, H, W)."""
-    for block in blocks:
-        x = block(x)
+def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Apply layers in order, holding only the activation of the moment: each input is freed as soon as the
+    next layer has its output. (A level's own forward would keep the level's input, the largest tensor
+    there, alive to the level's end: 1 GB in float32 at 1024 x 1024.) Pass x as a temporary, not a name
+    the caller keeps."""
+    for layer in layers:
+        x = layer(x)
     return x
 
 
 class EncoderLevel(nn.Module):
-    """One encoder resolution: resnets, then optional downsampling; (B, in, H, W) -> (B, out, H', W')."""
+    """One encoder resolution: resnets, then optional downsampling; (B, in, H, W) -> (B, out, H', W').
+    The Encoder runs its `layers()` itself (see _run_layers)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_blocks: int, groups: int, downsample: bool
@@ -216,14 +220,14 @@ class EncoderLevel(nn.Module):
         self.block = _resnet_stack(in_channels, out_channels, num_blocks, groups)
         self.downsample: Downsample | None = Downsample(out_channels) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in, H, W) -> (B, out, H/2, W/2), or (B, out, H, W) at the lowest level."""
-        x = _run_stack(self.block, x)
-        return x if self.downsample is None else self.downsample(x)
+    def layers(self) -> list[nn.Module]:
+        """Its resnets, then the downsampling (none at the lowest level)."""
+        return [*self.block, *([self.downsample] if self.downsample is not None else [])]
 
 
 class DecoderLevel(nn.Module):
-    """One decoder resolution: resnets, then optional upsampling; (B, in, H, W) -> (B, out, H', W')."""
+    """One decoder resolution: resnets, then optional upsampling; (B, in, H, W) -> (B, out, H', W').
+    The Decoder runs its `layers()` itself (see _run_layers)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool
@@ -232,10 +236,9 @@ class DecoderLevel(nn.Module):
         self.block = _resnet_stack(in_channels, out_channels, num_blocks, groups)
         self.upsample: Upsample | None = Upsample(out_channels) if upsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in, H, W) -> (B, out, 2H, 2W), or (B, out, H, W) at full resolution."""
-        x = _run_stack(self.block, x)
-        return x if self.upsample is None else self.upsample(x)
+    def layers(self) -> list[nn.Module]:
+        """Its resnets, then the upsampling (none at full resolution)."""
+        return [*self.block, *([self.upsample] if self.upsample is not None else [])]
 
 
 class Encoder(nn.Module):
@@ -259,8 +262,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)."""
-        h = _run_stack(self.down, self.conv_in(x))
-        h = self.mid(h)
+        layers = [layer for level in self.down for layer in level.layers()]
+        h = _run_layers([*layers, self.mid], self.conv_in(x))
         return self.conv_out(_silu(self.norm_out(h)))
 
 
@@ -284,9 +287,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
+        layers = [layer for level in reversed(self.up) for layer in level.layers()]
+        h = _run_layers([self.mid, *layers], self.conv_in(z))
         return self.conv_out(_silu(self.norm_out(h)))
 
 
