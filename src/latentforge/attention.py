@@ -57,9 +57,10 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     for b in range(batch):
         for h in range(heads):
             keys_t = k[b, h].t()
+            values = v[b, h]
             if padded is not None:
-                padded[:, :dv] = v[b, h]
-            values = v[b, h] if padded is None else padded
+                padded[:, :dv] = values
+                values = padded
             for start in range(0, n, BLOCK_QUERIES):
                 stop = min(n, start + BLOCK_QUERIES)
                 block = scores[: stop - start]

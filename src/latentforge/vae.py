@@ -200,10 +200,10 @@ def _resnet_stack(in_channels: int, out_channels: int, count: int, groups: int) 
 
 
 def _run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Apply layers in order, holding only the activation of the moment: each input is freed as soon as the
-    next layer has its output. (A level's own forward would keep the level's input, the largest tensor
-    there, alive to the level's end: 1 GB in float32 at 1024 x 1024.) Pass x as a temporary, not a name
-    the caller keeps."""
+    """Apply layers in order, holding only the activation of the moment: each layer's input is freed as soon
+    as that layer returns. (A level's own forward would keep the level's input, the largest tensor there,
+    alive to the level's end: 1 GB in float32 at 1024 x 1024.) Pass x as a temporary, not a name the
+    caller keeps."""
     for layer in layers:
         x = layer(x)
     return x
