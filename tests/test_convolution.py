@@ -7,6 +7,7 @@ hold their correctness and quality guard.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -33,6 +34,27 @@ def image(n: int, c: int, h: int, w: int, seed: int, dtype=torch.float64) -> tor
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def spy(monkeypatch, name: str) -> list:
+    """convolution.<name>, still called, with each call's input shape recorded in the returned list."""
+    calls = []
+    real = getattr(convolution, name)
+    monkeypatch.setattr(convolution, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+def errors_against_float64(fast, n: int, channels: int, size: int, dtype, before=lambda x: x) -> tuple[float, float]:
+    """Relative L2 errors against float64 on the unrounded inputs of `fast(x, weight, bias)` and of the
+    direct convolution of `before(x)`, both in `dtype`, for a random channels -> channels 3 x 3 convolution."""
+    conv64 = random_conv(channels, channels, seed=0)
+    x64 = image(n, channels, size, size, seed=1)
+    want = F.conv2d(before(x64), conv64.weight, conv64.bias, padding=1)
+    conv = random_conv(channels, channels, seed=0, dtype=dtype)
+    x = x64.to(dtype)
+    got = fast(x, conv.weight, conv.bias)
+    assert got.dtype == dtype
+    return relative_error(got, want), relative_error(F.conv2d(before(x), conv.weight, conv.bias, padding=1), want)
 
 
 @pytest.mark.parametrize("algorithm", [convolution.F2, convolution.F4], ids=["F2", "F4"])
@@ -69,14 +91,8 @@ def test_winograd_error_in_its_dtype(dtype, bound, factor):
     """Against float64 on random data: float32 F(4x4) measured 1.8e-6 here (direct 4e-7), a thousandth of
     the bfloat16 path's error; bfloat16 F(2x2) 5.8e-3 (direct 2.9e-3), under two bfloat16 roundings (unit
     roundoff 2^-8)."""
-    conv64 = random_conv(64, 64, seed=0)
-    x64 = image(1, 64, 32, 32, seed=1)
-    want = F.conv2d(x64, conv64.weight, conv64.bias, padding=1)
-    conv = random_conv(64, 64, seed=0, dtype=dtype)
-    got = convolution.conv3x3(x64.to(dtype), conv.weight, conv.bias, convolution.ALGORITHMS[dtype])
-    assert got.dtype == dtype
-    error = relative_error(got, want)
-    direct = relative_error(F.conv2d(x64.to(dtype), conv.weight, conv.bias, padding=1), want)
+    winograd = functools.partial(convolution.conv3x3, algorithm=convolution.ALGORITHMS[dtype])
+    error, direct = errors_against_float64(winograd, 1, 64, 32, dtype)
     assert error <= bound, (error, direct)
     assert error < factor * direct  # within a small factor of what the dtype itself costs
 
@@ -103,9 +119,7 @@ def test_winograd_is_used_only_where_it_wins():
 
 
 def test_conv2d_module_dispatches_and_keeps_gradients(monkeypatch):
-    calls = []
-    real = convolution.conv3x3
-    monkeypatch.setattr(convolution, "conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = spy(monkeypatch, "conv3x3")
     conv = random_conv(256, 256, seed=0, dtype=torch.float32)
     x = image(1, 256, 64, 64, seed=1, dtype=torch.float32)
     with torch.no_grad():
@@ -136,20 +150,12 @@ def test_unfolded_is_the_convolution(n, c_in, c_out, h, w, bias, layout):
 
 def test_unfolded_error_in_bfloat16():
     """Same multiplies and float32 accumulation as the direct convolution: within a rounding of it."""
-    conv64 = random_conv(256, 256, seed=0)
-    x64 = image(2, 256, 8, 8, seed=1)
-    want = F.conv2d(x64, conv64.weight, conv64.bias, padding=1)
-    conv = random_conv(256, 256, seed=0, dtype=torch.bfloat16)
-    x = x64.bfloat16()
-    error = relative_error(convolution.unfolded_conv3x3(x, conv.weight, conv.bias), want)
-    direct = relative_error(F.conv2d(x, conv.weight, conv.bias, padding=1), want)
+    error, direct = errors_against_float64(convolution.unfolded_conv3x3, 2, 256, 8, torch.bfloat16)
     assert error <= 2**-8 and error < 1.5 * direct, (error, direct)
 
 
 def test_unfold_is_used_only_where_it_wins(monkeypatch):
-    calls = []
-    real = convolution.unfolded_conv3x3
-    monkeypatch.setattr(convolution, "unfolded_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = spy(monkeypatch, "unfolded_conv3x3")
     channels = convolution.UNFOLD_MIN_CHANNELS
     conv = random_conv(channels, channels, seed=0, dtype=torch.float32)
     x = image(2, channels, 8, 8, seed=1, dtype=torch.float32)  # SD 1.5's deepest level, guidance batch
@@ -184,21 +190,15 @@ def test_folded_upsampling_is_upsample_then_convolution(n, c_in, c_out, h, w, bi
 
 def test_folded_upsampling_error_in_bfloat16():
     """Summing taps rounds once more than the direct path: measured 3.4e-3 against 2.9e-3."""
-    conv64 = random_conv(64, 64, seed=0)
-    x64 = image(1, 64, 16, 16, seed=1)
-    up = lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest")  # noqa: E731
-    want = F.conv2d(up(x64), conv64.weight, conv64.bias, padding=1)
-    conv = random_conv(64, 64, seed=0, dtype=torch.bfloat16)
-    x = x64.bfloat16()
-    error = relative_error(convolution.upsampled_conv3x3(x, conv.weight, conv.bias), want)
-    direct = relative_error(F.conv2d(up(x), conv.weight, conv.bias, padding=1), want)
+    def up(x):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    error, direct = errors_against_float64(convolution.upsampled_conv3x3, 1, 64, 16, torch.bfloat16, before=up)
     assert error <= 2**-8 and error < 2 * direct, (error, direct)
 
 
 def test_upsampled_folds_only_an_exact_doubling_where_it_wins(monkeypatch):
-    calls = []
-    real = convolution.upsampled_conv3x3
-    monkeypatch.setattr(convolution, "upsampled_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = spy(monkeypatch, "upsampled_conv3x3")
     channels = convolution.MIN_CHANNELS
     conv = random_conv(channels, channels, seed=0, dtype=torch.float32)
     side = int(convolution.MIN_UPSAMPLE_PIXELS**0.5)
