@@ -126,7 +126,8 @@ def write_config_folder(folder: Path = CONFIG_FOLDER) -> None:
     if (folder / "model_index.json").exists():
         return
     from latentforge import layouts
-    from latentforge.checkpoints import SD_SCHEDULER, write_json
+    from latentforge.atomic import write_json
+    from latentforge.checkpoints import SD_SCHEDULER
     from latentforge.tokenizer import Tokenizer
 
     config = model_config()

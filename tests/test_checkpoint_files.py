@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentforge import checkpoints
+from latentforge.atomic import atomic_path, write_json
 from latentforge.checkpoints import (
     CheckpointError,
-    atomic_path,
     detect_format,
     read_state_dict,
-    write_json,
     write_safetensors,
 )
 

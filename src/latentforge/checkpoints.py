@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from . import layouts
+from .atomic import atomic_path, write_json
 from .config import ModelConfig, SamplingDefaults
 from .errors import FileError, one_line
 
@@ -437,46 +438,6 @@ def _torch_detail(message: str) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else delete it."""
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        yield temp
-        _fsync_file(temp)
-        os.replace(temp, target)
-    except BaseException:  # also on Ctrl-C: never leave a half-written temp file behind
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-    _fsync_folder(target.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    """Force a file's bytes to disk so the rename never exposes an empty or partial file."""
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist the rename itself (POSIX only: Windows cannot open folders for fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(obj: object, path: PathLike) -> None:
-    """Atomically write obj as indented UTF-8 JSON (e.g. a config.json)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a bad obj leaves no file
-    with atomic_path(path) as temp:
-        temp.write_text(text, encoding="utf-8")
 
 
 def write_safetensors(

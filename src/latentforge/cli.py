@@ -161,7 +161,7 @@ def _cfg_scales(values: list[str] | None) -> tuple[float | None, ...]:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Prompt adherence of a model on the shapes world, as a markdown table (and JSON with --json)."""
     from . import load
-    from .checkpoints import write_json
+    from .atomic import write_json
     from .training.evaluate import evaluate, format_report
 
     scales = _cfg_scales(args.cfg_scale)

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .checkpoints import CheckpointError, _fsync_file, _fsync_folder
+from .atomic import fsync_file, fsync_folder
+from .checkpoints import CheckpointError
 from .errors import FileError
 
 PathLike = str | os.PathLike[str]
@@ -335,7 +336,7 @@ def save_png(
         try:
             with open(temp, "wb") as file:
                 image.save(file, format="PNG", pnginfo=pnginfo)
-            _fsync_file(temp)
+            fsync_file(temp)
             target = _link_unique(temp, folder, suffix)
         except OSError as exc:
             cause = f"cannot write the PNG ({exc.strerror or exc})"
@@ -343,7 +344,7 @@ def save_png(
     finally:  # also on Ctrl-C: the temp file never outlives the call
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    _fsync_folder(folder)
+    fsync_folder(folder)
     return target
 
 

@@ -37,8 +37,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from .. import checkpoints
-from ..checkpoints import atomic_path, read_state_dict, write_json, write_safetensors
+from ..atomic import atomic_path, fsync_folder, write_json
+from ..checkpoints import read_state_dict, write_safetensors
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
@@ -237,7 +237,7 @@ def save_checkpoint(
         if final.exists():  # a save of this step that never became the latest
             shutil.rmtree(final)
         os.replace(temp, final)
-        checkpoints._fsync_folder(root)
+        fsync_folder(root)
         write_json({"folder": name, "step": state.step}, root / LATEST)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
