@@ -106,7 +106,8 @@ def build_checkpoints(seed: int = SEED) -> None:
     """Write the cached checkpoint files that are missing: with metadata, and metadata-free fp32 and fp16."""
     if WITH_METADATA.exists() and all(path.exists() for path in FILES.values()):
         return
-    from latentforge.checkpoints import single_file_tensors, write_safetensors, write_single_file
+    from latentforge.checkpoints import single_file_tensors, write_single_file
+    from latentforge.weightfiles import write_safetensors
 
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"building a random SD 1.5-sized checkpoint (seed {seed}) in {CACHE} ...", flush=True)
@@ -255,7 +256,8 @@ def equivalence(path: Path) -> dict[str, Any]:
     """Load the file with both libraries in this process and compare one UNet output, and the inferred config."""
     import torch
 
-    from latentforge.checkpoints import CONFIG_METADATA_KEY, read_state_dict
+    from latentforge.checkpoints import CONFIG_METADATA_KEY
+    from latentforge.weightfiles import read_state_dict
     from latentforge.config import ModelConfig
 
     limit_threads(THREADS)

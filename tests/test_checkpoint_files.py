@@ -1,4 +1,4 @@
-"""Tests for the safe checkpoint file layer (latentforge.checkpoints)."""
+"""Tests for the safe weight-file layer (latentforge.weightfiles)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentforge import checkpoints
+from latentforge import weightfiles
 from latentforge.atomic import atomic_path, write_json
-from latentforge.checkpoints import (
+from latentforge.weightfiles import (
     CheckpointError,
     detect_format,
     read_state_dict,
@@ -418,7 +418,7 @@ def test_failure_mid_write_keeps_old_file_and_removes_temp(
     path = tmp_path / "model.safetensors"
     write_safetensors({"old": torch.zeros(3)}, path)
     before = path.read_bytes()
-    real_bytes = checkpoints._tensor_bytes
+    real_bytes = weightfiles._tensor_bytes
     seen: list[Path] = []
 
     def fail_on_second(tensor: torch.Tensor) -> memoryview:
@@ -427,7 +427,7 @@ def test_failure_mid_write_keeps_old_file_and_removes_temp(
             raise OSError(28, "No space left on device")
         return real_bytes(tensor)
 
-    monkeypatch.setattr(checkpoints, "_tensor_bytes", fail_on_second)
+    monkeypatch.setattr(weightfiles, "_tensor_bytes", fail_on_second)
     with pytest.raises(OSError, match="No space left"):
         write_safetensors({"a": torch.ones(4), "b": torch.ones(4)}, path)
     assert seen, "the failure was not injected mid-write"

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from latentforge import images
-from latentforge.checkpoints import CheckpointError
+from latentforge.weightfiles import CheckpointError
 from latentforge.images import (
     GenerationInfo,
     ImageError,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import latentforge
-from latentforge.checkpoints import CheckpointError, read_state_dict
+from latentforge.weightfiles import CheckpointError, read_state_dict
 from latentforge.cli import main
 
 import diffusers
@@ -144,7 +144,7 @@ def test_broken_config_json(sd1_folder, tmp_path):
 
 
 def test_wrong_architecture_single_file(sd1_folder, tmp_path):
-    from latentforge.checkpoints import write_safetensors
+    from latentforge.weightfiles import write_safetensors
 
     folder = sd1_folder
     good = tmp_path / "good.safetensors"
@@ -184,7 +184,7 @@ def test_cli_bad_file_is_one_line(tmp_path, capsys):
 
 def strip_to_foreign_file(path, dst, fmt, global_step=None):
     """Rewrite a latentforge single file as anyone else's: no config metadata, safetensors or .ckpt."""
-    from latentforge.checkpoints import write_safetensors
+    from latentforge.weightfiles import write_safetensors
 
     tensors, _ = read_state_dict(path)
     if fmt == "safetensors":

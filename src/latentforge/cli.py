@@ -33,8 +33,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert between the single-file and diffusers layouts, and between float dtypes."""
-    from .checkpoints import CheckpointError, read_checkpoint, write_diffusers, write_single_file
+    from .checkpoints import read_checkpoint, write_diffusers, write_single_file
     from .pipeline import DTYPES, load_tokenizer
+    from .weightfiles import CheckpointError
 
     dst = Path(args.dst)
     if dst.exists():
@@ -213,9 +214,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _export_trained(args: argparse.Namespace) -> None:
     """Write a finished `train all` (or UNet) run as one single-file checkpoint."""
-    from .checkpoints import CheckpointError, write_single_file
+    from .checkpoints import write_single_file
     from .pipeline import DTYPES
     from .training.unet import assemble
+    from .weightfiles import CheckpointError
 
     if not args.out:
         raise ValueError("train export needs --out FILE.safetensors")

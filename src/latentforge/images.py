@@ -37,8 +37,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .atomic import fsync_file, fsync_folder
-from .checkpoints import CheckpointError
 from .errors import FileError
+from .weightfiles import CheckpointError
 
 PathLike = str | os.PathLike[str]
 

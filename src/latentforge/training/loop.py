@@ -38,10 +38,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..atomic import atomic_path, fsync_folder, write_json
-from ..checkpoints import read_state_dict, write_safetensors
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
+from ..weightfiles import read_state_dict, write_safetensors
 from .configs import CONFIG_FILE, TrainConfig, config_to_dict, model_config
 from .data import batches, mix_seed
 

@@ -1,0 +1,495 @@
+"""Weight files: format detection from bytes, safe reading and atomic writing of safetensors and PyTorch files.
+
+Handles .safetensors and PyTorch .ckpt/.bin/.pt (zip or legacy pickle) as files of named tensors; it knows
+nothing of Stable Diffusion. Nothing from a pickle-based file is ever executed: those go through
+``torch.load(weights_only=True)`` with an explicit, small allow-list of extra globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import mmap
+import os
+import pickle
+import pickletools
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .atomic import atomic_path
+from .errors import FileError, one_line
+
+PathLike = str | os.PathLike[str]
+
+# safetensors itself refuses headers above 100 MB; anything larger is not a safetensors file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_LFS_PREFIX = b"version https://git-lfs.github.com/spec"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_REDOWNLOAD = "re-download it"
+
+# safetensors dtype names <-> torch dtypes; optional ones only exist in newer torch builds.
+_ST_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dtype is not None
+}
+_TORCH_TO_ST: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+class CheckpointError(FileError):
+    """A weight file that cannot be read safely, or a model folder that cannot be used."""
+
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def detect_format(path: PathLike) -> str:
+    """Return "safetensors", "torch-zip" or "pickle" from the file's bytes, else raise CheckpointError."""
+    head = _read_head(path, 64)
+    if not head:
+        raise CheckpointError(path, "empty file (0 bytes)", _REDOWNLOAD)
+    if head.startswith(_LFS_PREFIX):
+        raise CheckpointError(
+            path,
+            "this is a Git LFS pointer file, not the weights",
+            "run `git lfs pull` in the repository (or download the file itself)",
+        )
+    if head.lstrip().startswith(b"<"):
+        raise CheckpointError(
+            path,
+            "this looks like a web page (HTML), not weights",
+            "the download failed or needs a login; download the file itself again",
+        )
+    if _looks_like_safetensors(head):
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if head[0] == _PICKLE_PROTO:
+        return "pickle"
+    raise CheckpointError(
+        path,
+        f"unknown format (starts with bytes {head[:8].hex(' ')})",
+        "expected .safetensors or a PyTorch .ckpt/.bin",
+    )
+
+
+def _read_head(path: PathLike, size: int) -> bytes:
+    """First bytes of a file, with open failures turned into CheckpointError."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(size)
+    except IsADirectoryError as exc:
+        raise CheckpointError(path, "is a folder, not a weight file") from exc
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})") from exc
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """Little-endian u64 header length of a plausible size, followed by a JSON object."""
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    # Only plausibility here: a header cut short is still reported as a truncated safetensors file.
+    return 2 <= header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load (tensors, metadata) from a weight file without ever running code from it."""
+    fmt = detect_format(path)
+    try:
+        if fmt == "safetensors":
+            return _read_safetensors(path)
+        return _read_torch(path, fmt)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any library failure becomes the same one-line, file-named error
+        cause = f"cannot read {fmt} file ({_describe(exc)})"
+        raise CheckpointError(path, cause, f"the file is damaged; {_REDOWNLOAD}") from exc
+
+
+def _describe(exc: BaseException, limit: int = 200) -> str:
+    """'Type: message' of a library error, shortened: some (miniz) run to several sentences."""
+    text = one_line(exc)
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Validate the header, then map each tensor from the file on its own (no copies, nothing read yet).
+
+    One private (copy-on-write) mapping per tensor, so that when a tensor is converted (dtype, layout) and its
+    source dropped, the source's pages leave this process's memory at once: loading a float32 file as
+    bfloat16 then peaks near the bfloat16 weights, not at both copies. Writes to a tensor never reach the file."""
+    header = _safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as file:
+        start = 8 + int.from_bytes(file.read(8), "little")  # the data follows the length and the header
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:  # a dtype this torch lacks a name for: safetensors judges it
+                with safe_open(os.fspath(path), framework="pt", device="cpu") as st:
+                    tensors[name] = st.get_tensor(name)
+                continue
+            begin, end = info["data_offsets"]
+            tensors[name] = _map_tensor(file, start + begin, end - begin, _ST_DTYPES[info["dtype"]], info["shape"])
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _map_tensor(file: IO[bytes], offset: int, size: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing `size` bytes of `file` at `offset` through a mapping of its own (freed with it)."""
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(file.fileno(), offset - aligned + size, access=mmap.ACCESS_COPY, offset=aligned)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=offset - aligned)
+    if (offset - aligned) % dtype.itemsize:  # misaligned data (a non-padded header): one copy
+        flat = flat.clone()
+    return flat.view(dtype).reshape(shape)
+
+
+def _safetensors_header(path: PathLike) -> dict[str, Any]:
+    """Parse and check the safetensors header against the real file size."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header_len = int.from_bytes(file.read(8), "little")
+        if 8 + header_len > file_size:
+            raise CheckpointError(
+                path,
+                f"truncated safetensors file (header says its JSON is {header_len} bytes, "
+                f"file has {file_size - 8} after the length)",
+                _REDOWNLOAD,
+            )
+        raw = file.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"corrupt safetensors header (bad JSON: {exc})", _REDOWNLOAD) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)", _REDOWNLOAD)
+    _check_metadata(path, header.get("__metadata__"))
+    data_size = file_size - 8 - header_len
+    ends = [_tensor_end(path, name, info) for name, info in header.items() if name != "__metadata__"]
+    needed = max(ends, default=0)
+    if needed > data_size:
+        raise CheckpointError(
+            path,
+            f"truncated safetensors file (header says {needed} bytes of tensor data, file has {data_size})",
+            _REDOWNLOAD,
+        )
+    return header
+
+
+def _check_metadata(path: PathLike, metadata: object) -> None:
+    """safetensors metadata must be a flat str -> str mapping."""
+    ok = metadata is None or (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    )
+    if not ok:
+        cause = "corrupt safetensors header (__metadata__ is not a str -> str map)"
+        raise CheckpointError(path, cause, _REDOWNLOAD)
+
+
+def _tensor_end(path: PathLike, name: str, info: object) -> int:
+    """End offset of one header entry in the data section, after checking it is self-consistent."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(path, f"corrupt safetensors header (tensor {name!r}: {why})", _REDOWNLOAD)
+
+    if not isinstance(info, dict):
+        raise bad("entry is not an object")
+    shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+    if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
+        raise bad(f"bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise bad(f"bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"data_offsets {offsets} run backwards")
+    if dtype in _ST_DTYPES:  # dtypes torch lacks here are left for safetensors to judge
+        expected = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise bad(f"{end - begin} bytes for a {dtype} tensor of shape {shape}, which needs {expected}")
+    return end
+
+
+def _is_uint(value: object) -> bool:
+    """A JSON non-negative integer (bool excluded, since it is an int subclass)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_torch(path: PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load a torch.save file with the weights-only unpickler, then unwrap it."""
+    with torch.serialization.safe_globals(_extra_safe_globals()):
+        try:
+            loaded = _torch_load(os.fspath(path), mmap=fmt == "torch-zip")
+        except pickle.UnpicklingError as exc:
+            raise _unpickling_error(path, fmt, exc) from exc
+    return _unwrap(path, loaded)
+
+
+def _torch_load(path: str, mmap: bool) -> object:
+    """torch.load, weights only, onto the CPU; mmap (zip format only) keeps weights on disk until used."""
+    if not path.endswith(".safetensors"):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    # torch.load routes paths named *.safetensors to safetensors by name; we already know from the
+    # bytes that this one is a pickle, so hand it an open file (which cannot be mmapped).
+    with open(path, "rb") as file:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _unwrap(path: PathLike, loaded: object) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Split an LDM/Lightning {"state_dict": ..., "global_step": ...} into tensors and plain metadata."""
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(path, f"holds a {type(loaded).__name__}, not a dict of tensors")
+    weights, metadata = loaded, {}
+    if isinstance(loaded.get("state_dict"), Mapping):
+        weights = loaded["state_dict"]
+        plain = {key: _plain(value) for key, value in loaded.items() if key != "state_dict"}
+        metadata = {str(key): value for key, value in plain.items() if value is not None}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(key, str):
+            raise CheckpointError(path, f"weight key {key!r} is a {type(key).__name__}, not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"weight {key!r} is a {type(value).__name__}, not a tensor")
+        # Parameters come back as plain tensors (no copy): callers only want the data.
+        tensors[key] = value.detach() if isinstance(value, torch.nn.Parameter) else value
+    return tensors, metadata
+
+
+def _plain(value: object) -> int | float | str | None:
+    """The value if it is a plain number or string (numpy scalars unwrapped), else None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value if isinstance(value, (int, float, str)) else None
+
+
+# --------------------------------------------------------------------------- pickle allow-list
+
+
+class _Placeholder:
+    """Inert stand-in for a training-time object (e.g. a Lightning callback) inside a checkpoint."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Placeholder:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        # Keep the pickled state as data; nothing from the file is ever called.
+        self.state = state
+
+
+def _placeholder_class(module: str, name: str) -> type[_Placeholder]:
+    """A _Placeholder subclass that pickles resolve as module.name."""
+    return type(name, (_Placeholder,), {"__module__": module, "__qualname__": name})
+
+
+# Lightning training checkpoints (e.g. the original SD 1.x .ckpt releases) store callback objects
+# or classes; they are loaded as placeholders so pytorch_lightning is never imported.
+_PLACEHOLDERS: dict[str, type[_Placeholder]] = {
+    f"{module}.{name}": _placeholder_class(module, name)
+    for module, name in [
+        ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+        ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
+    ]
+}
+
+
+def _numpy_safe_globals() -> list[tuple[object, str]]:
+    """numpy scalars/arrays that some SD checkpoints carry in their training metadata."""
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    entries: list[tuple[object, str]] = [(np.dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray")]
+    # numpy 1 pickles say numpy.core, numpy 2 pickles say numpy._core: accept both spellings.
+    for core in ("numpy.core", "numpy._core"):
+        entries.append((multiarray.scalar, f"{core}.multiarray.scalar"))
+        entries.append((multiarray._reconstruct, f"{core}.multiarray._reconstruct"))
+    # Unpickled dtypes are instances of per-type subclasses (e.g. numpy.dtypes.Int64DType),
+    # which torch must also allow for their BUILD step; pickles never name these directly.
+    dtype_classes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    entries += [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in dtype_classes]
+    return entries
+
+
+def _extra_safe_globals() -> list[tuple[object, str]]:
+    """Everything allowed on top of torch's weights-only defaults, as (object, pickled name)."""
+    return [(cls, name) for name, cls in _PLACEHOLDERS.items()] + _numpy_safe_globals()
+
+
+def _unpickling_error(path: PathLike, fmt: str, exc: pickle.UnpicklingError) -> CheckpointError:
+    """Name the global the weights-only unpickler refused, or describe why it stopped."""
+    refused = _refused_globals(path, fmt)
+    if refused:
+        return CheckpointError(
+            path,
+            f"refuses to run code: the pickle asks for {', '.join(refused[:3])}",
+            "this file may be malicious; use a .safetensors version of the model instead",
+        )
+    return CheckpointError(
+        path,
+        f"cannot load pickle safely ({_torch_detail(str(exc))})",
+        "the file is damaged or holds objects other than tensors; "
+        "re-download it or use a .safetensors version",
+    )
+
+
+def _refused_globals(path: PathLike, fmt: str) -> list[str]:
+    """Globals in the file outside the allowed set, in file order (best effort, for the message)."""
+    try:
+        # Private torch API, used only to word the error; the check itself is torch's.
+        from torch import _weights_only_unpickler as wo
+
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+        with _pickle_stream(path, fmt) as stream:
+            found = _pickle_globals(stream, max_pickles=1 if fmt == "torch-zip" else 5)
+    except Exception:  # wording only: fall back to torch's own explanation
+        return []
+    return list(dict.fromkeys(name for name in found if name not in allowed))  # unique, in file order
+
+
+@contextlib.contextmanager
+def _pickle_stream(path: PathLike, fmt: str) -> Iterator[IO[bytes]]:
+    """The pickle bytes of a checkpoint: data.pkl inside a torch zip, else the file itself."""
+    if fmt != "torch-zip":
+        with open(path, "rb") as file:
+            yield file
+        return
+    with zipfile.ZipFile(path) as archive:
+        member = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+        yield io.BytesIO(archive.read(member))
+
+
+_STRING_OPS = {
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"
+}
+_NO_PUSH_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _pickle_globals(stream: IO[bytes], max_pickles: int) -> list[str]:
+    """Every 'module.name' global the pickle(s) import, found by disassembly, never by loading."""
+    found: list[str] = []
+    recent: list[object] = []  # last values pushed: STACK_GLOBAL takes its names from the two latest
+    memo: dict[int, object] = {}
+    # Legacy torch files are several pickles in a row (magic, protocol, sys info, data, keys).
+    for _ in range(max_pickles):
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", ".", 1))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(f"{recent[-2]}.{recent[-1]}" if len(recent) >= 2 else "<unknown>")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in {"PUT", "BINPUT", "LONG_BINPUT"}:
+                    memo[arg] = recent[-1] if recent else None
+                elif op.name in {"GET", "BINGET", "LONG_BINGET"}:
+                    recent.append(memo.get(arg))
+                elif op.name not in _NO_PUSH_OPS:
+                    recent.append(arg if op.name in _STRING_OPS else None)
+                del recent[:-2]
+        except ValueError:  # end of the pickles (raw tensor bytes follow) or garbage
+            break
+    return found
+
+
+def _torch_detail(message: str) -> str:
+    """The informative line of torch's long multi-line weights-only error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation")]
+    return lines[-1].removeprefix("WeightsUnpickler error:").strip() if lines else "unknown reason"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomically write tensors as .safetensors, streaming one tensor at a time."""
+    order, header = _safetensors_layout(tensors, metadata)
+    with atomic_path(path) as temp, open(temp, "wb") as file:
+        file.write(len(header).to_bytes(8, "little"))
+        file.write(header)
+        for name in order:
+            file.write(_tensor_bytes(tensors[name]))
+
+
+def _safetensors_layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[list[str], bytes]:
+    """Data order and the padded JSON header for a set of tensors."""
+    for name, tensor in tensors.items():
+        _check_writable(name, tensor)
+    metadata = metadata or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map str to str")
+    # Largest items first, like upstream safetensors, so every tensor stays aligned for mmap.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _TORCH_TO_ST[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    # Pad with spaces to 8 bytes so the data section starts aligned.
+    return order, header + b" " * (-len(header) % 8)
+
+
+def _check_writable(name: object, tensor: object) -> None:
+    """Reject what safetensors cannot hold, before any file is touched."""
+    if not isinstance(name, str) or name == "__metadata__":
+        raise ValueError(f"invalid tensor name {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name!r} is a {tensor.layout} tensor; only dense tensors can be saved")
+    if tensor.dtype not in _TORCH_TO_ST:
+        raise TypeError(f"{name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of one tensor; copies only when it is not a dense CPU block."""
+    data = tensor.detach().resolve_conj().resolve_neg()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    # A contiguous view (even one sharing storage with other tensors) is written as-is, no copy.
+    # Native byte order is safetensors' little-endian on every platform torch ships for.
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
