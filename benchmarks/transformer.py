@@ -5,7 +5,7 @@
 Attention: `latentforge.attention.blocked_attention` (bfloat16, per head and 512 queries at a time,
 values padded to a multiple of 16 wide) against PyTorch's SDPA, with each one's relative L2 error
 against float64 SDPA, and whether the models take the blocked way there (`blocked_wins`).
-Feed-forward: `latentforge.unet.FeedForward` outside autograd (FEED_FORWARD_ROWS tokens at a time)
+Feed-forward: `latentforge.unet.FeedForward` in inference (FEED_FORWARD_ROWS tokens at a time)
 against the same layers in one call, float32 and bfloat16. The two ways alternate; medians of the
 repeats after a warm-up. Writes docs/benchmarks.md (section `transformer`) and
 benchmarks/out/transformer.json.
@@ -30,6 +30,7 @@ from benchmarks.common import (
     relative_error,
 )
 from latentforge import attention, unet
+from latentforge.inference import set_inference
 
 OUT = Path(__file__).resolve().parent / "out" / "transformer.json"
 # (where, batch, heads, query tokens, key tokens, head width)
@@ -69,7 +70,7 @@ def measure_attention(batch: int, heads: int, n: int, m: int, width: int, repeat
 
 def measure_feed_forward(batch: int, tokens: int, width: int, dtype: torch.dtype, repeats: int) -> dict:
     torch.manual_seed(0)
-    ff = unet.FeedForward(width).double().eval()
+    ff = set_inference(unet.FeedForward(width).double().eval().requires_grad_(False))  # as `load` leaves it
     x64 = torch.randn(batch, tokens, width, dtype=torch.float64)
     with torch.inference_mode():
         want = ff.net(x64)
@@ -101,7 +102,7 @@ def render(info: dict, results: list[dict], repeats: int) -> str:
         "(bfloat16; shape: batch x heads x query tokens x key tokens x head width): *plain* is PyTorch's SDPA, *fast* "
         "`latentforge.attention.blocked_attention` (per head, 512 queries at a time, values zero-padded to a multiple of "
         "16 wide). Feed-forward (shape: batch x tokens x width; GEGLU to 8x the width, then back): *plain* is the layers "
-        f"in one call, *fast* `latentforge.unet.FeedForward` outside autograd ({unet.FEED_FORWARD_ROWS} tokens at a "
+        f"in one call, *fast* `latentforge.unet.FeedForward` in inference ({unet.FEED_FORWARD_ROWS} tokens at a "
         "time). *models use it*: the rule the models follow for that input.",
         "",
         markdown_table(headers, rows, align="llllrrrrl"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import latentforge
 from latentforge import convolution as convolution
+from latentforge.inference import set_inference
 from latentforge.unet import UNet
 from latentforge.vae import AutoencoderKL
 
@@ -25,9 +26,15 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def random_conv(c_in: int, c_out: int, seed: int, dtype=torch.float64) -> convolution.Conv2d:
+    """A frozen convolution switched to inference, as `latentforge.load` leaves the models' convolutions."""
     torch.manual_seed(seed)
     conv = convolution.Conv2d(c_in, c_out, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
-    return conv.eval().requires_grad_(False)
+    return set_inference(conv.eval().requires_grad_(False))
+
+
+def trained(conv: convolution.Conv2d) -> convolution.Conv2d:
+    """The convolution as training has it: not switched to inference, its weights trained."""
+    return set_inference(conv, False).requires_grad_(True)
 
 
 def image(n: int, c: int, h: int, w: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -100,36 +107,35 @@ def test_winograd_error_in_its_dtype(dtype, bound, factor):
 def test_winograd_is_used_only_where_it_wins():
     big = random_conv(256, 256, seed=0, dtype=torch.float32)
     x = image(1, 256, 64, 64, seed=1, dtype=torch.float32)
-    with torch.no_grad():
-        assert convolution.winograd_wins(big, x)  # float32, 64 x 64 and 256 channels
-        assert not convolution.winograd_wins(big, x[:, :, :32, :32])  # small image: the weights dominate
-        assert not convolution.winograd_wins(big.bfloat16(), x.bfloat16())  # bfloat16 needs 128 x 128
-        assert convolution.winograd_wins(big.bfloat16(), image(1, 256, 128, 128, seed=1, dtype=torch.bfloat16))
-        assert not convolution.winograd_wins(big.half(), x.half())  # float16: not on this path
-        narrow = random_conv(256, 128, seed=0, dtype=torch.float32)
-        assert not convolution.winograd_wins(narrow, x)  # few output channels: the transforms dominate
-        strided = torch.nn.Conv2d(256, 256, 3, stride=2, padding=1)
-        assert not convolution.winograd_wins(strided, x)
-        assert not convolution.winograd_wins(torch.nn.Conv2d(256, 256, 1), x)
-    # Training: with autograd recording, the direct convolution (whose backward PyTorch has) is used,
-    # also when only the bias is trained.
-    big.bias.requires_grad_(True)
-    assert not convolution.winograd_wins(big, x)
-    assert not convolution.winograd_wins(big.requires_grad_(True), x)
+    assert convolution.winograd_wins(big, x)  # float32, 64 x 64 and 256 channels
+    assert not convolution.winograd_wins(big, x[:, :, :32, :32])  # small image: the weights dominate
+    assert not convolution.winograd_wins(big.bfloat16(), x.bfloat16())  # bfloat16 needs 128 x 128
+    assert convolution.winograd_wins(big.bfloat16(), image(1, 256, 128, 128, seed=1, dtype=torch.bfloat16))
+    assert not convolution.winograd_wins(big.half(), x.half())  # float16: not on this path
+    narrow = random_conv(256, 128, seed=0, dtype=torch.float32)
+    assert not convolution.winograd_wins(narrow, x)  # few output channels: the transforms dominate
+    strided = torch.nn.Conv2d(256, 256, 3, stride=2, padding=1)
+    assert not convolution.winograd_wins(strided, x)
+    assert not convolution.winograd_wins(torch.nn.Conv2d(256, 256, 1), x)
 
 
 def test_conv2d_module_dispatches_and_keeps_gradients(monkeypatch):
+    """Only a convolution switched to inference takes the fast way; one that was not (training, or a model
+    built by hand) takes PyTorch's, under torch.no_grad() too, and its gradients flow."""
     calls = spy(monkeypatch, "conv3x3")
     conv = random_conv(256, 256, seed=0, dtype=torch.float32)
     x = image(1, 256, 64, 64, seed=1, dtype=torch.float32)
-    with torch.no_grad():
-        fast = conv(x)
+    fast = conv(x)  # switched: the fast way, with or without autograd recording
     assert calls == [x.shape]
-    conv.requires_grad_(True)
-    slow = conv(x)  # grad mode: direct, differentiable
+    with torch.no_grad():
+        plain = set_inference(conv, False)(x)
+    assert calls == [x.shape]
+    slow = trained(conv)(x)
     slow.sum().backward()
     assert calls == [x.shape] and conv.weight.grad is not None
-    assert relative_error(fast, slow.detach()) < 1e-5
+    assert relative_error(fast, slow.detach()) < 1e-5 and torch.equal(plain, slow.detach())
+    with pytest.raises(ValueError, match="requires_grad_"):
+        set_inference(conv)  # trainable weights: the fast paths are for frozen models
 
 
 @pytest.mark.parametrize("n, c_in, c_out, h, w", [(2, 5, 7, 8, 8), (1, 3, 4, 5, 7), (1, 2, 3, 1, 3), (3, 4, 2, 2, 1)])
@@ -159,19 +165,19 @@ def test_unfold_is_used_only_where_it_wins(monkeypatch):
     channels = convolution.UNFOLD_MIN_CHANNELS
     conv = random_conv(channels, channels, seed=0, dtype=torch.float32)
     x = image(2, channels, 8, 8, seed=1, dtype=torch.float32)  # SD 1.5's deepest level, guidance batch
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    assert calls == [x.shape]
+    half = random_conv(channels, channels, seed=0, dtype=torch.bfloat16)
+    assert convolution.unfold_wins(half, x.bfloat16())
+    assert x.shape[0] * 12 * 12 <= convolution.UNFOLD_MAX_ROWS  # SD 2.x at 768 px: 12 x 12
+    assert not convolution.unfold_wins(conv, image(2, channels, 16, 16, seed=1, dtype=torch.float32))
+    narrow = random_conv(channels // 2, channels // 2, seed=0, dtype=torch.float32)
+    assert not convolution.unfold_wins(narrow, x[:, : channels // 2])  # weights in cache: oneDNN is as fast
+    half.weight.data = half.weight.contiguous()
+    assert not convolution.unfold_wins(half, x.bfloat16())  # NCHW weights would be copied each call
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
-        assert calls == [x.shape]
-        half = random_conv(channels, channels, seed=0, dtype=torch.bfloat16)
-        assert convolution.unfold_wins(half, x.bfloat16())
-        assert x.shape[0] * 12 * 12 <= convolution.UNFOLD_MAX_ROWS  # SD 2.x at 768 px: 12 x 12
-        assert not convolution.unfold_wins(conv, image(2, channels, 16, 16, seed=1, dtype=torch.float32))
-        narrow = random_conv(channels // 2, channels // 2, seed=0, dtype=torch.float32)
-        assert not convolution.unfold_wins(narrow, x[:, : channels // 2])  # weights in cache: oneDNN is as fast
-        half.weight.data = half.weight.contiguous()
-        assert not convolution.unfold_wins(half, x.bfloat16())  # NCHW weights would be copied each call
-    conv.requires_grad_(True)
-    conv(x).sum().backward()  # autograd: the plain path, differentiable
+        set_inference(conv, False)(x)  # not switched: the plain path, also outside autograd
+    trained(conv)(x).sum().backward()  # training: the plain path, differentiable
     assert calls == [x.shape] and conv.weight.grad is not None
 
 
@@ -206,18 +212,18 @@ def test_upsampled_folds_only_an_exact_doubling_where_it_wins(monkeypatch):
     def want(size):
         return F.conv2d(F.interpolate(x, size=size, mode="nearest"), conv.weight, conv.bias, padding=1)
 
-    with torch.no_grad():
-        torch.testing.assert_close(conv.upsampled(x), want((2 * side, 2 * side)))
-        assert calls == [x.shape]
-        odd = (2 * side - 1, 2 * side)  # the UNet's Upsample to an odd skip's size: interpolate, then convolve
-        torch.testing.assert_close(conv.upsampled(x, odd), want(odd))
-        small = x[:, :, : side // 2]
-        conv.upsampled(small)
-        narrow = random_conv(8, 8, seed=0, dtype=torch.float32)
-        narrow.upsampled(image(1, 8, side, side, seed=1, dtype=torch.float32))  # few channels: plain
+    torch.testing.assert_close(conv.upsampled(x), want((2 * side, 2 * side)))
     assert calls == [x.shape]
-    conv.requires_grad_(True)
-    conv.upsampled(x).sum().backward()  # autograd: the plain path, differentiable
+    odd = (2 * side - 1, 2 * side)  # the UNet's Upsample to an odd skip's size: interpolate, then convolve
+    torch.testing.assert_close(conv.upsampled(x, odd), want(odd))
+    small = x[:, :, : side // 2]
+    conv.upsampled(small)
+    narrow = random_conv(8, 8, seed=0, dtype=torch.float32)
+    narrow.upsampled(image(1, 8, side, side, seed=1, dtype=torch.float32))  # few channels: plain
+    with torch.no_grad():
+        set_inference(conv, False).upsampled(x)  # not switched: the plain path, also outside autograd
+    assert calls == [x.shape]
+    trained(conv).upsampled(x).sum().backward()  # training: the plain path, differentiable
     assert calls == [x.shape] and conv.weight.grad is not None
 
 
@@ -228,6 +234,7 @@ def test_models_use_it_for_every_3x3_stride_1_convolution(sd1_folder):
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         same_size = [m for m in convs if m.kernel_size == (3, 3) and m.stride == (1, 1)]
         assert same_size and all(isinstance(m, convolution.Conv2d) for m in same_size)
+        assert all(m.inference for m in same_size)  # `load` switches the models to inference
         assert all(type(m) is torch.nn.Conv2d for m in convs if m not in same_size)
 
 

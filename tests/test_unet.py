@@ -88,9 +88,11 @@ def test_full_size_keys_and_shapes_match_diffusers(ours, hub_config):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_feed_forward_in_chunks_is_the_whole_feed_forward(monkeypatch, dtype):
-    """Outside autograd the feed-forward goes FEED_FORWARD_ROWS tokens at a time (partial last chunk
-    here); each token's result is what the one-call path (autograd's) gives."""
+    """Switched to inference, the feed-forward goes FEED_FORWARD_ROWS tokens at a time (partial last chunk
+    here); each token's result is what the one-call path gives. Not switched (training, or a model built by
+    hand), it is one call, under torch.no_grad() too, and its gradients flow."""
     from latentforge import unet
+    from latentforge.inference import set_inference
 
     torch.manual_seed(0)
     ff = unet.FeedForward(16).to(dtype)
@@ -99,10 +101,13 @@ def test_feed_forward_in_chunks_is_the_whole_feed_forward(monkeypatch, dtype):
     calls = []
     ff.net.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
     with torch.no_grad():
-        chunked = ff(x)
-    assert calls == [(10, 16)] * 7 + [(4, 16)]
-    whole = ff(x)  # autograd on: one call
-    assert whole.requires_grad and calls[-1] == (2, 37, 16)
+        ff(x)
+    assert calls == [(2, 37, 16)]  # not switched: one call although no graph is recorded
+    chunked = set_inference(ff.requires_grad_(False))(x)
+    assert calls[1:] == [(10, 16)] * 7 + [(4, 16)]
+    whole = set_inference(ff, False).requires_grad_(True)(x)  # training: one call
+    whole.sum().backward()
+    assert calls[-1] == (2, 37, 16) and ff.net[0].proj.weight.grad is not None
     # float64: equal but for the GEMM's summation order; bfloat16: a rounding of the outputs (~1e-2 here)
     tolerance = {} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-2}
     torch.testing.assert_close(chunked, whole.detach(), **tolerance)

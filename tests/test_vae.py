@@ -7,7 +7,9 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from latentforge.inference import set_inference
 from latentforge.layouts import vae_config_from_diffusers, vae_from_diffusers
 from latentforge.vae import SD_VAE, AutoencoderKL, VAEConfig, sample_latents
 
@@ -333,6 +335,7 @@ def test_encoder_and_decoder_hold_one_activation_at_a_time() -> None:
     resolution level (decoder); that the outputs stay diffusers' is the parity tests above."""
     torch.manual_seed(0)
     model = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=2)).eval()
+    set_inference(model.requires_grad_(False))
     entering = {"encoder": model.encoder.down[0].downsample, "decoder": model.decoder.up[1].upsample}
     second = {"encoder": model.encoder.down[1].block[1], "decoder": model.decoder.up[0].block[1]}
     alive = {}
@@ -343,3 +346,29 @@ def test_encoder_and_decoder_hold_one_activation_at_a_time() -> None:
     with torch.no_grad():
         model.decode(model.encode(image)[0])
     assert alive == {"encoder": False, "decoder": False}
+
+
+def test_in_place_activations_only_in_a_model_switched_to_inference(monkeypatch) -> None:
+    """The VAE's activations and residual sums are in place only in a model switched to inference, with the
+    same output; not switched (training, or a model built by hand) the plain path runs, under torch.no_grad()
+    too, and its gradients flow."""
+    import latentforge.vae as vae
+
+    calls = []
+    silu = F.silu
+    monkeypatch.setattr(vae.F, "silu", lambda x, inplace=False: calls.append(inplace) or silu(x, inplace=inplace))
+    torch.manual_seed(0)
+    model = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)).eval()
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        plain = model.decode(model.encode(image)[0])
+    assert calls and not any(calls)
+    calls.clear()
+    fast = set_inference(model.requires_grad_(False)).decode(model.encode(image)[0])
+    assert calls and all(calls)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    calls.clear()
+    trained = set_inference(model, False).requires_grad_(True)
+    trained.decode(trained.encode(image)[0]).square().mean().backward()
+    assert calls and not any(calls)
+    assert all(p.grad is not None for p in trained.decoder.parameters())

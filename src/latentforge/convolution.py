@@ -2,8 +2,9 @@
 one matrix product for tiny ones.
 
 All three compute what `nn.Conv2d` computes (the first two with fewer multiplies) and are used only where
-they were measured to win (`python -m benchmarks.convolution`, docs/benchmarks.md): on the CPU, without
-autograd, in float32 or bfloat16, with 256 channels or more. Winograd and the folding on images with many
+they were measured to win (`python -m benchmarks.convolution`, docs/benchmarks.md): in a model switched to
+inference (`inference.set_inference`; training keeps PyTorch's convolution, whose backward it has), on the
+CPU, in float32 or bfloat16, with 256 channels or more. Winograd and the folding on images with many
 pixels per weight (the VAE at 512 x 512; the UNet's first level in float32 and its 32 -> 64 upsampling),
 the matrix product on few (the UNet's 8 x 8 level). Small models (the shipped one) keep the plain path.
 The models' 3 x 3 stride-1 convolutions are this module's `Conv2d`, which decides per call.
@@ -113,8 +114,8 @@ ALGORITHMS = {torch.float32: F4, torch.bfloat16: F2}
 
 def wide_inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `conv(x)` is a plain 3 x 3, stride 1, padding 1 convolution with at least MIN_CHANNELS input
-    and output channels, on the CPU in float32 or bfloat16, outside autograd (training keeps PyTorch's
-    convolution, whose backward it has). Both fast ways need this; each adds its own image-size bound."""
+    and output channels, on the CPU in float32 or bfloat16. Every fast way needs this; each adds its own
+    image-size bound. (Whether the model runs for inference at all is the caller's: `Conv2d.inference`.)"""
     return (
         x.device.type == "cpu"
         and x.dtype in ALGORITHMS
@@ -127,7 +128,6 @@ def wide_inference_3x3(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())))
     )
 
 
@@ -250,18 +250,21 @@ def folded_kernels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) that takes a faster way where one wins."""
+    """nn.Conv2d (same parameters, same state-dict keys) that takes a faster way where one wins, in a model
+    switched to inference (`inference.set_inference`)."""
+
+    inference = False  # the fast ways are taken only when True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if winograd_wins(self, x):
+        if self.inference and winograd_wins(self, x):
             return conv3x3(x, self.weight, self.bias, ALGORITHMS[x.dtype])
-        if unfold_wins(self, x):
+        if self.inference and unfold_wins(self, x):
             return unfolded_conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
     def upsampled(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """self(F.interpolate(x, size, mode="nearest")); size defaults to twice x's, the case made faster."""
         doubled = (2 * x.shape[2], 2 * x.shape[3])
-        if tuple(size or doubled) == doubled and upsample_wins(self, x):
+        if self.inference and tuple(size or doubled) == doubled and upsample_wins(self, x):
             return upsampled_conv3x3(x, self.weight, self.bias)
         return self(F.interpolate(x, size=size or doubled, mode="nearest"))

@@ -19,6 +19,7 @@ from .checkpoints import Parts
 from .config import ModelConfig
 from .guidance import Conditioning, Denoiser, make_denoiser
 from .images import GenerationInfo, cached_model_hash, format_infotext, tensor_to_images
+from .inference import set_inference
 from .prompts import encode_prompts
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
@@ -300,7 +301,7 @@ def build(cls: type[nn.Module], config, tensors: dict[str, torch.Tensor], device
         dtype_here = dtype if value.is_floating_point() else value.dtype
         weights[key] = value.to(device=device, dtype=dtype_here, memory_format=layout)
     module.load_state_dict(weights, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    return set_inference(module.eval().requires_grad_(False))
 
 
 def from_parts(

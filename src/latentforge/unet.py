@@ -17,7 +17,7 @@ from torch import nn
 from .attention import attention
 from .convolution import Conv2d
 
-FEED_FORWARD_ROWS = 2048  # tokens per feed-forward chunk outside autograd (FeedForward; 512-2048 measured alike)
+FEED_FORWARD_ROWS = 2048  # tokens per feed-forward chunk in inference (FeedForward; 512-2048 measured alike)
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD 2.x: Linear instead of 1x1 conv around transformers
     norm_groups: int = 32
     sample_size: int = 64  # native latent size (64 -> 512 px images, 96 -> 768 px)
+    # width of the vector added to the timestep embedding through `label_emb` (LDM's name; SDXL: pooled
+    # text + size embeddings, 2816); None: no such input (SD 1.x / 2.x)
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.head_dim is None):
@@ -132,10 +135,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU then a linear layer back to `dim`. Outside autograd, FEED_FORWARD_ROWS tokens at a time: the
-    8x-wide intermediate is ~10-20 MB from chunk to chunk instead of a fresh ~40-80 MB per call (SD 1.5's
-    64 x 64 level: 0.75-0.97x the time in float32, 0.73-0.86x in bfloat16 over four runs of
+    """GEGLU then a linear layer back to `dim`. In inference (`inference.set_inference`), FEED_FORWARD_ROWS
+    tokens at a time: the 8x-wide intermediate is ~10-20 MB from chunk to chunk instead of a fresh ~40-80 MB
+    per call (SD 1.5's 64 x 64 level: 0.75-0.97x the time in float32, 0.73-0.86x in bfloat16 over four runs of
     `python -m benchmarks.transformer`). Each token's result is the same."""
+
+    inference = False  # chunks only when True
 
     def __init__(self, dim: int):
         super().__init__()
@@ -145,7 +150,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., dim)."""
         tokens = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled() or len(tokens) <= FEED_FORWARD_ROWS:
+        if not self.inference or len(tokens) <= FEED_FORWARD_ROWS:
             return self.net(x)
         out = torch.empty_like(tokens)
         for start in range(0, len(tokens), FEED_FORWARD_ROWS):
@@ -245,6 +250,10 @@ class UNet(nn.Module):
         c = config
         emb_dim = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:  # nested as in LDM: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, c.norm_groups)
@@ -285,11 +294,19 @@ class UNet(nn.Module):
             group_norm(ch, c.norm_groups), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """Latents (B, in, h, w), timesteps (B,) or scalar, text (B, 77, context_dim) -> (B, out, h, w)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, vector: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Latents (B, in, h, w), timesteps (B,) or scalar, text (B, 77, context_dim), and the added vector
+        (B, adm_in_channels) when the config has one -> (B, out, h, w)."""
+        if (vector is None) != (self.config.adm_in_channels is None):
+            wanted = self.config.adm_in_channels
+            raise ValueError(f"this UNet takes {f'a {wanted}-wide added vector' if wanted else 'no added vector'}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if vector is not None:
+            emb = emb + self.label_emb(vector.to(x.dtype))
         context = context.to(x.dtype)
 
         skips = []

@@ -100,14 +100,16 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=GROUPNORM_EPS)
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU of a temporary (a GroupNorm's output), in place when no autograd graph is being recorded: at
+def _silu(x: torch.Tensor, inference: bool) -> torch.Tensor:
+    """SiLU of a temporary (a GroupNorm's output), in place in inference (autograd would need the input): at
     512 x 512 each activation the decoder holds is 67-134 MB in bfloat16, and this is one fewer at a time."""
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+    return F.silu(x, inplace=inference)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (B, in, H, W) -> (B, out, H, W)."""
+
+    inference = False  # activations and the residual sum in place when True (`inference.set_inference`)
 
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
@@ -122,10 +124,10 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) -> (B, out, H, W)."""
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(_silu(self.norm1(x), self.inference))
+        h = self.conv2(_silu(self.norm2(h), self.inference))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return h.add_(shortcut) if not torch.is_grad_enabled() else shortcut + h  # in place: as _silu
+        return h.add_(shortcut) if self.inference else shortcut + h  # in place: as _silu
 
 
 class AttnBlock(nn.Module):
@@ -244,6 +246,8 @@ class DecoderLevel(nn.Module):
 class Encoder(nn.Module):
     """Image to latent moments: (B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)."""
 
+    inference = False  # the last activation in place when True (`inference.set_inference`)
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         groups, widths = config.norm_groups, config.level_channels
@@ -264,11 +268,13 @@ class Encoder(nn.Module):
         """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)."""
         layers = [layer for level in self.down for layer in level.layers()]
         h = _run_layers([*layers, self.mid], self.conv_in(x))
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h), self.inference))
 
 
 class Decoder(nn.Module):
     """Latents to image: (B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
+
+    inference = False  # the last activation in place when True (`inference.set_inference`)
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -289,7 +295,7 @@ class Decoder(nn.Module):
         """(B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
         layers = [layer for level in reversed(self.up) for layer in level.layers()]
         h = _run_layers([self.mid, *layers], self.conv_in(z))
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h), self.inference))
 
 
 class AutoencoderKL(nn.Module):
