@@ -137,7 +137,11 @@ class Pipeline:
 
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
-        request = check_request(self, locals())
+        request = check_request(
+            self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+            seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
+            mask=mask, clip_skip=clip_skip,
+        )  # fmt: skip
         spec = get_sampler(request.sampler)
         schedule = NoiseSchedule.from_config(self.config.scheduler or {})
         sigmas = (

@@ -12,10 +12,22 @@ from PIL import Image
 from .images import image_to_tensor, mask_to_tensor
 from .samplers import get_sampler
 
-MAX_PIXELS = 4096 * 4096  # beyond this a request is refused before anything is allocated
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_SEED = 2**32 - 1
+# Prompt and negative prompt each: ~200 chunks of 75 tokens, far past anything written by hand (a 1 MB
+# prompt took 223 s to encode). The server refuses longer ones with the same constant.
+MAX_PROMPT_CHARS = 16_000
+# Guidance scales any sampler can use: 0 (the negative prompt alone) to 100 (ComfyUI's bound; AUTOMATIC1111's
+# slider stops at 30, and images burn out well before 100). Beyond, the guided prediction overflows
+# (1e308 made an all-black image); below 0 it steers away from the prompt, which no sampler is made for.
+MIN_CFG_SCALE, MAX_CFG_SCALE = 0.0, 100.0
+# Image size: each side at most MAX_SIDE pixels on any device (AUTOMATIC1111's API bound; its UI stops at
+# 2048), and at most MAX_PIXELS pixels in all on the device: a UNet step grows with the square of the pixel
+# count in attention, and an SD 1.5 step at 2048 x 2048 already takes minutes on a CPU.
+MAX_SIDE = 4096
+MAX_PIXELS = {"cpu": 2048 * 2048}  # per device type; any other device (CUDA, MPS): MAX_PIXELS_ACCELERATOR
+MAX_PIXELS_ACCELERATOR = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -45,10 +57,47 @@ def _int(name: str, value, low: int, high: int) -> int:
 
 
 def _size(name: str, value: int, multiple: int) -> int:
-    value = _int(name, value, multiple, 65536)
+    if not isinstance(value, bool) and isinstance(value, int) and value > MAX_SIDE:
+        raise ValueError(f"{name} {value} is too large: at most {MAX_SIDE} pixels a side")
+    value = _int(name, value, multiple, MAX_SIDE)
     if value % multiple:
         raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
     return value
+
+
+def max_pixels(device: torch.device) -> int:
+    """The most pixels (width x height) an image may have on this device."""
+    return MAX_PIXELS.get(device.type, MAX_PIXELS_ACCELERATOR)
+
+
+def _check_pixels(width: int, height: int, device: torch.device) -> None:
+    limit = max_pixels(device)
+    if width * height > limit:
+        side = math.isqrt(limit)
+        where = "on the CPU" if device.type == "cpu" else f"on {device.type}"
+        raise ValueError(
+            f"{width}x{height} is too large {where}: at most {limit:,} pixels ({side}x{side}) there; "
+            "choose a smaller width or height"
+        )
+
+
+def _prompt(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(value):,} characters long: at most {MAX_PROMPT_CHARS:,}; shorten it")
+    return value
+
+
+def _cfg_scale(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"cfg_scale must be a finite number, got {value!r}")
+    if not MIN_CFG_SCALE <= value <= MAX_CFG_SCALE:
+        raise ValueError(
+            f"cfg_scale must be between {MIN_CFG_SCALE:g} and {MAX_CFG_SCALE:g}, got {value:g} "
+            "(1 = no guidance)"
+        )
+    return float(value)
 
 
 def _given(value, default):
@@ -56,39 +105,56 @@ def _given(value, default):
     return default if value is None else value
 
 
-def check_request(pipe, args: dict) -> Request:
-    """Validate `Pipeline.generate`'s arguments; return them completed (seed, size) and converted."""
-    prompt, negative = args["prompt"], args["negative_prompt"]
-    if not isinstance(prompt, str) or not isinstance(negative, str):
-        raise ValueError("prompt and negative_prompt must be strings")
+def check_request(
+    pipe,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int | None,
+    sampler: str | None,
+    cfg_scale: float | None,
+    seed: int | None,
+    width: int | None,
+    height: int | None,
+    batch_size: int,
+    init_image: Image.Image | None,
+    strength: float,
+    mask: Image.Image | None,
+    clip_skip: int,
+) -> Request:
+    """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
+    (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
+    ValueError saying which and what would do; None means "not given"."""
+    prompt, negative = _prompt("prompt", prompt), _prompt("negative_prompt", negative_prompt)
     defaults = pipe.config.defaults  # for the settings left out (None)
-    steps = _int("steps", _given(args["steps"], defaults.steps), 1, MAX_STEPS)
-    sampler = _given(args["sampler"], defaults.sampler)
+    steps = _int("steps", _given(steps, defaults.steps), 1, MAX_STEPS)
+    sampler = _given(sampler, defaults.sampler)
     get_sampler(sampler)  # unknown names fail here, listing the known ones
-    cfg = _given(args["cfg_scale"], defaults.cfg_scale)
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg!r}")
-    seed = args["seed"]
+    cfg = _cfg_scale(_given(cfg_scale, defaults.cfg_scale))
     seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int("seed", seed, 0, MAX_SEED)
-    batch = _int("batch_size", args["batch_size"], 1, MAX_BATCH)
-    clip_skip = _int("clip_skip", args["clip_skip"], 1, pipe.config.text_encoder.layers)
+    batch = _int("batch_size", batch_size, 1, MAX_BATCH)
+    clip_skip = _int("clip_skip", clip_skip, 1, pipe.config.text_encoder.layers)
 
-    init, mask = args["init_image"], args["mask"]
+    init = init_image
     if mask is not None and init is None:
         raise ValueError("a mask needs an init_image to inpaint")
     if init is not None and not isinstance(init, Image.Image):
         raise ValueError(f"init_image must be a PIL image, got {type(init).__name__}")
+    if mask is not None and not isinstance(mask, Image.Image):
+        raise ValueError(f"mask must be a PIL image, got {type(mask).__name__}")
     if mask is not None and mask.size != init.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x{init.size[1]}")
-    native = pipe.config.native_size
-    width = args["width"] or (init.size[0] if init is not None else native)
-    height = args["height"] or (init.size[1] if init is not None else native)
     multiple = pipe.config.vae.downscale
-    width, height = _size("width", width, multiple), _size("height", height, multiple)
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"{width}x{height} is too large: at most {MAX_PIXELS} pixels (4096x4096)")
-
-    strength = args["strength"]
+    sides = []
+    for i, (name, given) in enumerate((("width", width), ("height", height))):
+        if given is not None:
+            sides.append(_size(name, given, multiple))
+        elif init is not None:  # left out: the init image's size
+            sides.append(_size(f"the init image's {name}", init.size[i], multiple))
+        else:  # left out: the model's native size
+            sides.append(_size(name, pipe.config.native_size, multiple))
+    width, height = sides
+    _check_pixels(width, height, pipe.device)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
     if init is not None and int(steps * strength) < 1:
@@ -109,7 +175,7 @@ def check_request(pipe, args: dict) -> Request:
         negative_prompt=negative,
         steps=steps,
         sampler=sampler,
-        cfg_scale=float(cfg),
+        cfg_scale=cfg,
         seed=seed,
         width=width,
         height=height,
