@@ -71,7 +71,7 @@ def tiny_diffusers_pipeline(kind: str, seed: int = 0):
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
     """Model hashes are remembered in a folder of this test run, never in the user's ~/.cache."""
-    from latentforge.images import HASH_CACHE_ENV
+    from latentforge.modelhash import HASH_CACHE_ENV
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(HASH_CACHE_ENV, str(tmp_path_factory.mktemp("cache")))

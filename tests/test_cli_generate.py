@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from latentforge.cli import main
-from latentforge.images import parse_infotext, read_infotext
+from latentforge.infotext import parse_infotext
+from latentforge.pngfiles import read_infotext
 from latentforge.samplers import SPECS
 
 

@@ -11,7 +11,7 @@ from latentforge import pipeline
 from latentforge.checkpoints import read_checkpoint, write_diffusers, write_single_file
 from latentforge.cli import main
 from latentforge.config import SamplingDefaults
-from latentforge.images import parse_infotext
+from latentforge.infotext import parse_infotext
 from latentforge.pipeline import load_tokenizer
 
 DEFAULTS = SamplingDefaults(sampler="DPM++ 2M", steps=3, cfg_scale=4.5)

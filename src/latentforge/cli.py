@@ -56,9 +56,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
     from tqdm import tqdm
 
-    from . import images, load
+    from . import images, load, pngfiles
 
-    out = images.check_output_folder(args.out)  # before any work: a bad --out fails at once
+    out = pngfiles.check_output_folder(args.out)  # before any work: a bad --out fails at once
     init = images.load_image(args.init_image) if args.init_image else None
     mask = images.load_mask(args.mask, init.size) if args.mask else None
     if mask is not None and init is None:
@@ -96,12 +96,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         clip_skip=args.clip_skip,
     )
     for i, image in enumerate(results):
-        path = images.save_png(image, out)
+        path = pngfiles.save_png(image, out)
         print(path)
         if i in previews:
             steps, frames = zip(*previews[i])
             strip = images.image_strip(list(frames), [f"step {n}" for n in steps])
-            print(images.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
+            print(pngfiles.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ def cmd_samplers(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the generation parameters stored in a PNG (AUTOMATIC1111's infotext)."""
-    from .images import read_infotext
+    from .pngfiles import read_infotext
 
     text = read_infotext(args.image)
     if text is None:

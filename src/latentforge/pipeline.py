@@ -18,7 +18,9 @@ from . import checkpoints
 from .checkpoints import Parts
 from .config import ModelConfig
 from .guidance import Conditioning, Denoiser, make_denoiser
-from .images import GenerationInfo, cached_model_hash, format_infotext, tensor_to_images
+from .images import tensor_to_images
+from .infotext import GenerationInfo, format_infotext
+from .modelhash import cached_model_hash
 from .inference import set_inference
 from .prompts import encode_prompts
 from .request import check_request

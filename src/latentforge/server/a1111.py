@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__, images
+from .. import __version__, images, infotext, pngfiles
 from ..request import MAX_BATCH, MAX_SEED
 from ..samplers import SPECS, get_sampler
 from .jobs import Job, ModelEntry, Models, Result, png_base64
@@ -189,8 +189,8 @@ def error_loc(error: ValueError) -> tuple[str, ...]:
 
 def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> dict[str, Any]:
     """A1111's response: base64 PNGs with their infotexts, the request, and the info JSON."""
-    texts = [image.info.get(images.PNG_TEXT_KEY, "") for image in result.images]
-    made = images.parse_infotext(texts[0]) if texts else {}  # what was used, defaults filled in
+    texts = [image.info.get(pngfiles.PNG_TEXT_KEY, "") for image in result.images]
+    made = infotext.parse_infotext(texts[0]) if texts else {}  # what was used, defaults filled in
 
     def used(key: str, cast: type, asked: Any) -> Any:
         return cast(made[key]) if key in made else asked

@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__, images
+from .. import __version__, images, infotext, pngfiles
 from ..pipeline import Pipeline, load
 from ..samplers import SPECS
 from .a1111 import FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload
@@ -187,8 +187,8 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]) -> dict[str, Any]:
-        text = read_upload(decode_base64(body.get("image", ""), "image"), "image", images.read_infotext)
-        return {"info": text or "", "items": {}, "parameters": images.parse_infotext(text) if text else {}}
+        text = read_upload(decode_base64(body.get("image", ""), "image"), "image", pngfiles.read_infotext)
+        return {"info": text or "", "items": {}, "parameters": infotext.parse_infotext(text) if text else {}}
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .. import images
+from .. import pngfiles
 from ..pipeline import Pipeline, Step, default_model_path, load
 
 PREVIEW_EVERY_S = 0.25  # at most this often a step preview is decoded ...
@@ -231,8 +231,8 @@ class Worker:
 def png_base64(image: Image.Image) -> str:
     """A PNG (with the image's infotext, when it has one) as base64 text."""
     pnginfo = PngImagePlugin.PngInfo()
-    if images.PNG_TEXT_KEY in image.info:
-        pnginfo.add_text(images.PNG_TEXT_KEY, image.info[images.PNG_TEXT_KEY])
+    if pngfiles.PNG_TEXT_KEY in image.info:
+        pnginfo.add_text(pngfiles.PNG_TEXT_KEY, image.info[pngfiles.PNG_TEXT_KEY])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=pnginfo)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
