@@ -50,7 +50,7 @@ def main() -> None:
     folder = CACHE / "latentforge-shapes-diffusers"  # made again every run: the shipped model changes
     shutil.rmtree(folder, ignore_errors=True)
     config, parts = read_checkpoint(pipeline.DEFAULT_MODEL)
-    write_diffusers(config, parts, folder, ours.tokenizer)
+    write_diffusers(config, parts, folder, ours.conditioner.tokenizer)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     d = ours.config.defaults

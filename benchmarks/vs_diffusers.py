@@ -121,7 +121,7 @@ def latentforge_adapter() -> Adapter:
 
     return Adapter(
         load=lambda path, dtype: latentforge.load(path, dtype=dtype, device="cpu"),
-        encode_text=lambda pipe: pipe.encode_prompt([PROMPT, NEGATIVE]),
+        encode_text=lambda pipe: pipe.encode_prompt(PROMPT, NEGATIVE),
         unet=lambda pipe, x, t, context: pipe.unet(x, t, context),
         vae_decode=lambda pipe, z: pipe.vae.decode(z),
         vae_encode=lambda pipe, image: torch.cat(pipe.vae.encode(image), dim=1),
@@ -457,7 +457,7 @@ def notes(speed: dict[str, Any], whole: dict[str, Any], repeats: int, sessions: 
         f"Operations: each call timed after one untimed warm-up of the same call in the same process; {repeats} "
         "timed calls per library, the libraries alternating call by call (order reversed every other call); "
         f"seeded random inputs, identical in both processes; t = {TIMESTEP}; under `torch.no_grad()`.",
-        "*text encoding*: latentforge's `pipe.encode_prompt([prompt, negative])` (tokenizer, A1111 emphasis parsing, "
+        "*text encoding*: latentforge's `pipe.encode_prompt(prompt, negative)` (tokenizer, A1111 emphasis parsing, "
         "CLIP) against diffusers' `pipe.encode_prompt(prompt, 'cpu', 1, True, negative)`. *VAE encode/decode*: the "
         "VAE modules alone, no scaling or PIL conversion.",
         f"Whole runs: a fresh process imports, loads and runs one {SIZE}x{SIZE} txt2img, {STEPS} steps (its first "

@@ -22,10 +22,10 @@ def assert_same_model(ours, ref):
     """Token ids, text vectors, UNet output, VAE encode and decode agree to 1e-4."""
     g = torch.Generator().manual_seed(0)
     ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(ours.tokenizer(PROMPTS), ids)
+    assert torch.equal(ours.conditioner.tokenizer(PROMPTS), ids)
     with torch.no_grad():
         close = dict(atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.text_encoder(ids), ref.text_encoder(ids)[0], **close)
+        torch.testing.assert_close(ours.conditioner.text_encoder(ids), ref.text_encoder(ids)[0], **close)
         context = torch.randn(2, 77, ours.config.unet.context_dim, generator=g)
         x = torch.randn(2, ours.config.unet.in_channels, 8, 8, generator=g)
         t = torch.tensor([3, 777])
@@ -53,7 +53,7 @@ def test_load_diffusers_folder(diffusers_folder):
     version, prediction, inpainting, pad = expected_config(kind)
     assert ours.config.version == version
     assert ours.config.prediction_type == prediction and ours.config.inpainting == inpainting
-    assert ours.tokenizer.pad_id == pad
+    assert ours.conditioner.tokenizer.pad_id == pad
     assert_same_model(ours, reference(folder, kind))
 
 
@@ -100,15 +100,17 @@ def test_convert_changes_dtype(sd1_folder, tmp_path, dtype, torch_dtype):
     assert {t.dtype for t in tensors.values()} == {torch_dtype}
     half = latentforge.load(path, dtype="float32", device="cpu")
     full = latentforge.load(folder, dtype="float32", device="cpu")
-    ids = full.tokenizer(PROMPTS)
+    ids = full.conditioner.tokenizer(PROMPTS)
     with torch.no_grad():
-        torch.testing.assert_close(half.text_encoder(ids), full.text_encoder(ids), atol=0.1, rtol=0.05)
+        got, want = half.conditioner.text_encoder(ids), full.conditioner.text_encoder(ids)
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
 
 
 def test_load_in_lower_precision(sd1_folder):
     ours = latentforge.load(sd1_folder, dtype="bfloat16", device="cpu")
     assert {p.dtype for p in ours.unet.parameters()} == {torch.bfloat16}
-    assert ours.encode_prompt(PROMPTS).dtype == torch.bfloat16
+    cond, uncond = ours.encode_prompt(PROMPTS[0], PROMPTS[1])
+    assert cond.context.dtype == uncond.context.dtype == torch.bfloat16
 
 
 def test_convert_never_overwrites(sd1_folder, tmp_path, capsys):

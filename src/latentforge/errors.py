@@ -19,3 +19,7 @@ class FileError(ValueError):
         self.fix = one_line(fix) if fix else None
         message = f"{self.path}: {self.cause}"
         super().__init__(f"{message}; {self.fix}" if self.fix else message)
+
+
+class GenerationError(ValueError):
+    """A generation that cannot give a usable image (its latents or pixels became NaN/inf); says why."""

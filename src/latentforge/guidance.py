@@ -12,42 +12,43 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import Cond
 from .unet import UNet
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class Conditioning:
-    """What the UNet is asked about: the prompt's text vectors, and the negative prompt's when guiding."""
+class Guidance:
+    """What the UNet is asked about: the prompt's conditioning, and the negative prompt's when guiding."""
 
-    cond: torch.Tensor  # (1, 77 * k, width)
-    uncond: torch.Tensor | None  # same shape; None when cfg_scale == 1 (no unconditional pass)
+    cond: Cond  # batch of 1
+    uncond: Cond | None  # same shapes; None when cfg_scale == 1 (no unconditional pass)
     cfg_scale: float = 7.5
     # inpainting UNet: mask (1, 1, h, w) and masked-image latents (1, 4, h, w), appended to its input
     inpaint_extra: torch.Tensor | None = None
 
 
 def make_denoiser(
-    unet: UNet, timestep: Callable[[torch.Tensor], torch.Tensor], prediction_type: str, cond: Conditioning
+    unet: UNet, timestep: Callable[[torch.Tensor], torch.Tensor], prediction_type: str, guidance: Guidance
 ) -> Denoiser:
-    """A denoiser (x (1,4,h,w) in sigma form, sigma 0-d) -> predicted x0, guided by `cond`.
+    """A denoiser (x (1,4,h,w) in sigma form, sigma 0-d) -> predicted x0, guided by `guidance`.
     `timestep` turns a sigma into the UNet's timestep, the way the chosen sampler's schedule does."""
+    # both passes in one UNet batch; unconditional first, as diffusers orders them
+    both = guidance.cond if guidance.uncond is None else Cond.cat([guidance.uncond, guidance.cond])
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
         t = timestep(sigma)
         x_in = (x * c_in).to(unet_dtype(unet))
-        if cond.inpaint_extra is not None:
-            x_in = torch.cat([x_in, cond.inpaint_extra.to(x_in.dtype)], dim=1)
-        if cond.uncond is None:
-            out = unet(x_in, t, cond.cond).float()
+        if guidance.inpaint_extra is not None:
+            x_in = torch.cat([x_in, guidance.inpaint_extra.to(x_in.dtype)], dim=1)
+        if guidance.uncond is None:
+            out = unet(x_in, t, both.context, both.vector).float()
         else:
-            # both passes in one UNet batch; unconditional first, as diffusers orders them
-            both = unet(torch.cat([x_in, x_in]), t, torch.cat([cond.uncond, cond.cond])).float()
-            uncond, conditional = both.chunk(2)
-            out = uncond + cond.cfg_scale * (conditional - uncond)
+            uncond, conditional = unet(torch.cat([x_in, x_in]), t, both.context, both.vector).float().chunk(2)
+            out = uncond + guidance.cfg_scale * (conditional - uncond)
         return to_x0(out, x, sigma, prediction_type)
 
     return denoise

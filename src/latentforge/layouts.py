@@ -60,6 +60,8 @@ def unet_table(c: UNetConfig) -> list[Entry]:
         Entry("out.0", "conv_norm_out"),
         Entry("out.2", "conv_out"),
     ]
+    if c.adm_in_channels is not None:  # the added vector's embedding (diffusers' text_time add_embedding)
+        t += [Entry("label_emb.0.0", "add_embedding.linear_1"), Entry("label_emb.0.2", "add_embedding.linear_2")]
     levels = len(c.channel_mult)
     idx = 1
     for level in range(levels):

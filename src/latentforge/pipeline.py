@@ -17,12 +17,13 @@ from torch import nn
 from . import checkpoints
 from .checkpoints import Parts
 from .config import ModelConfig
-from .guidance import Conditioning, Denoiser, make_denoiser
+from .errors import GenerationError
+from .conditioning import ClipConditioner, Cond, Conditioner
+from .guidance import Denoiser, Guidance, make_denoiser
 from .images import tensor_to_images
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_model_hash
 from .inference import set_inference
-from .prompts import encode_prompts
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
@@ -57,8 +58,7 @@ class Step:
 
 @dataclass
 class Pipeline:
-    tokenizer: Tokenizer
-    text_encoder: TextEncoder
+    conditioner: Conditioner  # the model family's prompts -> UNet conditioning (text encoders inside)
     unet: UNet
     vae: AutoencoderKL
     config: ModelConfig
@@ -71,16 +71,20 @@ class Pipeline:
     # enable_vae_tiling(); images at the native size or smaller are decoded whole either way
     vae_tiling: bool = False
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Prompts -> text vectors (B, 77 * chunks, width), with A1111's emphasis and long-prompt chunks."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip).to(self.dtype)
+    def encode_prompt(
+        self, prompt: str, negative: str | None = None, clip_skip: int = 1, size: tuple[int, int] | None = None
+    ) -> tuple[Cond, Cond | None]:
+        """The prompt's conditioning, and the negative prompt's (None when `negative` is None), in the
+        model's dtype; `size` (height, width) defaults to the native size (families that condition on it)."""
+        native = self.config.native_size
+        cond, uncond = self.conditioner(prompt, negative, clip_skip=clip_skip, size=size or (native, native))
+        return cond.to(self.dtype), (None if uncond is None else uncond.to(self.dtype))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 4, h, w) as the sampler leaves them -> PIL images (8h x 8w)."""
         (x,) = self._run_vae(lambda z: (self._decode(z),), latents / self.config.vae.scaling_factor)
+        self._check_finite(x, "the decoded image")
         return tensor_to_images(x.float().cpu())
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -152,18 +156,18 @@ class Pipeline:
             else img2img_sigmas(spec, schedule, request.steps, request.strength)
         )
         # the negative prompt is only read by the unconditional pass, which scale 1 skips
-        guided = request.cfg_scale != 1
-        prompts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
-        cond = self.encode_prompt(prompts, request.clip_skip)
+        negative = request.negative_prompt if request.cfg_scale != 1 else None
+        conds = self.encode_prompt(request.prompt, negative, request.clip_skip, (request.height, request.width))
         images = []
         for i in range(request.batch_size):
-            latents = self._sample(request, spec, schedule, sigmas, cond, request.seed + i, i, callback)
+            latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback)
+            self._check_finite(latents, f"the latents of image {i + 1}")
             image = self.decode(latents)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i))
             images.append(image)
         return images
 
-    def _sample(self, request, spec, schedule, sigmas, cond, seed, index, callback) -> torch.Tensor:
+    def _sample(self, request, spec, schedule, sigmas, conds, seed, index, callback) -> torch.Tensor:
         """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents."""
         g = torch.Generator().manual_seed(seed)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
@@ -183,14 +187,9 @@ class Pipeline:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
             x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
-        conditioning = Conditioning(
-            cond=cond[:1],
-            uncond=cond[1:] if len(cond) > 1 else None,
-            cfg_scale=request.cfg_scale,
-            inpaint_extra=extra,
-        )
+        guidance = Guidance(cond=conds[0], uncond=conds[1], cfg_scale=request.cfg_scale, inpaint_extra=extra)
         timestep = functools.partial(spec.timestep, schedule)
-        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, conditioning)
+        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance)
         if blend is not None:
             denoise = keep_unmasked(denoise, *blend)
 
@@ -215,6 +214,29 @@ class Pipeline:
         full = request.mask_tensor if request.mask_tensor is not None else torch.ones_like(image[:, :1])
         masked = image * (full < 0.5)
         return torch.cat([F.interpolate(full, size=(h, w)).to(self.device), self.encode_image(masked, g)], dim=1)
+
+    def models(self) -> dict[str, nn.Module]:
+        """Every network of the model by part name: the family's text encoder(s), "unet", "vae"."""
+        return {**self.conditioner.models(), "unet": self.unet, "vae": self.vae}
+
+    def _check_finite(self, x: torch.Tensor, what: str) -> None:
+        """A NaN/inf result is an error saying why, never a black image."""
+        if not bool(torch.isfinite(x).all()):
+            raise GenerationError(f"{what} became NaN/inf: {self._nonfinite_cause()}")
+
+    def _nonfinite_cause(self) -> str:
+        """Why a result went NaN/inf: damaged weights, the dtype's range, or the settings."""
+        for part, module in self.models().items():
+            for key, value in module.state_dict().items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return (
+                        f"the model's {part} weights hold NaN/inf (first in {key!r}); the checkpoint is damaged: "
+                        "re-download or re-export it"
+                    )
+        if self.dtype != torch.float32:
+            name = str(self.dtype).removeprefix("torch.")
+            return f"its weights are finite, so the model overflowed in {name}: run it in float32 (--dtype float32)"
+        return "its weights are finite and it ran in float32, so the settings drove it out of range: lower cfg_scale"
 
     def _info(self, request, spec, seed: int) -> GenerationInfo:
         return GenerationInfo(
@@ -254,13 +276,21 @@ def keep_unmasked(denoise: Denoiser, mask: torch.Tensor, kept: torch.Tensor) -> 
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' is CUDA when there is a GPU, else the CPU."""
+    """'auto' is CUDA when there is a GPU, else the CPU; a device this machine lacks is a ValueError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and gpus == 0:
+        raise ValueError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise ValueError(f"device {str(device)!r}: this machine has {gpus} CUDA GPU(s), cuda:0 to cuda:{gpus - 1}")
+    return device
 
 
 def native_bfloat16() -> bool:
@@ -314,9 +344,9 @@ def from_parts(
     config: ModelConfig, parts: Parts, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = ""
 ) -> Pipeline:
     """Assemble a Pipeline from checked, our-named weights."""
+    text_encoder = build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype)
     return Pipeline(
-        tokenizer=tokenizer,
-        text_encoder=build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype),
+        conditioner=ClipConditioner(tokenizer, text_encoder),
         unet=build(UNet, config.unet, parts.pop("unet"), device, dtype),
         vae=build(AutoencoderKL, config.vae, parts.pop("vae"), device, dtype),
         config=config,

@@ -1,0 +1,74 @@
+"""Prompts -> what the UNet takes besides the latents and the timestep, one piece per model family.
+
+A model family differs in how text reaches the UNet: SD 1.x/2.x run one CLIP text encoder whose per-token
+vectors are the whole conditioning; SDXL runs two and adds a vector (pooled text and image sizes) to the
+timestep embedding. The pipeline never knows which: it asks the model's `Conditioner` for a `Cond` of the
+prompt (and of the negative prompt when guiding) and hands it to the UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .prompts import encode_prompts
+from .text_encoder import TextEncoder
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Cond:
+    """The UNet's conditioning for a batch: cross-attention context, and the added vector of families that
+    have one (`UNetConfig.adm_in_channels`)."""
+
+    context: torch.Tensor  # (B, L, context_dim): the text vectors cross-attention reads
+    vector: torch.Tensor | None = None  # (B, adm_in_channels): added to the timestep embedding (SDXL)
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """Join conditionings along the batch (all with a vector, or none)."""
+        vectors = [c.vector for c in conds]
+        if any(v is None for v in vectors) and not all(v is None for v in vectors):
+            raise ValueError("cannot batch conditionings with and without an added vector")
+        vector = None if vectors[0] is None else torch.cat(vectors)
+        return Cond(torch.cat([c.context for c in conds]), vector)
+
+    def to(self, dtype: torch.dtype) -> Cond:
+        return Cond(self.context.to(dtype), None if self.vector is None else self.vector.to(dtype))
+
+
+class Conditioner(Protocol):
+    """A model family's prompt encoder: (prompt, negative prompt or None when not guiding) -> their Conds.
+    `size` is the image's (height, width), for families that condition on it."""
+
+    def __call__(
+        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]: ...
+
+    def models(self) -> dict[str, nn.Module]:
+        """Its networks by part name (e.g. "text_encoder"), as the checkpoint names them."""
+        ...
+
+
+@dataclass
+class ClipConditioner:
+    """SD 1.x / 2.x: one CLIP text encoder, A1111's prompt syntax; its 77 * k vectors are the whole Cond."""
+
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        """Both prompts in one text-encoder batch, so they are padded to the same chunk count."""
+        prompts = [prompt] if negative is None else [prompt, negative]
+        context = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip)
+        return Cond(context[:1]), (None if negative is None else Cond(context[1:]))
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
