@@ -16,14 +16,14 @@ from torch import nn
 
 from . import checkpoints
 from .checkpoints import Parts
+from .conditioning import ClipConditioner, Cond, Conditioner
 from .config import ModelConfig
 from .errors import GenerationError
-from .conditioning import ClipConditioner, Cond, Conditioner
 from .guidance import Denoiser, Guidance, make_denoiser
 from .images import tensor_to_images
+from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_model_hash
-from .inference import set_inference
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
