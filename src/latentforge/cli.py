@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     layout = args.to or ("single" if dst.suffix == ".safetensors" else "diffusers")
     if layout == "single" and dst.suffix != ".safetensors":
         raise ValueError(f"{dst}: a single-file checkpoint is written as .safetensors; name it {dst.name}.safetensors")
+    _check_destination(dst, make_parents=layout == "diffusers")  # before reading: a bad DST fails at once
     dtype = DTYPES[args.dtype] if args.dtype else None
     config, parts = read_checkpoint(args.src, args.prediction_type)
     if layout == "single":
@@ -52,6 +54,22 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({'single file' if layout == 'single' else 'diffusers folder'}, {config.describe()})")
 
 
+def _check_destination(dst: Path, make_parents: bool) -> None:
+    """A new file or folder can be made at `dst`: its folder exists (or, with make_parents, the nearest
+    existing one above it) as a folder this user may write in. Otherwise a FileError naming it."""
+    from .errors import FileError
+
+    folder = dst.parent
+    if not make_parents and not folder.exists():
+        raise FileError(dst, f"the folder {folder} does not exist", "create it first or choose another destination")
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FileError(dst, f"{folder} is a file, not a folder", "choose another destination")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FileError(dst, f"the folder {folder} is not writable", "choose another destination or fix its permissions")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
     from tqdm import tqdm
@@ -59,10 +77,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from . import images, load, pngfiles
 
     out = pngfiles.check_output_folder(args.out)  # before any work: a bad --out fails at once
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (the image whose masked part is repainted)")
+    if args.preview_every < 0:
+        raise ValueError(f"--preview-every must be a number of steps, or 0 for none; got {args.preview_every}")
     init = images.load_image(args.init_image) if args.init_image else None
     mask = images.load_mask(args.mask, init.size) if args.mask else None
-    if mask is not None and init is None:
-        raise ValueError("--mask needs --init-image")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     pipe.vae_tiling = args.vae_tiling
     previews: dict[int, list] = {}
