@@ -291,7 +291,7 @@ def test_safetensors_bad_json_header(tmp_path: Path) -> None:
     body = b'{"a": {"dtype": "F32", '
     path = tmp_path / "json.safetensors"
     path.write_bytes(len(body).to_bytes(8, "little") + body)
-    error_for(path, "bad JSON")
+    error_for(path, "corrupt safetensors file", "invalid JSON", "re-download")
 
 
 def test_safetensors_offsets_beyond_file(tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_safetensors_offsets_disagree_with_shape(tmp_path: Path) -> None:
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
     path = tmp_path / "shape.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    error_for(path, "corrupt safetensors header", "'a'")
+    error_for(path, "corrupt safetensors file", "invalid shape, data type, or offset", "re-download")
 
 
 def test_git_lfs_pointer(tmp_path: Path) -> None:

@@ -8,20 +8,21 @@ nothing of Stable Diffusion. Nothing from a pickle-based file is ever executed: 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
-import math
 import mmap
 import os
 import pickle
 import pickletools
+import weakref
 import zipfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_path
 from .errors import FileError, one_line
@@ -106,16 +107,17 @@ def _read_head(path: PathLike, size: int) -> bytes:
     except IsADirectoryError as exc:
         raise CheckpointError(path, "is a folder, not a weight file") from exc
     except OSError as exc:
-        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})") from exc
+        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})", _os_fix(exc)) from exc
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
-    """Little-endian u64 header length of a plausible size, followed by a JSON object."""
+    """Little-endian u64 header length of a plausible size, followed by what starts a JSON object."""
     if len(head) < 9:
         return False
     header_len = int.from_bytes(head[:8], "little")
-    # Only plausibility here: a header cut short is still reported as a truncated safetensors file.
-    return 2 <= header_len <= _MAX_HEADER_BYTES and head[8:9] == b"{"
+    # Only plausibility here (the safetensors library judges the rest): a header cut short is still
+    # reported as a truncated safetensors file. JSON may start with whitespace, and the library allows it.
+    return 2 <= header_len <= _MAX_HEADER_BYTES and head[8:9] in (b"{", b" ", b"\t", b"\n", b"\r")
 
 
 # --------------------------------------------------------------------------- reading
@@ -130,9 +132,20 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
         return _read_torch(path, fmt)
     except CheckpointError:
         raise
+    except OSError as exc:  # the system refused (open files, memory), not the file's contents
+        raise CheckpointError(path, f"cannot read {fmt} file ({_describe(exc)})", _os_fix(exc)) from exc
     except Exception as exc:  # any library failure becomes the same one-line, file-named error
         cause = f"cannot read {fmt} file ({_describe(exc)})"
         raise CheckpointError(path, cause, f"the file is damaged; {_REDOWNLOAD}") from exc
+
+
+def _os_fix(exc: OSError) -> str | None:
+    """What to do about a system error while reading; None when there is nothing obvious."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return "too many files are open; raise the limit (`ulimit -n`) or open fewer files at once"
+    if exc.errno == errno.ENOMEM:
+        return "not enough memory to map the file; free some memory"
+    return None
 
 
 def _describe(exc: BaseException, limit: int = 200) -> str:
@@ -144,106 +157,108 @@ def _describe(exc: BaseException, limit: int = 200) -> str:
 
 
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Validate the header, then map each tensor from the file on its own (no copies, nothing read yet).
+    """Let the safetensors library judge the file, then view each tensor in one private mapping of it.
 
-    One private (copy-on-write) mapping per tensor, so that when a tensor is converted (dtype, layout) and its
-    source dropped, the source's pages leave this process's memory at once: loading a float32 file as
-    bfloat16 then peaks near the bfloat16 weights, not at both copies. Writes to a tensor never reach the file."""
-    header = _safetensors_header(path)
-    tensors = {}
-    with open(path, "rb") as file:
-        start = 8 + int.from_bytes(file.read(8), "little")  # the data follows the length and the header
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _ST_DTYPES:  # a dtype this torch lacks a name for: safetensors judges it
-                with safe_open(os.fspath(path), framework="pt", device="cpu") as st:
-                    tensors[name] = st.get_tensor(name)
+    Nothing is read yet and nothing is copied. Each tensor's pages are handed back as soon as the
+    tensor is dropped (see _release_when_dropped), so converting tensors one by one (dtype, layout)
+    keeps one copy of the weights: a float32 file loaded as bfloat16 peaks near the bfloat16 size.
+    One mapping and one file descriptor per file, however many tensors. Writes never reach the file."""
+    with _safetensors_reference(path) as reference:
+        metadata = dict(reference.metadata() or {})
+        entries, start = _safetensors_entries(path)
+        tensors = {}
+        with open(path, "rb") as file:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, info in entries.items():
+            if info["dtype"] not in _ST_DTYPES:  # a dtype this torch lacks a name for: safetensors reads it
+                tensors[name] = _library_tensor(path, name)
                 continue
             begin, end = info["data_offsets"]
-            tensors[name] = _map_tensor(file, start + begin, end - begin, _ST_DTYPES[info["dtype"]], info["shape"])
-    return tensors, dict(header.get("__metadata__") or {})
+            tensors[name] = _view_tensor(mapping, start + begin, end - begin, _ST_DTYPES[info["dtype"]], info["shape"])
+    return tensors, metadata
 
 
-def _map_tensor(file: IO[bytes], offset: int, size: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """A tensor viewing `size` bytes of `file` at `offset` through a mapping of its own (freed with it)."""
-    if size == 0:
-        return torch.empty(shape, dtype=dtype)
-    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(file.fileno(), offset - aligned + size, access=mmap.ACCESS_COPY, offset=aligned)
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=offset - aligned)
-    if (offset - aligned) % dtype.itemsize:  # misaligned data (a non-padded header): one copy
-        flat = flat.clone()
-    return flat.view(dtype).reshape(shape)
+@contextlib.contextmanager
+def _safetensors_reference(path: PathLike) -> Iterator[Any]:
+    """The file opened by the safetensors library, which checks the whole header against the file.
+
+    That library is the reference for what a valid safetensors file is: whatever it refuses (bad JSON,
+    duplicate names, overlapping offsets, holes, shapes that disagree with sizes, a short or long data
+    section) is refused here, with its reason."""
+    try:
+        reference = safe_open(os.fspath(path), framework="numpy")
+    except SafetensorError as exc:
+        raise _refusal(path, exc) from exc
+    except OSError as exc:  # the library words every open failure as FileNotFoundError: ask the system
+        _read_head(path, 1)
+        raise CheckpointError(path, f"cannot open file ({_describe(exc)})") from exc
+    with reference:
+        yield reference
 
 
-def _safetensors_header(path: PathLike) -> dict[str, Any]:
-    """Parse and check the safetensors header against the real file size."""
+def _refusal(path: PathLike, exc: Exception) -> CheckpointError:
+    """The library's reason for refusing a file, said as truncation when the file is shorter than its header."""
+    shortfall = _shortfall(path)
+    if shortfall:
+        return CheckpointError(path, f"truncated safetensors file ({shortfall})", _REDOWNLOAD)
+    return CheckpointError(path, f"corrupt safetensors file ({_describe(exc)})", _REDOWNLOAD)
+
+
+def _shortfall(path: PathLike) -> str | None:
+    """How much shorter the file is than its header says (wording only: validity is the library's call)."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as file:
         header_len = int.from_bytes(file.read(8), "little")
         if 8 + header_len > file_size:
-            raise CheckpointError(
-                path,
-                f"truncated safetensors file (header says its JSON is {header_len} bytes, "
-                f"file has {file_size - 8} after the length)",
-                _REDOWNLOAD,
-            )
+            return f"header says its JSON is {header_len} bytes, file has {file_size - 8} after the length"
         raw = file.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"corrupt safetensors header (bad JSON: {exc})", _REDOWNLOAD) from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)", _REDOWNLOAD)
-    _check_metadata(path, header.get("__metadata__"))
-    data_size = file_size - 8 - header_len
-    ends = [_tensor_end(path, name, info) for name, info in header.items() if name != "__metadata__"]
-    needed = max(ends, default=0)
-    if needed > data_size:
-        raise CheckpointError(
-            path,
-            f"truncated safetensors file (header says {needed} bytes of tensor data, file has {data_size})",
-            _REDOWNLOAD,
-        )
-    return header
+    except ValueError:
+        return None
+    entries = header.values() if isinstance(header, dict) else []
+    offsets = [info.get("data_offsets") for info in entries if isinstance(info, dict)]
+    ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
+    needed, data_size = max(ends, default=0), file_size - 8 - header_len
+    return f"header says {needed} bytes of tensor data, file has {data_size}" if needed > data_size else None
 
 
-def _check_metadata(path: PathLike, metadata: object) -> None:
-    """safetensors metadata must be a flat str -> str mapping."""
-    ok = metadata is None or (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    )
-    if not ok:
-        cause = "corrupt safetensors header (__metadata__ is not a str -> str map)"
-        raise CheckpointError(path, cause, _REDOWNLOAD)
+def _safetensors_entries(path: PathLike) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor entries of a header the library accepted, and where the data section starts."""
+    with open(path, "rb") as file:
+        header_len = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_len).decode("utf-8"))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
 
 
-def _tensor_end(path: PathLike, name: str, info: object) -> int:
-    """End offset of one header entry in the data section, after checking it is self-consistent."""
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(path, f"corrupt safetensors header (tensor {name!r}: {why})", _REDOWNLOAD)
-
-    if not isinstance(info, dict):
-        raise bad("entry is not an object")
-    shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
-    if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
-        raise bad(f"bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
-        raise bad(f"bad data_offsets {offsets!r}")
-    begin, end = offsets
-    if begin > end:
-        raise bad(f"data_offsets {offsets} run backwards")
-    if dtype in _ST_DTYPES:  # dtypes torch lacks here are left for safetensors to judge
-        expected = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-        if end - begin != expected:
-            raise bad(f"{end - begin} bytes for a {dtype} tensor of shape {shape}, which needs {expected}")
-    return end
+def _library_tensor(path: PathLike, name: str) -> torch.Tensor:
+    """One tensor read by safetensors itself (for dtypes missing from our table)."""
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as st:
+        return st.get_tensor(name)
 
 
-def _is_uint(value: object) -> bool:
-    """A JSON non-negative integer (bool excluded, since it is an int subclass)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _view_tensor(mapping: mmap.mmap, offset: int, size: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing `size` bytes of the mapping at `offset`; its pages are released when it is dropped."""
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
+    window = memoryview(mapping)[offset : offset + size]
+    _release_when_dropped(window, mapping, offset, size)
+    flat = torch.frombuffer(window, dtype=torch.uint8)  # holds `window` until the last view of it goes
+    if offset % dtype.itemsize:  # misaligned data (a non-padded header): one copy, the window dropped now
+        flat = flat.clone()
+    return flat.view(dtype).reshape(shape)
+
+
+def _release_when_dropped(window: memoryview, mapping: mmap.mmap, offset: int, size: int) -> None:
+    """Once nothing views `window` any more, drop the process's pages of the whole pages inside it.
+
+    Safe because tensors of a valid file never overlap: no other tensor sees those pages. Pages shared
+    with a neighbouring tensor stay until the mapping itself goes (with the file's last tensor)."""
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (offset + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+        weakref.finalize(window, mapping.madvise, mmap.MADV_DONTNEED, first, last - first).atexit = False
 
 
 def _read_torch(path: PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
