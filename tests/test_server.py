@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import requests
 import webuiapi
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 import latentforge
 from latentforge.server import ServerThread, Settings, create_app
+from latentforge.server.a1111 import MAX_INIT_IMAGES, MAX_PROMPT_CHARS
 
 SIZE = {"width": 64, "height": 64}
 ALLOWED = "http://allowed.example"
@@ -217,6 +218,7 @@ def test_a_client_that_disconnects_leaves_the_queue(url, api):
         ("img2img", {"init_images": [base64.b64encode(b"GIF89a...").decode()]}, ["init_images", "0"]),
         ("img2img", {"mask_blur": -1}, ["mask_blur"]),
         ("img2img", {"denoising_strength": 1.5}, ["denoising_strength"]),
+        ("img2img", {"negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, ["negative_prompt"]),
     ],
 )  # fmt: skip
 def test_bad_fields_are_422_naming_the_field(url, path, payload, field):
@@ -250,6 +252,58 @@ def test_an_image_claiming_100000_by_100000_is_refused_before_decoding(url):
     assert response.status_code == 422
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "init_images", "0"] and "100000x100000" in error["msg"]
+
+
+def test_img2img_checks_every_image_header_before_decoding_any(url, monkeypatch):
+    """Six 8192 x 8192 PNGs of 11 KB each took a server from 0.47 to 2.45 GB: now no image is decoded
+    until every header (the mask's too) is within the limit, and at most MAX_INIT_IMAGES are taken."""
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or load(image))
+    small = webuiapi.b64_img(Image.new("RGB", (64, 64)))
+    huge = base64.b64encode(png_claiming(8193, 8192)).decode()  # one row over 8192 x 8192
+    refused = {
+        ("init_images", "2"): {"init_images": [small, small, huge]},
+        ("mask",): {"init_images": [small, small], "mask": huge},
+        ("init_images",): {"init_images": [small] * (MAX_INIT_IMAGES + 1)},
+    }
+    for loc, payload in refused.items():
+        response = post(url, "img2img", {"prompt": "x", "steps": 1, **payload})
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert tuple(error["loc"][1:]) == loc and "\n" not in error["msg"]
+        assert "8193x8192" in error["msg"] or f"at most {MAX_INIT_IMAGES}" in error["msg"], error["msg"]
+    assert decoded == []
+    accepted = post(url, "img2img", {"prompt": "x", "steps": 2, "init_images": [small] * MAX_INIT_IMAGES, **SIZE})
+    assert accepted.status_code == 200, accepted.text
+    assert decoded and set(decoded) == {(64, 64)}  # the spy sees the decoding it was kept from above
+
+
+def test_prompt_length_is_bounded(url):
+    longest = post(url, "txt2img", {"prompt": "a " * (MAX_PROMPT_CHARS // 2), "steps": 1, **SIZE})
+    assert longest.status_code == 200, longest.text
+    response = post(url, "txt2img", {"prompt": "a" * (MAX_PROMPT_CHARS + 1), "steps": 1, **SIZE})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and str(MAX_PROMPT_CHARS) in error["msg"]
+
+
+def test_png_info_answers_the_largest_infotext(url):
+    """A 1 MB infotext (Pillow's cap on a text chunk) in a PNG of a few kB: the last line made of what
+    takes the webui's regex quadratic time; parsed in linear time (tests/test_infotext.py counts it)."""
+    last = "Steps: 20, Sampler: Euler, Seed: 1, " + 'kk: "a,' * 130_000
+    text = "a prompt\n" + last
+    chunk = b"parameters\0\0" + zlib.compress(text.encode(), 9)
+    image = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(image, format="PNG")
+    data = image.getvalue()
+    png = data[:33] + struct.pack(">I", len(chunk)) + b"zTXt" + chunk + struct.pack(">I", zlib.crc32(b"zTXt" + chunk))
+    response = post(url, "png-info", {"image": base64.b64encode(png + data[33:]).decode()})
+    assert response.status_code == 200 and len(png) < 10_000
+    answer = response.json()
+    assert answer["info"] == text
+    assert answer["parameters"] == {"Prompt": "a prompt", "Negative prompt": "", "Steps": "20", "Sampler": "Euler",
+                                    "Seed": "1", "kk": '"a'}  # fmt: skip
 
 
 def test_oversize_bodies_are_refused(url):
@@ -292,6 +346,43 @@ def test_models_and_switching_them_by_option(api, url):
         api.set_options({"sd_model_checkpoint": "alpha"})
     response = post(url, "options", {"sd_model_checkpoint": "gamma"})
     assert response.status_code == 422 and "unknown model 'gamma'" in response.text
+
+
+def broken_model(folder):
+    """A model file cut short: a safetensors header that promises more tensor data than there is."""
+    from safetensors.numpy import save_file
+
+    path = folder / "broken.safetensors"
+    save_file({"weight": np.zeros(4096, np.float32)}, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    return path
+
+
+def test_a_model_that_fails_to_load_leaves_the_current_one(sd1_folder, tmp_path):
+    settings = Settings(models=[str(sd1_folder), str(broken_model(tmp_path))])
+    with ServerThread(create_app(settings)) as url:
+        response = post(url, "options", {"sd_model_checkpoint": "broken.safetensors", "CLIP_stop_at_last_layers": 2})
+        assert response.status_code == 500
+        detail = response.json()["detail"]
+        assert detail.startswith("cannot load model broken.safetensors: ") and "truncated" in detail
+        assert "\n" not in detail
+        options = requests.get(f"{url}/sdapi/v1/options", timeout=10).json()
+        assert (options["sd_model_checkpoint"], options["CLIP_stop_at_last_layers"]) == ("model", 1)
+        override = {"sd_model_checkpoint": "broken"}
+        response = post(url, "txt2img", {"prompt": "x", "steps": 1, "override_settings": override, **SIZE})
+        assert response.status_code == 500 and "truncated" in response.json()["detail"]
+        after = post(url, "txt2img", {"prompt": "x", "steps": 1, **SIZE})
+        assert after.status_code == 200 and json.loads(after.json()["info"])["sd_model_name"] == "model"
+
+
+def test_serve_with_a_broken_first_model_prints_one_line(tmp_path, capsys):
+    from latentforge import cli
+
+    path = broken_model(tmp_path)
+    assert cli.main(["serve", "--model", str(path), "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"latentforge serve: error: cannot load model broken.safetensors: {path}: truncated")
 
 
 def test_samplers_and_schedulers_are_listed(api):

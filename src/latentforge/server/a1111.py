@@ -24,6 +24,15 @@ from .jobs import Job, ModelEntry, Models, Result, png_base64
 
 T = TypeVar("T")
 
+# Prompts (and negative prompts) up to 8,192 characters: some 2,000 CLIP tokens of text, 25-60 of the
+# 75-token chunks the text encoder runs one by one, where a long hand-written prompt has 2-6. Longer ones
+# are refused (422) instead of running for minutes (1 MB took 223 s and 3.8 GB); the worst prompt of
+# this length, one 8,192-letter word, takes the tokenizer's BPE (quadratic in a word's length) ~1.4 s.
+MAX_PROMPT_CHARS = 8_192
+# A1111 takes at most one init image per image of a batch; its clients send one. Each is decoded in
+# full (up to max_image_pixels), so their number is bounded too: more are a 422, before any decoding.
+MAX_INIT_IMAGES = 4
+
 
 class FieldError(ValueError):
     """A request field with a value that cannot be used: HTTP 422 naming it."""
@@ -39,8 +48,8 @@ class Txt2Img(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int = Field(-1, ge=-1)  # -1: a random one
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
@@ -58,7 +67,7 @@ class Txt2Img(BaseModel):
 class Img2Img(Txt2Img):
     """AUTOMATIC1111's img2img request; with a mask, inpainting (white is repainted)."""
 
-    init_images: list[str] = Field(min_length=1)  # base64, with or without a data: URL prefix
+    init_images: list[str] = Field(min_length=1, max_length=MAX_INIT_IMAGES)  # base64, maybe with a data: prefix
     denoising_strength: float = 0.75
     mask: str | None = None
     mask_blur: int = Field(4, ge=0, le=256)  # Gaussian blur of the mask, in pixels
@@ -90,9 +99,14 @@ def read_upload(data: bytes, loc: str, reader: Callable[[Path], T]) -> T:
             raise FieldError(loc, f"{loc}: {e.cause}" + (f"; {e.fix}" if e.fix else "")) from None
 
 
-def read_image(text: str, loc: str, max_pixels: int) -> Image.Image:
-    """A request's base64 image as RGB; its declared size is checked before any pixel is decoded."""
-    return read_upload(decode_base64(text, loc), loc, functools.partial(images.load_image, max_pixels=max_pixels))
+def read_images(texts: dict[str, str], max_pixels: int) -> dict[str, Image.Image]:
+    """A request's base64 images by field, as RGB: the declared size of every one is checked (from its
+    header) before the first is decoded, so a request is refused before it costs any decoding memory."""
+    uploads = {loc: decode_base64(text, loc) for loc, text in texts.items()}
+    for loc, data in uploads.items():
+        read_upload(data, loc, functools.partial(images.declared_size, max_pixels=max_pixels))
+    load = functools.partial(images.load_image, max_pixels=max_pixels)
+    return {loc: read_upload(data, loc, load) for loc, data in uploads.items()}
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool) -> Image.Image:
@@ -156,8 +170,9 @@ def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> t
     }  # fmt: skip
     calls = [common | {"seed": s} for s in seeds]
     if isinstance(req, Img2Img):
-        inits = [read_image(text, f"init_images.{i}", max_pixels) for i, text in enumerate(req.init_images)]
-        mask = read_image(req.mask, "mask", max_pixels) if req.mask is not None else None
+        texts = {f"init_images.{i}": text for i, text in enumerate(req.init_images)}
+        read = read_images(texts | ({"mask": req.mask} if req.mask is not None else {}), max_pixels)
+        inits, mask = [read[loc] for loc in texts], read.get("mask")
         masks: dict[tuple[int, int], Image.Image] = {}  # the mask made ready for each init image size
         for i, call in enumerate(calls):  # as in A1111, image i starts from init_images[i % count]
             init = inits[i % len(inits)]

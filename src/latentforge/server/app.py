@@ -173,17 +173,16 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     def set_options(changes: dict[str, Any]) -> None:
-        """sd_model_checkpoint and CLIP_stop_at_last_layers are used; other options are accepted and ignored."""
-        if "CLIP_stop_at_last_layers" in changes:
-            clip_skip = changes["CLIP_stop_at_last_layers"]
-            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
-                raise FieldError(
-                    "CLIP_stop_at_last_layers",
-                    f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}",
-                )
-            options["CLIP_stop_at_last_layers"] = clip_skip
+        """sd_model_checkpoint and CLIP_stop_at_last_layers are used; other options are accepted and ignored.
+        A model is loaded before it becomes current: one that cannot be loaded is a 500 and changes nothing."""
+        clip_skip = changes.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+            raise FieldError(
+                "CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}"
+            )
         if "sd_model_checkpoint" in changes:
-            models.current = find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name
+            models.select(find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name)
+        options["CLIP_stop_at_last_layers"] = clip_skip
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]) -> dict[str, Any]:

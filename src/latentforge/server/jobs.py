@@ -29,8 +29,8 @@ class Interrupted(Exception):
     """Raised from the step callback to stop the running job."""
 
 
-class ModelError(RuntimeError):
-    """A configured model that cannot be loaded: the server's fault, HTTP 500."""
+class ModelError(ValueError):
+    """A configured model that cannot be loaded: the server's fault, HTTP 500 (and one line from `serve`)."""
 
 
 class QueueFull(RuntimeError):
@@ -46,7 +46,8 @@ class ModelEntry:
 
 
 class Models:
-    """The configured models by name, the selected one, and up to `keep` of them loaded."""
+    """The configured models by name, the selected one, and up to `keep` of them loaded (one load at a time:
+    the worker and a request selecting a model may both load)."""
 
     def __init__(self, paths: list[str | None], keep: int = 2, loader: Callable[[Path], Pipeline] = load) -> None:
         self.entries: dict[str, ModelEntry] = {}
@@ -62,14 +63,25 @@ class Models:
         self.keep = max(1, keep)
         self.loader = loader
         self.loaded: collections.OrderedDict[str, Pipeline] = collections.OrderedDict()
+        self.lock = threading.Lock()
 
     def find(self, name: object) -> ModelEntry | None:
         """A model by A1111's title ("model.safetensors", also with " [hash]" after it) or its name."""
         key = re.sub(r"\s*\[[0-9a-fA-F]*\]$", "", str(name).strip())
         return next((entry for entry in self.entries.values() if key in (entry.name, entry.title)), None)
 
+    def select(self, name: str) -> None:
+        """Make `name` the current model, loaded first: one that cannot be loaded (ModelError) leaves the
+        current one current (the least recently used may have been dropped from memory to make room)."""
+        self.get(name)
+        self.current = name
+
     def get(self, name: str) -> Pipeline:
         """The loaded model, loading it first (dropping the least recently used beyond `keep`)."""
+        with self.lock:
+            return self._get(name)
+
+    def _get(self, name: str) -> Pipeline:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self.loaded[name]
