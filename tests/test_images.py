@@ -8,10 +8,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from latentforge.images import (
     ImageError,
+    declared_size,
     image_strip,
     image_to_tensor,
     load_image,
@@ -72,6 +73,18 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     random_rgb(64, 64).save(tmp_path / "photo.jpg")
     with pytest.raises(ImageError, match="photo.jpg: header declares 64x64, more than 1000 pixels"):
         load_image(tmp_path / "photo.jpg", max_pixels=1000)
+
+
+def test_declared_size_reads_headers_only(tmp_path, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image))
+    (tmp_path / "big.png").write_bytes(bomb_png(8192, 8192))  # 8 x 8 pixels of data
+    random_rgb(40, 24).save(tmp_path / "photo.jpg")
+    assert declared_size(tmp_path / "big.png") == (8192, 8192)
+    assert declared_size(tmp_path / "photo.jpg", max_pixels=40 * 24) == (40, 24)
+    with pytest.raises(ImageError, match="photo.jpg: header declares 40x24, more than 959 pixels"):
+        declared_size(tmp_path / "photo.jpg", max_pixels=40 * 24 - 1)
+    assert decoded == []
 
 
 def test_load_image_modes_and_rotation(tmp_path):

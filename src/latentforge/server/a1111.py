@@ -88,8 +88,8 @@ def decode_base64(text: str, loc: str) -> bytes:
 
 
 def read_upload(data: bytes, loc: str, reader: Callable[[Path], T]) -> T:
-    """Run one of latentforge.images' file readers on request bytes, held in a private temporary file
-    (no request field ever names a path); its errors name the field instead of that file."""
+    """Run a file reader of latentforge.images or .pngfiles on request bytes, held in a private temporary
+    file (no request field ever names a path); its errors name the field instead of that file."""
     with tempfile.NamedTemporaryFile(prefix="latentforge-upload-") as file:
         file.write(data)
         file.flush()
