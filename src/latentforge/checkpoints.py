@@ -11,14 +11,17 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 from pathlib import Path
 
 import torch
 
 from . import layouts
 from .atomic import write_json
-from .config import ModelConfig, SamplingDefaults
+from .config import PREDICTION_TYPES, ModelConfig, SamplingDefaults
+from .schedules import NoiseSchedule
 from .weightfiles import CheckpointError, read_state_dict, write_safetensors
 
 Parts = dict[str, dict[str, torch.Tensor]]
@@ -96,17 +99,19 @@ def read_single_file(path: str | os.PathLike, prediction_type: str | None = None
     del tensors
     stored = metadata.get(CONFIG_METADATA_KEY)
     if stored is not None:  # written by latentforge: the config is exact, heads included
-        config = ModelConfig.from_json(stored)
-        if openclip:
-            parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], config.text_encoder.layers)
-    else:
         try:
-            if openclip:
-                layers = openclip_layers_used(parts["text_encoder"])
-                parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], layers)
-            config = _infer_config(parts, metadata, openclip)
+            config = ModelConfig.from_json(stored)
         except ValueError as e:
-            raise CheckpointError(name, str(e)) from None
+            fix = f"its {CONFIG_METADATA_KEY} metadata is damaged; convert the model again from its source"
+            raise CheckpointError(name, str(e), fix) from None
+    try:
+        if openclip:
+            layers = config.text_encoder.layers if stored is not None else openclip_layers_used(parts["text_encoder"])
+            parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], layers)
+        if stored is None:
+            config = _infer_config(parts, metadata, openclip)
+    except ValueError as e:
+        raise CheckpointError(name, str(e)) from None
     if prediction_type is not None:
         config = replace(config, prediction_type=prediction_type)
     check_parts(config, parts, name)
@@ -138,7 +143,8 @@ def _infer_config(parts: Parts, metadata: dict, sd2: bool) -> ModelConfig:
 
 
 def check_parts(config: ModelConfig, parts: Parts, name: str) -> None:
-    """Strict loading: every weight the models need is present with its shape, and nothing else."""
+    """Strict loading: every weight the models need is present with its shape and a floating-point type,
+    and nothing else."""
     from .text_encoder import TextEncoder
     from .unet import UNet
     from .vae import AutoencoderKL
@@ -161,6 +167,16 @@ def check_parts(config: ModelConfig, parts: Parts, name: str) -> None:
             problems.append(f"{k!r} has shape {tuple(got[k].shape)}, expected {expected[k]} ({len(wrong)} such)")
         if problems:
             raise CheckpointError(name, f"{component} weights do not fit a {config.describe()} model: " + "; ".join(problems))
+        # every weight of these models is a float: an integer one would load and fail at the first step
+        not_float = sorted(k for k, v in got.items() if not v.is_floating_point())
+        if not_float:
+            k = not_float[0]
+            raise CheckpointError(
+                name,
+                f"{component} weight {k!r} is {str(got[k].dtype).removeprefix('torch.')}, not a floating-point "
+                f"type ({len(not_float)} such)",
+                "the file is damaged or not a Stable Diffusion model; convert it again from its source",
+            )
 
 
 def _few(keys: list[str]) -> str:
@@ -190,7 +206,9 @@ def _diffusers_weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
             return read_state_dict(folder / file)[0]
     for index in (f"{stem}.safetensors.index.json", DIFFUSERS_BIN[component] + ".index.json"):
         if (folder / index).is_file():
-            weight_map = _read_json(folder / index).get("weight_map", {})
+            weight_map = _read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(folder / index, "weight_map must map weight names to shard files", "re-download it")
             tensors = {}
             for shard in sorted(set(weight_map.values())):
                 tensors.update(read_state_dict(folder / shard)[0])
@@ -204,33 +222,55 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     index = _read_json(root / "model_index.json")
     if "unet" not in index or "vae" not in index or "text_encoder" not in index:
         raise CheckpointError(root / "model_index.json", "not a Stable Diffusion pipeline (needs unet, vae, text_encoder)")
-    configs = {c: _read_json(root / c / "config.json") for c in COMPONENTS}
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else dict(SD_SCHEDULER)
-    try:
-        unet_config = layouts.unet_config_from_diffusers(configs["unet"])
-        vae_config = layouts.vae_config_from_diffusers(configs["vae"])
-        text_config = layouts.text_encoder_config_from_diffusers(configs["text_encoder"])
-        parts = {
-            "unet": layouts.unet_from_diffusers(_diffusers_weights(root / "unet", "unet"), unet_config),
-            "vae": layouts.vae_from_diffusers(_diffusers_weights(root / "vae", "vae"), vae_config),
-            "text_encoder": layouts.text_encoder_from_diffusers(_diffusers_weights(root / "text_encoder", "text_encoder")),
-        }
-        config = ModelConfig(
-            unet=unet_config,
-            vae=vae_config,
-            text_encoder=text_config,
-            prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
-            pad_token=_tokenizer_pad_token(root / "tokenizer"),
-            scheduler=scheduler,
-            defaults=SamplingDefaults.from_dict(index.get("_latentforge_defaults", {})),
-        )
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(root, str(e)) from None
+    # each file's values are checked where they are read, so that an error names that file
+    readers = {
+        "unet": layouts.unet_config_from_diffusers,
+        "vae": layouts.vae_config_from_diffusers,
+        "text_encoder": layouts.text_encoder_config_from_diffusers,
+    }
+    configs = {}
+    for component, read in readers.items():
+        path = root / component / "config.json"
+        configs[component] = _checked(path, read, _read_json(path))
+    _checked(scheduler_path, NoiseSchedule.from_config, scheduler)
+    if prediction_type is None:
+        prediction_type = _checked(scheduler_path, _prediction_type, scheduler.get("prediction_type", "epsilon"))
+    defaults = _checked(root / "model_index.json", SamplingDefaults.from_dict, index.get("_latentforge_defaults", {}))
+    weights = {c: _diffusers_weights(root / c, c) for c in COMPONENTS}
+    parts = {
+        "unet": _checked(root / "unet", layouts.unet_from_diffusers, weights.pop("unet"), configs["unet"]),
+        "vae": _checked(root / "vae", layouts.vae_from_diffusers, weights.pop("vae"), configs["vae"]),
+        "text_encoder": layouts.text_encoder_from_diffusers(weights.pop("text_encoder")),
+    }
+    config = _checked(
+        root, ModelConfig, unet=configs["unet"], vae=configs["vae"], text_encoder=configs["text_encoder"],
+        prediction_type=prediction_type, pad_token=_tokenizer_pad_token(root / "tokenizer"), scheduler=scheduler,
+        defaults=defaults,
+    )  # fmt: skip
     check_parts(config, parts, root)
     return config, parts
+
+
+T = TypeVar("T")
+
+
+def _checked(path: Path, function: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """function(*args, **kwargs), with a ValueError turned into a CheckpointError naming `path`."""
+    try:
+        return function(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        fix = "restore the file from the model's source, or use a Stable Diffusion 1.x/2.x model"
+        raise CheckpointError(path, str(e), fix if path.suffix == ".json" else None) from None
+
+
+def _prediction_type(value: object) -> str:
+    if value not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {value!r}")
+    return value
 
 
 def _tokenizer_pad_token(folder: Path) -> str:
@@ -240,6 +280,8 @@ def _tokenizer_pad_token(folder: Path) -> str:
             pad = _read_json(folder / file).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
+            if pad and not isinstance(pad, str):
+                raise CheckpointError(folder / file, f"pad_token must be a token such as '!', got {pad!r}")
             if pad:
                 return pad
     return "<|endoftext|>"

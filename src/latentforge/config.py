@@ -6,6 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .request import MAX_CFG_SCALE, MIN_CFG_SCALE
+from .samplers import get_sampler
 from .text_encoder import TextEncoderConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
@@ -28,8 +30,13 @@ class SamplingDefaults:
             raise ValueError(f"the default sampler must be a sampler name, got {self.sampler!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"the default steps must be a whole number >= 1, got {self.steps!r}")
+        get_sampler(self.sampler)  # an unknown name fails here, listing the known ones
         if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)):
             raise ValueError(f"the default cfg_scale must be a number, got {self.cfg_scale!r}")
+        if not MIN_CFG_SCALE <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise ValueError(
+                f"the default cfg_scale must be between {MIN_CFG_SCALE:g} and {MAX_CFG_SCALE:g}, got {self.cfg_scale!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: object) -> SamplingDefaults:
@@ -58,6 +65,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if not isinstance(self.pad_token, str) or not self.pad_token:
+            raise ValueError(f"pad_token must be a token such as '!', got {self.pad_token!r}")
+        if not isinstance(self.scheduler, dict):
+            raise ValueError(f"scheduler must be a diffusers scheduler config (an object), got {self.scheduler!r}")
         if self.unet.context_dim != self.text_encoder.width:
             raise ValueError(
                 f"the UNet reads {self.unet.context_dim}-wide text vectors but the text encoder makes "
@@ -94,21 +105,37 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
-        """Inverse of to_json; a malformed config is a ValueError that says which part."""
-        d = json.loads(text)
+        """Inverse of to_json; a malformed config is a ValueError that says which part and field."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed latentforge config: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"malformed latentforge config: expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"malformed latentforge config: unknown part {unknown[0]!r}")
         try:
             parts = {
-                name: _dataclass_from_dict(kind, d[name])
+                name: _dataclass_from_dict(name, kind, d.get(name))
                 for name, kind in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", TextEncoderConfig))
             }
             rest = {k: d[k] for k in ("prediction_type", "pad_token", "scheduler") if k in d}
             if "defaults" in d:
                 rest["defaults"] = SamplingDefaults.from_dict(d["defaults"])
-        except (KeyError, TypeError) as e:
+            return cls(**parts, **rest)
+        except ValueError as e:
             raise ValueError(f"malformed latentforge config: {e}") from None
-        return cls(**parts, **rest)
 
 
-def _dataclass_from_dict(kind, d: dict):
-    """Build a frozen config dataclass from JSON, turning lists back into tuples."""
+def _dataclass_from_dict(name: str, kind: type, d: object):
+    """Build the frozen config dataclass of part `name` from its JSON object (lists become tuples); fields
+    left out take their defaults (files written before a field existed), unknown ones are a ValueError."""
+    if d is None:
+        raise ValueError(f"the {name} part is missing")
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be an object of {kind.__name__} fields, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(kind)})
+    if unknown:
+        raise ValueError(f"{name} has no field {unknown[0]!r}")
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

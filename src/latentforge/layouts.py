@@ -309,7 +309,6 @@ _UNET_UNSUPPORTED = {
     "encoder_hid_dim": None,
     "only_cross_attention": False,
     "dual_cross_attention": False,
-    "upcast_attention": None,  # checked separately: False and None are both fine
     "resnet_time_scale_shift": "default",
     "center_input_sample": False,
     "flip_sin_to_cos": True,
@@ -317,50 +316,124 @@ _UNET_UNSUPPORTED = {
     "act_fn": "silu",
     "mid_block_type": "UNetMidBlock2DCrossAttn",
 }
+_UNET_BLOCKS = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+# The config.json fields are read through these, so that a missing or malformed one is a ValueError naming
+# the field (the caller names the file) instead of a KeyError or TypeError deep inside; a null is "not set".
+_REQUIRED = object()
 
 
-def unet_config_from_diffusers(d: dict, name: str = "unet/config.json") -> UNetConfig:
-    """The config.json of a diffusers UNet2DConditionModel -> UNetConfig; unsupported options are errors."""
+def _get(d: dict, key: str, default: object = _REQUIRED) -> object:
+    value = d.get(key)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise ValueError(f"the field {key!r} is missing")
+    return default
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(d: dict, key: str, default: object = _REQUIRED) -> int:
+    value = _get(d, key, default)
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{key} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _positive_ints(d: dict, key: str, default: object = _REQUIRED) -> list[int]:
+    value = _get(d, key, default)
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v > 0 for v in value):
+        raise ValueError(f"{key} must be a list of one or more positive whole numbers, got {value!r}")
+    return list(value)
+
+
+def _names(d: dict, key: str, known: set[str] | dict[str, str]) -> list[str]:
+    value = _get(d, key)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of one or more block names, got {value!r}")
+    unknown = [v for v in value if v not in known]
+    if unknown:
+        supported = ", ".join(sorted(known))
+        raise ValueError(f"{key}: {unknown[0]!r} is not supported (Stable Diffusion 1.x/2.x use {supported})")
+    return list(value)
+
+
+def _flag(d: dict, key: str, default: bool) -> bool:
+    value = _get(d, key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(d: dict, key: str, default: float) -> float:
+    value = _get(d, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_class(d: dict, key: str, wanted: str, what: str) -> None:
+    """A config that names its class names ours; a ControlNet's or another UNet's config is no SD part."""
+    got = d.get(key)
+    got = got[0] if key == "architectures" and isinstance(got, list) and len(got) == 1 else got
+    if got is not None and got != wanted:
+        raise ValueError(f"{key} is {got!r}, not {wanted!r}: this is not the config of a Stable Diffusion {what}")
+
+
+def unet_config_from_diffusers(d: dict) -> UNetConfig:
+    """The config.json of a diffusers UNet2DConditionModel -> UNetConfig. A missing or malformed field, or an
+    option this UNet does not implement, is a ValueError naming the field (the caller names the file)."""
+    _check_class(d, "_class_name", "UNet2DConditionModel", "UNet")
     for key, want in _UNET_UNSUPPORTED.items():
         got = d.get(key, want)
-        if key == "upcast_attention":
-            continue
         if got != want:
-            raise ValueError(f"{name}: {key}={got!r} is not supported (Stable Diffusion 1.x/2.x UNets use {want!r})")
-    down = d["down_block_types"]
-    up = d["up_block_types"]
+            raise ValueError(f"{key}={got!r} is not supported (Stable Diffusion 1.x/2.x UNets use {want!r})")
+    # upcast_attention (SD 2.1: true) asks for float32 attention scores in float16 models. Accepted either
+    # way: the attention here is SDPA, whose kernels accumulate q k^T in float32 (diffusers' default
+    # AttnProcessor2_0 calls SDPA and ignores the flag too), or the blocked bfloat16 path (float32's range).
+    _flag(d, "upcast_attention", False)
+    down = _names(d, "down_block_types", _UNET_BLOCKS)
+    up = _names(d, "up_block_types", set(_UNET_BLOCKS.values()))
+    if list(reversed(up)) != [_UNET_BLOCKS[k] for k in down]:
+        raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
     attention = tuple(i for i, kind in enumerate(down) if kind.startswith("CrossAttn"))
-    if list(reversed(up)) != [k.replace("Down", "Up") for k in down]:
-        raise ValueError(f"{name}: up_block_types {up} do not mirror down_block_types {down}")
-    widths = list(d["block_out_channels"])
+    widths = _positive_ints(d, "block_out_channels")
+    if len(widths) != len(down):
+        raise ValueError(f"block_out_channels has {len(widths)} levels but down_block_types {len(down)}")
     base = widths[0]
     if any(w % base for w in widths):
-        raise ValueError(f"{name}: block_out_channels {widths} are not multiples of the first")
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    if isinstance(heads, int):
-        num_heads, head_dim = heads, None
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    key = "num_attention_heads" if d.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = _get(d, key, 8)
+    if _is_int(heads):
+        num_heads, head_dim = _positive_int(d, key, 8), None
     else:
+        heads = _positive_ints(d, key)
+        if len(heads) != len(widths) or any(w % h for w, h in zip(widths, heads)):
+            raise ValueError(f"{key} {heads} must give each level of block_out_channels {widths} a whole head width")
         dims = {w // h for w, h in zip(widths, heads)}
         if len(dims) != 1:
-            raise ValueError(f"{name}: per-level heads {heads} do not share one head width")
+            raise ValueError(f"per-level heads {heads} do not share one head width")
         num_heads, head_dim = None, dims.pop()
-    depth = d.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        raise ValueError(f"{name}: per-level transformer_layers_per_block {depth} is not supported")
+    if isinstance(d.get("transformer_layers_per_block"), (list, tuple)):
+        raise ValueError(f"per-level transformer_layers_per_block {d['transformer_layers_per_block']} is not supported")
     return UNetConfig(
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
+        in_channels=_positive_int(d, "in_channels", 4),
+        out_channels=_positive_int(d, "out_channels", 4),
         model_channels=base,
         channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=d.get("layers_per_block", 2),
+        num_res_blocks=_positive_int(d, "layers_per_block", 2),
         attention_levels=attention,
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=depth,
-        context_dim=d.get("cross_attention_dim", 768),
-        use_linear_projection=d.get("use_linear_projection", False),
-        norm_groups=d.get("norm_num_groups", 32),
-        sample_size=d.get("sample_size") or 64,
+        transformer_depth=_positive_int(d, "transformer_layers_per_block", 1),
+        context_dim=_positive_int(d, "cross_attention_dim", 768),
+        use_linear_projection=_flag(d, "use_linear_projection", False),
+        norm_groups=_positive_int(d, "norm_num_groups", 32),
+        sample_size=_positive_int(d, "sample_size", 64),
     )
 
 
@@ -383,25 +456,36 @@ def vae_config_to_diffusers(c: VAEConfig) -> dict:
     }
 
 
-def vae_config_from_diffusers(d: dict, name: str = "vae/config.json") -> VAEConfig:
-    """The config.json of a diffusers AutoencoderKL -> VAEConfig."""
-    widths = list(d.get("block_out_channels", [64]))
+# diffusers AutoencoderKL options that the SD VAE does not have; a config that sets them is refused.
+_VAE_UNSUPPORTED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    """The config.json of a diffusers AutoencoderKL -> VAEConfig; a missing or malformed field, or an option
+    the SD VAE does not have, is a ValueError naming the field (the caller names the file)."""
+    _check_class(d, "_class_name", "AutoencoderKL", "VAE")
+    for key, want in _VAE_UNSUPPORTED.items():
+        got = d.get(key, want)
+        if got != want:
+            raise ValueError(f"{key}={got!r} is not supported (Stable Diffusion 1.x/2.x VAEs use {want!r})")
+    if d.get("shift_factor") not in (None, 0, 0.0):
+        raise ValueError(f"shift_factor={d['shift_factor']!r} is not supported (SD 1.x/2.x VAEs have none)")
+    widths = _positive_ints(d, "block_out_channels", [64])
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if d.get(key) is not None and len(_names(d, key, {kind: kind})) != len(widths):
+            raise ValueError(f"{key} has {len(d[key])} levels but block_out_channels {len(widths)}")
     base = widths[0]
     if any(w % base for w in widths):
-        raise ValueError(f"{name}: block_out_channels {widths} are not multiples of the first")
-    if d.get("act_fn", "silu") != "silu":
-        raise ValueError(f"{name}: act_fn={d['act_fn']!r} is not supported (use 'silu')")
-    if d.get("shift_factor") not in (None, 0, 0.0):
-        raise ValueError(f"{name}: shift_factor={d['shift_factor']} is not supported (SD 1.x/2.x VAEs have none)")
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
     return VAEConfig(
-        in_channels=d.get("in_channels", 3),
-        out_channels=d.get("out_channels", 3),
-        latent_channels=d.get("latent_channels", 4),
+        in_channels=_positive_int(d, "in_channels", 3),
+        out_channels=_positive_int(d, "out_channels", 3),
+        latent_channels=_positive_int(d, "latent_channels", 4),
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=d.get("layers_per_block", 1),
-        norm_groups=d.get("norm_num_groups", 32),
-        scaling_factor=float(d.get("scaling_factor", 0.18215)),
+        num_res_blocks=_positive_int(d, "layers_per_block", 1),
+        norm_groups=_positive_int(d, "norm_num_groups", 32),
+        scaling_factor=_number(d, "scaling_factor", 0.18215),
     )
 
 
@@ -426,51 +510,62 @@ def text_encoder_config_to_diffusers(c: TextEncoderConfig) -> dict:
     }
 
 
-def text_encoder_config_from_diffusers(d: dict, name: str = "text_encoder/config.json") -> TextEncoderConfig:
-    """The config.json of a transformers CLIPTextModel -> TextEncoderConfig."""
-    try:
-        return TextEncoderConfig(
-            vocab_size=d.get("vocab_size", 49408),
-            max_length=d.get("max_position_embeddings", 77),
-            width=d["hidden_size"],
-            layers=d["num_hidden_layers"],
-            heads=d["num_attention_heads"],
-            mlp_width=d["intermediate_size"],
-            activation=d.get("hidden_act", "quick_gelu"),
-            eps=d.get("layer_norm_eps", 1e-5),
-        )
-    except KeyError as e:
-        raise ValueError(f"{name}: missing field {e.args[0]!r}") from None
+def text_encoder_config_from_diffusers(d: dict) -> TextEncoderConfig:
+    """The config.json of a transformers CLIPTextModel -> TextEncoderConfig; a missing or malformed field is
+    a ValueError naming it (the caller names the file)."""
+    _check_class(d, "architectures", "CLIPTextModel", "text encoder (CLIPTextModel)")
+    _check_class(d, "model_type", "clip_text_model", "text encoder (CLIPTextModel)")
+    activation = _get(d, "hidden_act", "quick_gelu")
+    if not isinstance(activation, str):
+        raise ValueError(f"hidden_act must be an activation name such as 'quick_gelu', got {activation!r}")
+    return TextEncoderConfig(
+        vocab_size=_positive_int(d, "vocab_size", 49408),
+        max_length=_positive_int(d, "max_position_embeddings", 77),
+        width=_positive_int(d, "hidden_size"),
+        layers=_positive_int(d, "num_hidden_layers"),
+        heads=_positive_int(d, "num_attention_heads"),
+        mlp_width=_positive_int(d, "intermediate_size"),
+        activation=activation,
+        eps=_number(d, "layer_norm_eps", 1e-5),
+    )
 
 
 # -------------------------------------------------------------------------------------------------
 # Configs inferred from the tensors of a single file (original layout, prefixes already removed)
 
 
-def _shape(sd: Tensors, key: str, what: str) -> tuple[int, ...]:
+def _shape(sd: Tensors, key: str, what: str, ndim: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a weight a config is read from, with `ndim` dimensions (one of them); missing, another
+    number of dimensions, or a dimension of size 0 (a zero-width model) is a ValueError naming it."""
     if key not in sd:
         raise ValueError(f"not a Stable Diffusion {what}: weight {key!r} is missing")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) not in (ndim if isinstance(ndim, tuple) else (ndim,)) or 0 in shape:
+        raise ValueError(f"{what} weight {key!r} has shape {shape}, which no Stable Diffusion {what} has")
+    return shape
 
 
 def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
     """UNetConfig from the tensors of an LDM UNet (keys without `model.diffusion_model.`)."""
-    model_ch, in_ch = _shape(sd, "input_blocks.0.0.weight", "UNet")[:2]
-    out_ch = _shape(sd, "out.2.weight", "UNet")[0]
+    model_ch, in_ch = _shape(sd, "input_blocks.0.0.weight", "UNet", 4)[:2]
+    out_ch = _shape(sd, "out.2.weight", "UNet", 4)[0]
     # walk the input blocks: a block with `.0.op` is a downsampler, which ends a level
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+    numbers = {k.split(".")[1] for k in sd if k.startswith("input_blocks.")}
+    blocks = sorted(int(n) for n in numbers if n.isdigit())  # any other key is refused by check_parts
     levels: list[list[int]] = [[]]
     for i in blocks[1:]:
         if f"input_blocks.{i}.0.op.weight" in sd:
             levels.append([])
         else:
             levels[-1].append(i)
+    if not all(levels):
+        raise ValueError("not a Stable Diffusion UNet: a level of input_blocks without ResNet blocks")
     res_blocks = len(levels[0])
-    widths = [_shape(sd, f"input_blocks.{lv[0]}.0.out_layers.3.weight", "UNet")[0] for lv in levels]
+    widths = [_shape(sd, f"input_blocks.{lv[0]}.0.out_layers.3.weight", "UNet", 4)[0] for lv in levels]
     attention = tuple(n for n, lv in enumerate(levels) if f"input_blocks.{lv[0]}.1.norm.weight" in sd)
     mid_attn = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    context_dim = _shape(sd, mid_attn, "UNet")[1]
-    linear = len(_shape(sd, "middle_block.1.proj_in.weight", "UNet")) == 2
+    context_dim = _shape(sd, mid_attn, "UNet", 2)[1]
+    linear = len(_shape(sd, "middle_block.1.proj_in.weight", "UNet", (2, 4))) == 2
     depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
     # The weights cannot tell how attention splits into heads: SD 2.x uses 64-wide heads, SD 1.x eight.
     heads = dict(num_heads=None, head_dim=64) if sd2 else dict(num_heads=8, head_dim=None)
@@ -491,14 +586,14 @@ def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
 
 def infer_vae_config(sd: Tensors) -> VAEConfig:
     """VAEConfig from the tensors of an LDM VAE (keys without `first_stage_model.`)."""
-    base, in_ch = _shape(sd, "encoder.conv_in.weight", "VAE")[:2]
+    base, in_ch = _shape(sd, "encoder.conv_in.weight", "VAE", 4)[:2]
     levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
-    widths = [_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0] for i in range(levels)]
+    widths = [_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", "VAE", 4)[0] for i in range(levels)]
     res_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     return VAEConfig(
         in_channels=in_ch,
-        out_channels=_shape(sd, "decoder.conv_out.weight", "VAE")[0],
-        latent_channels=_shape(sd, "post_quant_conv.weight", "VAE")[0],
+        out_channels=_shape(sd, "decoder.conv_out.weight", "VAE", 4)[0],
+        latent_channels=_shape(sd, "post_quant_conv.weight", "VAE", 4)[0],
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
         num_res_blocks=res_blocks,
@@ -508,14 +603,14 @@ def infer_vae_config(sd: Tensors) -> VAEConfig:
 def infer_text_encoder_config(sd: Tensors, openclip: bool) -> TextEncoderConfig:
     """TextEncoderConfig from our-named text encoder tensors (after any OpenCLIP conversion);
     an OpenCLIP tower (SD 2.x) uses GELU, OpenAI's (SD 1.x) quick-GELU; both 64-wide heads."""
-    vocab, width = _shape(sd, "embeddings.token_embedding.weight", "text encoder")
+    vocab, width = _shape(sd, "embeddings.token_embedding.weight", "text encoder", 2)
     layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
     return replace(
         SD2_TEXT_ENCODER if openclip else SD1_TEXT_ENCODER,
         vocab_size=vocab,
-        max_length=_shape(sd, "embeddings.position_embedding.weight", "text encoder")[0],
+        max_length=_shape(sd, "embeddings.position_embedding.weight", "text encoder", 2)[0],
         width=width,
         layers=layers,
         heads=max(1, width // 64),
-        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
+        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", "text encoder", 2)[0],
     )

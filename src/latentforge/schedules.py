@@ -58,8 +58,19 @@ class NoiseSchedule:
             raise ValueError(f"num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise ValueError(f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}")
         if self.trained_betas is not None:
-            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+            betas = self.trained_betas
+            if not isinstance(betas, (list, tuple)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas
+            ):
+                raise ValueError("trained_betas must be a list of numbers between 0 and 1")
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in betas))
             if len(self.trained_betas) != self.num_train_timesteps:
                 raise ValueError(
                     f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps is "

@@ -63,13 +63,13 @@ class TextEncoderConfig:
                 f"TextEncoderConfig.width ({self.width}) must be divisible by heads ({self.heads}); "
                 f"pick heads among the divisors of {self.width}"
             )
-        if self.activation not in _ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise ValueError(
                 f"TextEncoderConfig.activation {self.activation!r} is unknown; "
                 f"use one of {sorted(_ACTIVATIONS)}"
             )
-        if not self.eps > 0:
-            raise ValueError(f"TextEncoderConfig.eps must be > 0, got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"TextEncoderConfig.eps must be a number between 0 and 1 (CLIP: 1e-5), got {self.eps!r}")
 
     @property
     def head_dim(self) -> int:

@@ -40,6 +40,24 @@ class UNetConfig:
     adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
+        """Reject a configuration the network cannot be built from, naming the field (every value that
+        reaches a module constructor is checked here first)."""
+        for name in ("channel_mult", "attention_levels"):  # JSON gives lists: keep the config hashable
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+                raise ValueError(f"UNetConfig.{name} must be a list of whole numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"UNetConfig.channel_mult must be one or more positive numbers, got {self.channel_mult}")
+        names = ["in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth",
+                 "context_dim", "norm_groups", "sample_size"]  # fmt: skip
+        names += [name for name in ("num_heads", "head_dim", "adm_in_channels") if getattr(self, name) is not None]
+        for name in names:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"UNetConfig.{name} must be a positive whole number, got {value!r}")
+        if not isinstance(self.use_linear_projection, bool):
+            raise ValueError(f"UNetConfig.use_linear_projection must be true or false, got {self.use_linear_projection!r}")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and head_dim")
         levels = len(self.channel_mult)
@@ -60,6 +78,10 @@ class UNetConfig:
     def heads_at(self, channels: int) -> int:
         """Number of attention heads in a transformer of this width."""
         return self.num_heads if self.num_heads is not None else max(1, channels // self.head_dim)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 SD1_UNET = UNetConfig()
