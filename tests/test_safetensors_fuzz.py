@@ -139,6 +139,7 @@ def bad_json(rng: random.Random, entries: Entries, data: bytes) -> tuple[str, by
         "escaped name": lambda t: t.replace('"w"', '"\\u0077"', 1),
         "not an object": lambda t: "[" + t[1:-1] + "]",
         "padding": lambda t: t + " " * rng.randrange(1, 9),
+        "deep nesting": lambda t: t[:-1] + ',"x":' + "[" * 2000 + "]" * 2000 + "}",
     }
     name = rng.choice(sorted(edits))
     return f"JSON: {name}", encode(entries, data, text=edits[name])

@@ -214,7 +214,7 @@ def _shortfall(path: PathLike) -> str | None:
         raw = file.read(header_len)
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's limit: the library's reason stands
         return None
     entries = header.values() if isinstance(header, dict) else []
     offsets = [info.get("data_offsets") for info in entries if isinstance(info, dict)]
