@@ -310,10 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "Euler a for SD checkpoints)")  # fmt: skip
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's; 20 for SD checkpoints)")
     p.add_argument("--cfg-scale", type=float,
-                   help="classifier-free guidance scale; 1 = none (default: the model's; 7 for SD checkpoints)")  # fmt: skip
+                   help="classifier-free guidance scale, 0..100; 1 = none (default: the model's; 7 for SD checkpoints)")  # fmt: skip
     p.add_argument("--seed", type=int, help="0..4294967295; image i of a batch uses seed + i (default: random)")
-    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    size = ("pixels, a multiple of 8, at most 4096; width x height at most 2048 x 2048 on the CPU, 4096 x 4096 on a "
+            "GPU (default: the init image's size, else the model's native size)")
+    p.add_argument("--width", type=int, help=size)
+    p.add_argument("--height", type=int, help=size)
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, 0..1 (default: 0.75)")
