@@ -47,7 +47,7 @@ FILES = {  # what is benchmarked: no metadata, like the SD 1.5 files people have
 }
 CONFIG_FOLDER = CACHE / "sd15-config"  # config-only diffusers folder for from_single_file without a hub
 ACCELERATE_SITE = CACHE / "accelerate-site"  # `pip install --target` of accelerate, used only with --accelerate
-COMPONENTS = ("unet", "vae", "text_encoder")  # attribute names shared by both libraries' pipelines
+COMPONENTS = ("unet", "vae", "text_encoder")  # the models each library's pipeline holds
 OUT = REPO / "benchmarks" / "out" / "load.json"  # raw results (git-ignored)
 SECTION = "load"
 
@@ -192,9 +192,14 @@ IMPORTERS: dict[str, Callable[[], Callable[[Path], Any]]] = {
 }
 
 
+def component(pipe: Any, name: str) -> Any:
+    """One model of either library's pipeline (latentforge keeps its text encoder in its conditioner)."""
+    return getattr(pipe, name) if hasattr(pipe, name) else getattr(pipe.conditioner, name)
+
+
 def weights(pipe: Any) -> list[Any]:
     """Every tensor of the pipeline's UNet, VAE and text encoder."""
-    return [t for name in COMPONENTS for t in getattr(pipe, name).state_dict().values()]
+    return [t for name in COMPONENTS for t in component(pipe, name).state_dict().values()]
 
 
 def touch(pipe: Any) -> float:
@@ -214,7 +219,7 @@ def touch(pipe: Any) -> float:
 
 def describe_weights(pipe: Any) -> dict[str, Any]:
     """Parameter count and floating dtypes of the loaded pipeline (to check both load the same thing)."""
-    params = [p for name in COMPONENTS for p in getattr(pipe, name).parameters()]
+    params = [p for name in COMPONENTS for p in component(pipe, name).parameters()]
     return {
         "params": sum(p.numel() for p in params),
         "dtypes": sorted({str(p.dtype) for p in params}),
@@ -399,11 +404,11 @@ def notes(summary: dict[tuple[str, str], dict[str, Any]], loadavg: Sequence[floa
         "too; *of which file-backed* is `RssFile`, page-cache pages that the kernel can drop and re-read.",
         "*first touch*: one single-threaded pass summing every weight right after the load. A memory-mapped load "
         "reads the weights only when they are first used, so *load + first touch* is the fair time-to-usable-weights "
-        "comparison. latentforge maps each tensor of the file on its own and keeps it mapped when no dtype conversion "
+        "comparison. latentforge maps the file once and keeps each tensor mapped when no dtype conversion "
         "is needed, except the convolution weights, which it copies into channels-last (the faster layout for "
         "oneDNN: docs/design.md) and which are therefore anonymous memory after the load; diffusers with accelerate "
         "maps too. fp16 files are converted to float32 during the load: those weights end up in anonymous memory for "
-        "every library (latentforge frees each source tensor's mapping as soon as it is converted).",
+        "every library (latentforge hands back each source tensor's pages as soon as it is converted).",
     ]
     if without:
         lines.append(
