@@ -109,6 +109,18 @@ def test_malformed_pipeline_files_name_the_file(folder, capsys, file, change, me
     assert_refused(folder, folder / file, message, capsys)
 
 
+def test_tokenizer_longer_than_the_text_encoder_names_its_file(folder, tmp_path, capsys):
+    """Windows of 100 tokens for a 77-position text encoder: refused at load (was an error at generation
+    that told the user to shorten the prompt)."""
+    path = folder / "tokenizer" / "tokenizer_config.json"
+    edit_json(path, put("model_max_length", 100))
+    with pytest.raises(CheckpointError, match="model_max_length 100 is more than the text encoder's 77 positions"):
+        latentforge.load(folder, device="cpu")
+    code = main(["generate", "x", "--model", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{path}: model_max_length 100" in err[0]
+
+
 def test_integer_weights_are_refused_at_load(folder, capsys):
     """An integer weight would load and fail at the first step: refused by name instead."""
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"

@@ -31,6 +31,7 @@ from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL, sample_latents
+from .weightfiles import CheckpointError
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -367,11 +368,20 @@ def default_model_path() -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Tokenizer:
-    """The model's own tokenizer/ folder when it has one, else the shipped CLIP vocabulary."""
+    """The model's own tokenizer/ folder when it has one, else the shipped CLIP vocabulary. A tokenizer whose
+    windows are longer than the text encoder's positions is a CheckpointError naming its file."""
     folder = Path(path) / "tokenizer"
-    if folder.is_dir():
-        return Tokenizer.from_pretrained(folder)
-    return Tokenizer(pad_token=config.pad_token, max_length=config.text_encoder.max_length)
+    if not folder.is_dir():
+        return Tokenizer(pad_token=config.pad_token, max_length=config.text_encoder.max_length)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if tokenizer.max_length > config.text_encoder.max_length:
+        raise CheckpointError(
+            folder / "tokenizer_config.json",
+            f"model_max_length {tokenizer.max_length} is more than the text encoder's "
+            f"{config.text_encoder.max_length} positions",
+            f"set it to {config.text_encoder.max_length} (CLIP's 77), as the model's source has it",
+        )
+    return tokenizer
 
 
 def load(
