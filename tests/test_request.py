@@ -72,7 +72,7 @@ BAD = {
     ),
     "init image size": (
         dict(init_image=Image.new("RGB", (100, 64))),
-        "the init image's width must be a multiple of 8, got 100",
+        "the init image's width must be a multiple of 8, got 100; give a width and height to resize it to",
     ),
 }
 

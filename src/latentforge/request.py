@@ -150,7 +150,10 @@ def check_request(
         if given is not None:
             sides.append(_size(name, given, multiple))
         elif init is not None:  # left out: the init image's size
-            sides.append(_size(f"the init image's {name}", init.size[i], multiple))
+            try:
+                sides.append(_size(f"the init image's {name}", init.size[i], multiple))
+            except ValueError as e:
+                raise ValueError(f"{e}; give a width and height to resize it to") from None
         else:  # left out: the model's native size
             sides.append(_size(name, pipe.config.native_size, multiple))
     width, height = sides
