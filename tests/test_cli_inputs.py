@@ -106,7 +106,7 @@ def test_convert_into_a_read_only_folder(files, capsys, monkeypatch):
 
 
 def test_convert_makes_the_missing_folders_of_a_diffusers_destination(files, capsys):
-    code, out, _ = run(capsys, "convert", DEFAULT_MODEL, files / "new" / "deeper" / "model")
+    code, _, _ = run(capsys, "convert", DEFAULT_MODEL, files / "new" / "deeper" / "model")
     assert code == 0 and (files / "new" / "deeper" / "model" / "model_index.json").is_file()
 
 

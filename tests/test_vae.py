@@ -352,7 +352,7 @@ def test_in_place_activations_only_in_a_model_switched_to_inference(monkeypatch)
     """The VAE's activations and residual sums are in place only in a model switched to inference, with the
     same output; not switched (training, or a model built by hand) the plain path runs, under torch.no_grad()
     too, and its gradients flow."""
-    import latentforge.vae as vae
+    from latentforge import vae
 
     calls = []
     silu = F.silu

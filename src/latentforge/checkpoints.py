@@ -13,8 +13,8 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 

@@ -383,14 +383,19 @@ def _check_class(d: dict, key: str, wanted: str, what: str) -> None:
         raise ValueError(f"{key} is {got!r}, not {wanted!r}: this is not the config of a Stable Diffusion {what}")
 
 
+def _refuse_unsupported(d: dict, supported: dict, what: str) -> None:
+    """An option set to anything but the one value these models have is a ValueError naming it."""
+    for key, want in supported.items():
+        got = d.get(key, want)
+        if got != want:
+            raise ValueError(f"{key}={got!r} is not supported (Stable Diffusion 1.x/2.x {what} use {want!r})")
+
+
 def unet_config_from_diffusers(d: dict) -> UNetConfig:
     """The config.json of a diffusers UNet2DConditionModel -> UNetConfig. A missing or malformed field, or an
     option this UNet does not implement, is a ValueError naming the field (the caller names the file)."""
     _check_class(d, "_class_name", "UNet2DConditionModel", "UNet")
-    for key, want in _UNET_UNSUPPORTED.items():
-        got = d.get(key, want)
-        if got != want:
-            raise ValueError(f"{key}={got!r} is not supported (Stable Diffusion 1.x/2.x UNets use {want!r})")
+    _refuse_unsupported(d, _UNET_UNSUPPORTED, "UNets")
     # upcast_attention (SD 2.1: true) asks for float32 attention scores in float16 models. Accepted either
     # way: the attention here is SDPA, whose kernels accumulate q k^T in float32 (diffusers' default
     # AttnProcessor2_0 calls SDPA and ignores the flag too), or the blocked bfloat16 path (float32's range).
@@ -464,10 +469,7 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
     """The config.json of a diffusers AutoencoderKL -> VAEConfig; a missing or malformed field, or an option
     the SD VAE does not have, is a ValueError naming the field (the caller names the file)."""
     _check_class(d, "_class_name", "AutoencoderKL", "VAE")
-    for key, want in _VAE_UNSUPPORTED.items():
-        got = d.get(key, want)
-        if got != want:
-            raise ValueError(f"{key}={got!r} is not supported (Stable Diffusion 1.x/2.x VAEs use {want!r})")
+    _refuse_unsupported(d, _VAE_UNSUPPORTED, "VAEs")
     if d.get("shift_factor") not in (None, 0, 0.0):
         raise ValueError(f"shift_factor={d['shift_factor']!r} is not supported (SD 1.x/2.x VAEs have none)")
     widths = _positive_ints(d, "block_out_channels", [64])
