@@ -379,7 +379,7 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Tokenizer:
             folder / "tokenizer_config.json",
             f"model_max_length {tokenizer.max_length} is more than the text encoder's "
             f"{config.text_encoder.max_length} positions",
-            f"set it to {config.text_encoder.max_length} (CLIP's 77), as the model's source has it",
+            f"set it to {config.text_encoder.max_length}, as the model's source has it",
         )
     return tokenizer
 
