@@ -60,10 +60,10 @@ BAD = {
         dict(width=4096, height=2048),
         "4096x2048 is too large on the CPU: at most 4,194,304 pixels (2048x2048) there; choose a smaller width or height",
     ),
-    "prompt too long": (dict(prompt="a" * (MAX_PROMPT_CHARS + 1)), "prompt is 16,001 characters long: at most 16,000"),
+    "prompt too long": (dict(prompt="a" * (MAX_PROMPT_CHARS + 1)), "prompt is 8,193 characters long: at most 8,192"),
     "negative too long": (
         dict(negative_prompt="b" * (MAX_PROMPT_CHARS + 1)),
-        "negative_prompt is 16,001 characters long: at most 16,000",
+        "negative_prompt is 8,193 characters long: at most 8,192",
     ),
     "prompt not text": (dict(prompt=None), "prompt must be a string, got NoneType"),
     "mask not an image": (

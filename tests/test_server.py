@@ -27,7 +27,8 @@ from PIL import Image, ImageFile, ImageOps
 
 import latentforge
 from latentforge.server import ServerThread, Settings, create_app
-from latentforge.server.a1111 import MAX_INIT_IMAGES, MAX_PROMPT_CHARS
+from latentforge.request import MAX_PROMPT_CHARS
+from latentforge.server.a1111 import MAX_INIT_IMAGES
 
 SIZE = {"width": 64, "height": 64}
 ALLOWED = "http://allowed.example"

@@ -15,9 +15,11 @@ from .samplers import get_sampler
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_SEED = 2**32 - 1
-# Prompt and negative prompt each: ~200 chunks of 75 tokens, far past anything written by hand (a 1 MB
-# prompt took 223 s to encode). The server refuses longer ones with the same constant.
-MAX_PROMPT_CHARS = 16_000
+# Prompt and negative prompt each: some 2,000 CLIP tokens, 25-60 of the 75-token chunks the text encoder runs
+# one by one, where a long hand-written prompt has 2-6 (a 1 MB prompt took 223 s and 3.8 GB). The worst text
+# of this length, one 8,192-letter word, takes the tokenizer's BPE (quadratic in a word's length) ~1.4 s.
+# The server refuses longer ones with this constant too.
+MAX_PROMPT_CHARS = 8_192
 # Guidance scales any sampler can use: 0 (the negative prompt alone) to 100 (ComfyUI's bound; AUTOMATIC1111's
 # slider stops at 30, and images burn out well before 100). Beyond, the guided prediction overflows
 # (1e308 made an all-black image); below 0 it steers away from the prompt, which no sampler is made for.

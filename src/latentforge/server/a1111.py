@@ -18,17 +18,12 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, images, infotext, pngfiles
-from ..request import MAX_BATCH, MAX_SEED
+from ..request import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED
 from ..samplers import SPECS, get_sampler
 from .jobs import Job, ModelEntry, Models, Result, png_base64
 
 T = TypeVar("T")
 
-# Prompts (and negative prompts) up to 8,192 characters: some 2,000 CLIP tokens of text, 25-60 of the
-# 75-token chunks the text encoder runs one by one, where a long hand-written prompt has 2-6. Longer ones
-# are refused (422) instead of running for minutes (1 MB took 223 s and 3.8 GB); the worst prompt of
-# this length, one 8,192-letter word, takes the tokenizer's BPE (quadratic in a word's length) ~1.4 s.
-MAX_PROMPT_CHARS = 8_192
 # A1111 takes at most one init image per image of a batch; its clients send one. Each is decoded in
 # full (up to max_image_pixels), so their number is bounded too: more are a 422, before any decoding.
 MAX_INIT_IMAGES = 4
