@@ -22,6 +22,7 @@ from torch import nn
 from ..checkpoints import Parts
 from ..config import ModelConfig, SamplingDefaults
 from ..images import image_strip
+from ..inference import set_inference
 from ..pipeline import Pipeline, from_parts
 from ..samplers import get_sampler
 from ..schedules import SD_DEFAULT
@@ -186,7 +187,9 @@ def train_unet(
     run_dir = Path(run_dir)
     if not config.vae or not config.text_encoder:
         raise ValueError("the UNet trainer needs --vae (a VAE run or file) and --text-encoder (a CLIP run or file)")
-    vae, text_encoder = load_part(config.vae, "vae"), load_part(config.text_encoder, "text_encoder")
+    # frozen and only ever run: their inference fast paths apply
+    vae = set_inference(load_part(config.vae, "vae"))
+    text_encoder = set_inference(load_part(config.text_encoder, "text_encoder"))
     config = fit_to_parts(config, vae, text_encoder)
     init = read_part(config.init, "unet") if config.init else None  # run folder: its exported EMA weights
     stored = {"vae": run_relative(config.vae, run_dir), "text_encoder": run_relative(config.text_encoder, run_dir)}
