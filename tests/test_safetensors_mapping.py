@@ -50,9 +50,14 @@ def test_shipped_model_loads_under_a_low_open_file_limit() -> None:
     assert out.split() == ["True"]
 
 
-def test_running_out_of_open_files_is_not_called_damage(tmp_path: Path) -> None:
-    path = tmp_path / "m.safetensors"
-    write_safetensors({"a": torch.ones(2)}, path)
+@pytest.mark.parametrize("kind, free", [("safetensors", 0), ("torch-zip", 1)])
+def test_running_out_of_open_files_is_not_called_damage(tmp_path: Path, kind: str, free: int) -> None:
+    """No descriptor left: our own open fails. One left: torch's mmap load of a zip needs a second one."""
+    path = tmp_path / "m.bin"
+    if kind == "safetensors":
+        write_safetensors({"a": torch.ones(2)}, path)
+    else:
+        torch.save({"a": torch.ones(2)}, path)
     out = run_with_open_file_limit(f"""
         import os
         from latentforge.weightfiles import CheckpointError, read_state_dict
@@ -62,12 +67,14 @@ def test_running_out_of_open_files_is_not_called_damage(tmp_path: Path) -> None:
                 held.append(os.open({str(path)!r}, os.O_RDONLY))
         except OSError:
             pass
+        for fd in held[:{free}]:
+            os.close(fd)
         try:
             read_state_dict({str(path)!r})
         except CheckpointError as exc:
             print(exc)
     """)
-    assert "Too many open files" in out and "ulimit -n" in out and "damaged" not in out
+    assert "Too many open files" in out and "ulimit -n" in out and "damaged" not in out, out
 
 
 def test_open_file_failure_mid_load_is_not_called_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

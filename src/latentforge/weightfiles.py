@@ -107,7 +107,7 @@ def _read_head(path: PathLike, size: int) -> bytes:
     except IsADirectoryError as exc:
         raise CheckpointError(path, "is a folder, not a weight file") from exc
     except OSError as exc:
-        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})", _os_fix(exc)) from exc
+        raise CheckpointError(path, f"cannot open file ({exc.strerror or exc})", _fix_for(exc)) from exc
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -132,20 +132,24 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
         return _read_torch(path, fmt)
     except CheckpointError:
         raise
-    except OSError as exc:  # the system refused (open files, memory), not the file's contents
-        raise CheckpointError(path, f"cannot read {fmt} file ({_describe(exc)})", _os_fix(exc)) from exc
     except Exception as exc:  # any library failure becomes the same one-line, file-named error
-        cause = f"cannot read {fmt} file ({_describe(exc)})"
-        raise CheckpointError(path, cause, f"the file is damaged; {_REDOWNLOAD}") from exc
+        raise CheckpointError(path, f"cannot read {fmt} file ({_describe(exc)})", _fix_for(exc)) from exc
 
 
-def _os_fix(exc: OSError) -> str | None:
-    """What to do about a system error while reading; None when there is nothing obvious."""
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
+def _fix_for(exc: Exception) -> str | None:
+    """What to do about a failure while reading: limits of the system are not damage to the file."""
+    if _out_of_open_files(exc):
         return "too many files are open; raise the limit (`ulimit -n`) or open fewer files at once"
-    if exc.errno == errno.ENOMEM:
-        return "not enough memory to map the file; free some memory"
-    return None
+    if isinstance(exc, OSError):
+        return "not enough memory to map the file; free some memory" if exc.errno == errno.ENOMEM else None
+    return f"the file is damaged; {_REDOWNLOAD}"
+
+
+def _out_of_open_files(exc: Exception) -> bool:
+    """EMFILE or ENFILE, also when a library only names it in its message (torch's file opening does)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    return any(os.strerror(code) in str(exc) for code in (errno.EMFILE, errno.ENFILE))
 
 
 def _describe(exc: BaseException, limit: int = 200) -> str:
