@@ -121,7 +121,7 @@ def latentforge_adapter() -> Adapter:
 
     return Adapter(
         load=lambda path, dtype: latentforge.load(path, dtype=dtype, device="cpu"),
-        encode_text=lambda pipe: pipe.encode_prompt(PROMPT, NEGATIVE),
+        encode_text=lambda pipe: torch.cat([cond.context for cond in pipe.encode_prompt(PROMPT, NEGATIVE)]),
         unet=lambda pipe, x, t, context: pipe.unet(x, t, context),
         vae_decode=lambda pipe, z: pipe.vae.decode(z),
         vae_encode=lambda pipe, image: torch.cat(pipe.vae.encode(image), dim=1),
