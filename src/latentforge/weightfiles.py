@@ -65,7 +65,6 @@ class CheckpointError(FileError):
     """A weight file that cannot be read safely, or a model folder that cannot be used."""
 
 
-
 # --------------------------------------------------------------------------- format detection
 
 
