@@ -3,6 +3,8 @@
 The module layout mirrors Hugging Face's ``CLIPTextModel`` so that checkpoints load
 without key remapping: ``TextEncoder().state_dict()`` keys equal the ``CLIPTextModel``
 keys with the leading ``"text_model."`` removed (and without the ``position_ids`` buffer).
+With ``projection_dim`` set (SDXL's second tower) it is a ``CLIPTextModelWithProjection``,
+whose ``text_projection.weight`` has no prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 __all__ = [
     "SD1_TEXT_ENCODER",
     "SD2_TEXT_ENCODER",
+    "SDXL_TEXT_ENCODER_2",
     "TextEncoder",
     "TextEncoderConfig",
 ]
@@ -51,6 +54,7 @@ class TextEncoderConfig:
     mlp_width: int = 3072  # intermediate size
     activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP ViT-H, SD 2.x)
     eps: float = 1e-5  # layer-norm epsilon
+    projection_dim: int | None = None  # pooled-output projection (SDXL's OpenCLIP bigG: 1280); None: none
 
     def __post_init__(self) -> None:
         """Reject configurations that cannot describe a working transformer."""
@@ -70,6 +74,9 @@ class TextEncoderConfig:
             )
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             raise ValueError(f"TextEncoderConfig.eps must be a number between 0 and 1 (CLIP: 1e-5), got {self.eps!r}")
+        dim = self.projection_dim
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+            raise ValueError(f"TextEncoderConfig.projection_dim must be a positive int or None, got {dim!r}")
 
     @property
     def head_dim(self) -> int:
@@ -83,6 +90,12 @@ SD1_TEXT_ENCODER = TextEncoderConfig()
 # OpenCLIP ViT-H/14 text tower as diffusers stores it for Stable Diffusion 2.x: the 24th
 # layer is dropped because SD 2.x conditions on the penultimate layer (then final layer norm).
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+
+# OpenCLIP ViT-bigG/14 text tower, SDXL's second text encoder: all 32 layers (SDXL reads the
+# penultimate one without the final norm, and pools the last one), with its projection.
+SDXL_TEXT_ENCODER_2 = TextEncoderConfig(
+    width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", projection_dim=1280
+)
 
 
 def embedding(count: int, dim: int) -> nn.Embedding:
@@ -176,15 +189,16 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
 
-    def forward(self, x: Tensor, num_layers: int) -> Tensor:
-        """Run the first ``num_layers`` layers: (B, T, width) -> (B, T, width)."""
-        for layer in self.layers[:num_layers]:
+    def forward(self, x: Tensor, stop: int, start: int = 0) -> Tensor:
+        """Run layers ``start`` to ``stop - 1``: (B, T, width) -> (B, T, width)."""
+        for layer in self.layers[start:stop]:
             x = layer(x)
         return x
 
 
 class TextEncoder(nn.Module):
-    """CLIP text transformer: token ids (B, T) -> per-token hidden states (B, T, width)."""
+    """CLIP text transformer: token ids (B, T) -> per-token hidden states (B, T, width), and with
+    ``config.projection_dim`` a pooled, projected vector (B, projection_dim)."""
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
@@ -194,6 +208,9 @@ class TextEncoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
+        self.text_projection = (
+            None if config.projection_dim is None else nn.Linear(config.width, config.projection_dim, bias=False)
+        )
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         """Validate that input_ids is a (B, T) integer tensor with 1 <= T <= max_length."""
@@ -227,9 +244,40 @@ class TextEncoder(nn.Module):
         ``clip_skip`` follows AUTOMATIC1111: 1 takes the last layer's output, 2 the
         penultimate one, and so on; the final layer norm is applied to the layer taken.
         """
+        return self.encode(input_ids, clip_skip)[0]
+
+    def encode(
+        self, input_ids: Tensor, clip_skip: int = 1, *, final_norm: bool = True, pooled: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, T<=max_length) int ids -> ((B, T, width) hidden states, (B, projection_dim) pooled or None).
+
+        The hidden states are layer ``layers - clip_skip + 1``'s output (1 = last layer), through the
+        final layer norm only if ``final_norm`` (SDXL reads the penultimate layer without it). With
+        ``pooled`` (needs ``projection_dim``), also the last layer's output at the end token, through
+        the final layer norm and ``text_projection``: transformers' ``CLIPTextModelWithProjection.text_embeds``.
+        Only the layers needed are run, each once.
+        """
         self._check_input_ids(input_ids)
         self._check_clip_skip(clip_skip)
-        # Layers after the one taken would be discarded anyway, so they are never run.
-        num_layers = self.config.layers - clip_skip + 1
-        hidden = self.encoder(self.embeddings(input_ids), num_layers)
-        return self.final_layer_norm(hidden)
+        if pooled and self.text_projection is None:
+            raise ValueError("pooled=True needs a text encoder with a projection (projection_dim); this one has none")
+        # Layers after the one taken would be discarded anyway, so they are run only for the pooled vector.
+        taken = self.config.layers - clip_skip + 1
+        hidden = self.encoder(self.embeddings(input_ids), taken)
+        states = self.final_layer_norm(hidden) if final_norm else hidden
+        if not pooled:
+            return states, None
+        last = self.encoder(hidden, self.config.layers, start=taken)
+        return states, self._pool(last, input_ids)
+
+    def _pool(self, last: Tensor, input_ids: Tensor) -> Tensor:
+        """Last layer (B, T, width), ids (B, T) -> (B, projection_dim) at each row's end token.
+
+        The end token is taken as the first largest id, as OpenCLIP (and transformers for SDXL's
+        published config) do: in CLIP's vocabulary the end token, 49407, is the largest id, so this
+        is its first position; pad ids (49407 or 0) cannot move it.
+        """
+        rows = torch.arange(last.shape[0], device=last.device)
+        end = input_ids.to(last.device).argmax(dim=-1)
+        # The layer norm works per position, so normalising the taken rows only gives the same values.
+        return self.text_projection(self.final_layer_norm(last[rows, end]))
