@@ -184,15 +184,17 @@ def vae_from_diffusers(sd: Tensors, c: VAEConfig) -> Tensors:
 
 
 def text_encoder_to_diffusers(sd: Tensors) -> Tensors:
-    """Our text encoder state dict -> transformers CLIPTextModel names."""
-    return {"text_model." + k: v for k, v in sd.items()}
+    """Our text encoder state dict -> transformers CLIPTextModel (or CLIPTextModelWithProjection) names;
+    the projection sits beside the `text_model.` tower, so its key keeps no prefix."""
+    return {k if k == PROJECTION else "text_model." + k: v for k, v in sd.items()}
 
 
 def text_encoder_from_diffusers(sd: Tensors) -> Tensors:
-    """transformers CLIPTextModel state dict -> our names (the position_ids buffer is dropped).
+    """transformers CLIPTextModel(WithProjection) state dict -> our names (the position_ids buffer is dropped).
 
     Files written by transformers 4 (all published SD folders) prefix every key with `text_model.`;
-    transformers 5 keeps the module without it. Both are read."""
+    transformers 5 keeps a CLIPTextModel without it. Both are read. `text_projection.weight` (SDXL's
+    second tower) has no prefix in either."""
     return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
@@ -212,17 +214,29 @@ OPENCLIP_TOP = {
     "ln_final.weight": "final_layer_norm.weight",
     "ln_final.bias": "final_layer_norm.bias",
 }
-# Parts of the OpenCLIP model that Stable Diffusion never uses (the contrastive head).
-OPENCLIP_UNUSED = ("text_projection", "logit_scale")
+# The contrastive head's temperature, which Stable Diffusion never uses.
+OPENCLIP_UNUSED = ("logit_scale",)
+# The projection of the pooled vector: OpenCLIP stores a (width, proj) matrix used as x @ P, we (and
+# transformers) a Linear weight (proj, width), its transpose. SDXL uses it; SD 2.x does not.
+OPENCLIP_PROJECTION = "text_projection"
+PROJECTION = "text_projection.weight"
 
 
-def text_encoder_from_openclip(sd: Tensors, layers: int) -> Tensors:
+def text_encoder_from_openclip(sd: Tensors, layers: int, projection: bool = False) -> Tensors:
     """OpenCLIP text tower -> our names. Keeps the first `layers` blocks: SD 2.x takes the
-    penultimate layer, so the 24th block of a ViT-H file is never used (diffusers drops it too)."""
+    penultimate layer, so the 24th block of a ViT-H file is never used (diffusers drops it too);
+    SDXL's bigG uses all 32. With `projection` (SDXL) `text_projection` is kept, transposed; without
+    (SD 2.x) it is dropped."""
+    if projection and OPENCLIP_PROJECTION not in sd:
+        raise ValueError(f"the OpenCLIP text encoder has no {OPENCLIP_PROJECTION!r}, which SDXL's second one needs")
     out = {}
     for key, value in sd.items():
         if key in OPENCLIP_TOP:
             out[OPENCLIP_TOP[key]] = value
+            continue
+        if key == OPENCLIP_PROJECTION:
+            if projection:
+                out[PROJECTION] = value.t().contiguous()
             continue
         if key in OPENCLIP_UNUSED:
             continue
@@ -245,7 +259,8 @@ def text_encoder_from_openclip(sd: Tensors, layers: int) -> Tensors:
 
 
 def text_encoder_to_openclip(sd: Tensors) -> Tensors:
-    """Our text encoder names -> OpenCLIP text tower names (q, k, v stacked again)."""
+    """Our text encoder names -> OpenCLIP text tower names (q, k, v stacked again; a projection,
+    if the model has one, as OpenCLIP's transposed `text_projection`)."""
     top = {v: k for k, v in OPENCLIP_TOP.items()}
     layer = {v: k for k, v in OPENCLIP_LAYER.items()}
     out: Tensors = {}
@@ -253,6 +268,9 @@ def text_encoder_to_openclip(sd: Tensors) -> Tensors:
     for key, value in sd.items():
         if key in top:
             out[top[key]] = value
+            continue
+        if key == PROJECTION:
+            out[OPENCLIP_PROJECTION] = value.t().contiguous()
             continue
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         if m is None:
@@ -492,9 +510,11 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
 
 
 def text_encoder_config_to_diffusers(c: TextEncoderConfig) -> dict:
-    """TextEncoderConfig -> the config.json of a transformers CLIPTextModel."""
+    """TextEncoderConfig -> the config.json of a transformers CLIPTextModel, or with a projection_dim
+    a CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+    projection = c.projection_dim is not None
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_length,
@@ -504,7 +524,7 @@ def text_encoder_config_to_diffusers(c: TextEncoderConfig) -> dict:
         "intermediate_size": c.mlp_width,
         "hidden_act": c.activation,
         "layer_norm_eps": c.eps,
-        "projection_dim": c.width,
+        "projection_dim": c.projection_dim if projection else c.width,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 1,
@@ -513,9 +533,12 @@ def text_encoder_config_to_diffusers(c: TextEncoderConfig) -> dict:
 
 
 def text_encoder_config_from_diffusers(d: dict) -> TextEncoderConfig:
-    """The config.json of a transformers CLIPTextModel -> TextEncoderConfig; a missing or malformed field is
-    a ValueError naming it (the caller names the file)."""
-    _check_class(d, "architectures", "CLIPTextModel", "text encoder (CLIPTextModel)")
+    """The config.json of a transformers CLIPTextModel or CLIPTextModelWithProjection -> TextEncoderConfig;
+    a missing or malformed field is a ValueError naming it (the caller names the file). A CLIPTextModel's
+    projection_dim belongs to a CLIP head it does not have, so only the WithProjection class keeps one."""
+    projection = d.get("architectures") == ["CLIPTextModelWithProjection"]
+    if not projection:
+        _check_class(d, "architectures", "CLIPTextModel", "text encoder (CLIPTextModel)")
     _check_class(d, "model_type", "clip_text_model", "text encoder (CLIPTextModel)")
     activation = _get(d, "hidden_act", "quick_gelu")
     if not isinstance(activation, str):
@@ -529,6 +552,7 @@ def text_encoder_config_from_diffusers(d: dict) -> TextEncoderConfig:
         mlp_width=_positive_int(d, "intermediate_size"),
         activation=activation,
         eps=_number(d, "layer_norm_eps", 1e-5),
+        projection_dim=_positive_int(d, "projection_dim") if projection else None,
     )
 
 
@@ -604,9 +628,17 @@ def infer_vae_config(sd: Tensors) -> VAEConfig:
 
 def infer_text_encoder_config(sd: Tensors, openclip: bool) -> TextEncoderConfig:
     """TextEncoderConfig from our-named text encoder tensors (after any OpenCLIP conversion);
-    an OpenCLIP tower (SD 2.x) uses GELU, OpenAI's (SD 1.x) quick-GELU; both 64-wide heads."""
+    an OpenCLIP tower (SD 2.x, SDXL's bigG) uses GELU, OpenAI's (SD 1.x) quick-GELU; all 64-wide heads;
+    a `text_projection.weight` (SDXL's bigG) gives projection_dim."""
     vocab, width = _shape(sd, "embeddings.token_embedding.weight", "text encoder", 2)
     layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    projection_dim = None
+    if PROJECTION in sd:
+        projection_dim, projected = _shape(sd, PROJECTION, "text encoder", 2)
+        if projected != width:
+            raise ValueError(
+                f"text encoder weight {PROJECTION!r} projects {projected} channels, not the {width} it has"
+            )
     return replace(
         SD2_TEXT_ENCODER if openclip else SD1_TEXT_ENCODER,
         vocab_size=vocab,
@@ -615,4 +647,5 @@ def infer_text_encoder_config(sd: Tensors, openclip: bool) -> TextEncoderConfig:
         layers=layers,
         heads=max(1, width // 64),
         mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", "text encoder", 2)[0],
+        projection_dim=projection_dim,
     )
