@@ -89,14 +89,15 @@ def test_config_inferred_from_full_size_tensors(name):
         tensors["cond_stage_model.model.logit_scale"] = torch.empty((), device="meta")
     tensors["model.diffusion_model.betas"] = torch.empty(1000, device="meta")  # schedule buffers are ignored
     tensors["alphas_cumprod"] = torch.empty(1000, device="meta")
-    parts, openclip = _split_single_file(tensors, "model.safetensors")
-    if openclip:
+    parts, family = _split_single_file(tensors, "model.safetensors")
+    assert family == ("sd2" if name == "sd21" else "sd1")
+    if family == "sd2":
         parts["text_encoder"] = layouts.text_encoder_from_openclip(
             parts["text_encoder"], openclip_layers_used(parts["text_encoder"])
         )
-    inferred = _infer_config(parts, {"global_step": 875000}, openclip)
+    inferred = _infer_config(parts, {"global_step": 875000}, family)
     assert inferred.unet == unet_config and inferred.vae == SD_VAE and inferred.text_encoder == text_config
     assert inferred.prediction_type == "epsilon"
     assert inferred.pad_token == ("!" if name == "sd21" else "<|endoftext|>")
     if name == "sd21":  # without the SD 2.x base release's step count, SD 2.x files are 768-v
-        assert _infer_config(parts, {}, openclip).prediction_type == "v_prediction"
+        assert _infer_config(parts, {}, family).prediction_type == "v_prediction"

@@ -26,12 +26,27 @@ from .weightfiles import CheckpointError, read_state_dict, write_safetensors
 
 Parts = dict[str, dict[str, torch.Tensor]]
 COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = (*COMPONENTS, "text_encoder_2")
 CONFIG_METADATA_KEY = "latentforge_config"  # our ModelConfig, in the metadata of files we write
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")  # SD 1.x
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL's ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's ViT-bigG
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner's only text encoder
+# single-file text-tower prefixes -> (our component, the tower's naming, the family that uses it)
+TEXT_PREFIXES = {
+    CLIP_PREFIXES[0]: ("text_encoder", "clip", "sd1"),
+    CLIP_PREFIXES[1]: ("text_encoder", "clip", "sd1"),
+    OPENCLIP_PREFIX: ("text_encoder", "openclip", "sd2"),
+    SDXL_CLIP_PREFIX: ("text_encoder", "clip", "sdxl"),
+    SDXL_OPENCLIP_PREFIX: ("text_encoder_2", "openclip", "sdxl"),
+}
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # empty marker tensors of v-prediction (zero terminal SNR) SDXL files
+SDXL_VAE_SCALE = 0.13025  # SDXL's VAE latent scale (the weights cannot tell it)
+SDXL_SAMPLE_SIZE = 128  # latents of SDXL's native 1024 x 1024
 # Training leftovers in single files that inference never uses: the noise schedule buffers of the
 # LDM wrapper, EMA copies and the autoencoder's training loss.
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
@@ -41,7 +56,7 @@ IGNORED_KEYS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates",
 }  # fmt: skip
-NOT_SD = "not a Stable Diffusion 1.x/2.x checkpoint (SDXL, SD3 and others are not supported)"
+NOT_SD = "not a Stable Diffusion 1.x/2.x or SDXL checkpoint (SD3 and others are not supported)"
 SD2_BASE_GLOBAL_STEP = 875000  # the 512-px epsilon SD 2.x base releases; other SD 2.x files are 768-v
 VIT_H_BLOCKS = 24  # blocks of the OpenCLIP ViT-H text tower; SD 2.x uses the first 23
 
@@ -49,8 +64,14 @@ DIFFUSERS_WEIGHTS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
-DIFFUSERS_BIN = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin"}
+DIFFUSERS_BIN = {
+    "unet": "diffusion_pytorch_model.bin",
+    "vae": "diffusion_pytorch_model.bin",
+    "text_encoder": "pytorch_model.bin",
+    "text_encoder_2": "pytorch_model.bin",
+}
 # Stable Diffusion's published scheduler: what a folder without scheduler/ gets
 SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -67,35 +88,45 @@ SD_SCHEDULER = {
 }
 
 
-def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Parts, bool]:
-    """Sort a single file's tensors by component, prefixes removed; True when the text tower is OpenCLIP."""
-    parts: Parts = {c: {} for c in COMPONENTS}
-    openclip = False
+def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Parts, str]:
+    """Sort a single file's tensors by component, prefixes removed (text towers still in their own naming);
+    also the family its keys say: "sd1", "sd2" or "sdxl"."""
+    parts: Parts = {}
+    families = set()
     for key, value in tensors.items():
         if key.startswith(UNET_PREFIX):
-            parts["unet"][key.removeprefix(UNET_PREFIX)] = value
+            parts.setdefault("unet", {})[key.removeprefix(UNET_PREFIX)] = value
         elif key.startswith(VAE_PREFIX) and not key.startswith(IGNORED_PREFIXES):
-            parts["vae"][key.removeprefix(VAE_PREFIX)] = value
-        elif key.startswith(OPENCLIP_PREFIX):
-            parts["text_encoder"][key.removeprefix(OPENCLIP_PREFIX)] = value
-            openclip = True
-        elif key.startswith(CLIP_PREFIXES):
-            prefix = next(p for p in CLIP_PREFIXES if key.startswith(p))
+            parts.setdefault("vae", {})[key.removeprefix(VAE_PREFIX)] = value
+        elif prefix := next((p for p in TEXT_PREFIXES if key.startswith(p)), None):
+            component, _, family = TEXT_PREFIXES[prefix]
+            families.add(family)
             if not key.endswith("position_ids"):
-                parts["text_encoder"][key.removeprefix(prefix)] = value
-        elif key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+                parts.setdefault(component, {})[key.removeprefix(prefix)] = value
+        elif key.startswith(REFINER_OPENCLIP_PREFIX):
+            raise CheckpointError(name, "an SDXL refiner checkpoint", "the refiner is not supported yet; use an SDXL base model")
+        elif key == ZTSNR_KEY:
+            raise CheckpointError(name, "a zero-terminal-SNR SDXL model (its 'ztsnr' marker)", "such models are not supported yet")
+        elif key != V_PRED_KEY and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
             raise CheckpointError(name, f"unexpected weight {key!r}", NOT_SD)
-    for component, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", "cond_stage_model.")):
-        if not parts[component]:
-            raise CheckpointError(name, f"no {component} weights ({prefix}*)", "a complete SD 1.x/2.x checkpoint is needed")
-    return parts, openclip
+    if len(families) > 1:
+        raise CheckpointError(name, f"holds the text encoders of several model families ({', '.join(sorted(families))})", NOT_SD)
+    family = families.pop() if families else "sd1"
+    needed = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}
+    if family == "sdxl":
+        needed = {**needed, "text_encoder": SDXL_CLIP_PREFIX, "text_encoder_2": SDXL_OPENCLIP_PREFIX}
+    for component, prefix in needed.items():
+        if not parts.get(component):
+            raise CheckpointError(name, f"no {component} weights ({prefix}*)", "a complete checkpoint is needed")
+    return parts, family
 
 
 def read_single_file(path: str | os.PathLike, prediction_type: str | None = None) -> tuple[ModelConfig, Parts]:
     """Read an original-layout .safetensors/.ckpt into our names, with its config inferred from the tensors."""
     name = os.fspath(path)
     tensors, metadata = read_state_dict(path)
-    parts, openclip = _split_single_file(tensors, name)
+    v_pred = V_PRED_KEY in tensors
+    parts, family = _split_single_file(tensors, name)
     del tensors
     stored = metadata.get(CONFIG_METADATA_KEY)
     if stored is not None:  # written by latentforge: the config is exact, heads included
@@ -105,17 +136,28 @@ def read_single_file(path: str | os.PathLike, prediction_type: str | None = None
             fix = f"its {CONFIG_METADATA_KEY} metadata is damaged; convert the model again from its source"
             raise CheckpointError(name, str(e), fix) from None
     try:
-        if openclip:
-            layers = config.text_encoder.layers if stored is not None else openclip_layers_used(parts["text_encoder"])
-            parts["text_encoder"] = layouts.text_encoder_from_openclip(parts["text_encoder"], layers)
+        _text_from_openclip(parts, family, config if stored is not None else None)
         if stored is None:
-            config = _infer_config(parts, metadata, openclip)
+            config = _infer_config(parts, metadata, family, v_pred)
     except ValueError as e:
         raise CheckpointError(name, str(e)) from None
     if prediction_type is not None:
         config = replace(config, prediction_type=prediction_type)
     check_parts(config, parts, name)
     return config, parts
+
+
+def _text_from_openclip(parts: Parts, family: str, config: ModelConfig | None) -> None:
+    """Rename the OpenCLIP text towers of `parts` in place: SD 2.x's (without its unused last block) and
+    SDXL's bigG (all blocks, and its projection)."""
+    if family == "sd2":
+        text = parts["text_encoder"]
+        layers = config.text_encoder.layers if config is not None else openclip_layers_used(text)
+        parts["text_encoder"] = layouts.text_encoder_from_openclip(text, layers)
+    elif family == "sdxl":
+        text = parts["text_encoder_2"]
+        layers = len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")})
+        parts["text_encoder_2"] = layouts.text_encoder_from_openclip(text, layers, projection=True)
 
 
 def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
@@ -125,9 +167,12 @@ def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
     return blocks - 1 if blocks == VIT_H_BLOCKS else blocks
 
 
-def _infer_config(parts: Parts, metadata: dict, sd2: bool) -> ModelConfig:
-    """A single file's ModelConfig from its tensors; `sd2` when its text tower is OpenCLIP's."""
-    unet = layouts.infer_unet_config(parts["unet"], sd2)
+def _infer_config(parts: Parts, metadata: dict, family: str, v_pred: bool = False) -> ModelConfig:
+    """A single file's ModelConfig from its tensors and its family ("sd1", "sd2", "sdxl")."""
+    if family == "sdxl":
+        return _infer_sdxl_config(parts, v_pred)
+    sd2 = family == "sd2"
+    unet = layouts.infer_unet_config(parts["unet"], head_dim=64 if sd2 else None)
     text = layouts.infer_text_encoder_config(parts["text_encoder"], sd2)
     # the weights cannot tell epsilon from v; the SD 2.x base release is known by its training step
     v = sd2 and metadata.get("global_step") != SD2_BASE_GLOBAL_STEP and unet.in_channels == 4
@@ -142,6 +187,21 @@ def _infer_config(parts: Parts, metadata: dict, sd2: bool) -> ModelConfig:
     )
 
 
+def _infer_sdxl_config(parts: Parts, v_pred: bool) -> ModelConfig:
+    """SDXL's ModelConfig from its tensors: 64-wide heads, 1024 px, the VAE scale 0.13025; v-prediction only
+    when the file carries the `v_pred` marker."""
+    unet = replace(layouts.infer_unet_config(parts["unet"], True), sample_size=SDXL_SAMPLE_SIZE)
+    return ModelConfig(
+        unet=unet,
+        vae=replace(layouts.infer_vae_config(parts["vae"]), scaling_factor=SDXL_VAE_SCALE),
+        text_encoder=layouts.infer_text_encoder_config(parts["text_encoder"], False),
+        text_encoder_2=layouts.infer_text_encoder_config(parts["text_encoder_2"], True),
+        prediction_type="v_prediction" if v_pred else "epsilon",
+        pad_token="<|endoftext|>",
+        pad_token_2="!",
+    )
+
+
 def check_parts(config: ModelConfig, parts: Parts, name: str) -> None:
     """Strict loading: every weight the models need is present with its shape and a floating-point type,
     and nothing else."""
@@ -150,10 +210,15 @@ def check_parts(config: ModelConfig, parts: Parts, name: str) -> None:
     from .vae import AutoencoderKL
 
     builders = {"unet": (UNet, config.unet), "vae": (AutoencoderKL, config.vae), "text_encoder": (TextEncoder, config.text_encoder)}
+    if config.text_encoder_2 is not None:
+        builders["text_encoder_2"] = (TextEncoder, config.text_encoder_2)
+    extra = sorted(parts.keys() - builders.keys())
+    if extra:
+        raise CheckpointError(name, f"{extra[0]} weights, which a {config.describe()} model does not have")
     for component, (cls, cfg) in builders.items():
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
-        got = parts[component]
+        got = parts.get(component, {})
         missing = sorted(expected.keys() - got.keys())
         unexpected = sorted(got.keys() - expected.keys())
         wrong = sorted(k for k in expected.keys() & got.keys() if tuple(got[k].shape) != expected[k])
@@ -220,8 +285,11 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     """Read a diffusers Stable Diffusion folder into our names, configs from its config.json files."""
     root = Path(folder)
     index = _read_json(root / "model_index.json")
+    if index.get("text_encoder") == [None, None] and index.get("text_encoder_2"):
+        raise CheckpointError(root, "an SDXL refiner (no first text encoder)", "the refiner is not supported yet; use an SDXL base model")
     if "unet" not in index or "vae" not in index or "text_encoder" not in index:
         raise CheckpointError(root / "model_index.json", "not a Stable Diffusion pipeline (needs unet, vae, text_encoder)")
+    components = SDXL_COMPONENTS if index.get("text_encoder_2") else COMPONENTS
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else dict(SD_SCHEDULER)
     # each file's values are checked where they are read, so that an error names that file
@@ -229,25 +297,31 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
         "unet": layouts.unet_config_from_diffusers,
         "vae": layouts.vae_config_from_diffusers,
         "text_encoder": layouts.text_encoder_config_from_diffusers,
+        "text_encoder_2": layouts.text_encoder_config_from_diffusers,
     }
     configs = {}
-    for component, read in readers.items():
+    for component in components:
+        read = readers[component]
         path = root / component / "config.json"
         configs[component] = _checked(path, read, _read_json(path))
     _checked(scheduler_path, NoiseSchedule.from_config, scheduler)
     if prediction_type is None:
         prediction_type = _checked(scheduler_path, _prediction_type, scheduler.get("prediction_type", "epsilon"))
     defaults = _checked(root / "model_index.json", SamplingDefaults.from_dict, index.get("_latentforge_defaults", {}))
-    weights = {c: _diffusers_weights(root / c, c) for c in COMPONENTS}
+    weights = {c: _diffusers_weights(root / c, c) for c in components}
     parts = {
         "unet": _checked(root / "unet", layouts.unet_from_diffusers, weights.pop("unet"), configs["unet"]),
         "vae": _checked(root / "vae", layouts.vae_from_diffusers, weights.pop("vae"), configs["vae"]),
-        "text_encoder": layouts.text_encoder_from_diffusers(weights.pop("text_encoder")),
     }
+    for text in components[2:]:
+        parts[text] = layouts.text_encoder_from_diffusers(weights.pop(text))
+    second = {}
+    if "text_encoder_2" in components:
+        second = dict(text_encoder_2=configs["text_encoder_2"], pad_token_2=_tokenizer_pad_token(root / "tokenizer_2"))
     config = _checked(
         root, ModelConfig, unet=configs["unet"], vae=configs["vae"], text_encoder=configs["text_encoder"],
         prediction_type=prediction_type, pad_token=_tokenizer_pad_token(root / "tokenizer"), scheduler=scheduler,
-        defaults=defaults,
+        defaults=defaults, **second,
     )  # fmt: skip
     check_parts(config, parts, root)
     return config, parts
@@ -308,6 +382,12 @@ def single_file_tensors(config: ModelConfig, parts: Parts) -> dict[str, torch.Te
     if config.version == "sd2":
         text = layouts.text_encoder_to_openclip(parts["text_encoder"])
         tensors.update({OPENCLIP_PREFIX + k: v for k, v in text.items()})
+    elif config.version == "sdxl":
+        tensors.update({SDXL_CLIP_PREFIX + k: v for k, v in parts["text_encoder"].items()})
+        text = layouts.text_encoder_to_openclip(parts["text_encoder_2"])
+        tensors.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in text.items()})
+        if config.prediction_type == "v_prediction":  # the marker other tools read
+            tensors[V_PRED_KEY] = torch.zeros(0)
     else:
         tensors.update({CLIP_PREFIXES[0] + k: v for k, v in parts["text_encoder"].items()})
     return tensors
@@ -320,9 +400,15 @@ def write_single_file(config: ModelConfig, parts: Parts, path: str | os.PathLike
 
 
 def write_diffusers(
-    config: ModelConfig, parts: Parts, folder: str | os.PathLike, tokenizer, dtype: torch.dtype | None = None
+    config: ModelConfig,
+    parts: Parts,
+    folder: str | os.PathLike,
+    tokenizer,
+    dtype: torch.dtype | None = None,
+    tokenizer_2=None,
 ) -> None:
-    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL
+    also text_encoder_2/ and tokenizer_2/, which `tokenizer_2` must then be).
 
     It is assembled under a temporary name beside `folder` and renamed into place at the end, so an
     interrupted write leaves no half-made model."""
@@ -331,7 +417,7 @@ def write_diffusers(
         raise CheckpointError(folder, "already exists", "choose a new destination (nothing is overwritten)")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     try:
-        _write_diffusers_tree(config, parts, tmp, tokenizer, dtype)
+        _write_diffusers_tree(config, parts, tmp, {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}, dtype)
         os.replace(tmp, folder)
     finally:
         if tmp.exists():
@@ -347,10 +433,15 @@ def _default_scheduler(config: ModelConfig) -> dict:
     return {**SD_SCHEDULER, "_class_name": cls, **options}
 
 
-def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizer, dtype: torch.dtype | None) -> None:
+def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizers: dict, dtype: torch.dtype | None) -> None:
     from . import __version__
 
-    pipeline = "StableDiffusionInpaintPipeline" if config.inpainting else "StableDiffusionPipeline"
+    sdxl = config.text_encoder_2 is not None
+    if sdxl and tokenizers["tokenizer_2"] is None:
+        raise ValueError("an SDXL model is written with both tokenizers (tokenizer_2 is missing)")
+    family = "StableDiffusionXL" if sdxl else "StableDiffusion"
+    pipeline = f"{family}InpaintPipeline" if config.inpainting else f"{family}Pipeline"
+    components = SDXL_COMPONENTS if sdxl else COMPONENTS
     scheduler = {**(config.scheduler or _default_scheduler(config)), "prediction_type": config.prediction_type}
     index = {
         "_class_name": pipeline,
@@ -362,10 +453,15 @@ def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokeniz
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
     }
+    if sdxl:  # SDXL's pipelines have no safety checker; an empty negative prompt is zeros there
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     weights = {
         "unet": layouts.unet_to_diffusers(parts["unet"], config.unet),
         "vae": layouts.vae_to_diffusers(parts["vae"], config.vae),
@@ -376,12 +472,17 @@ def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokeniz
         "vae": layouts.vae_config_to_diffusers(config.vae),
         "text_encoder": layouts.text_encoder_config_to_diffusers(config.text_encoder),
     }
+    if sdxl:
+        weights["text_encoder_2"] = layouts.text_encoder_to_diffusers(parts["text_encoder_2"])
+        configs["text_encoder_2"] = layouts.text_encoder_config_to_diffusers(config.text_encoder_2)
     root.mkdir(parents=True)
     write_json(index, root / "model_index.json")
-    for component in COMPONENTS:
+    for component in components:
         (root / component).mkdir()
         write_json(configs[component], root / component / "config.json")
         write_safetensors(_cast(weights[component], dtype), root / component / f"{DIFFUSERS_WEIGHTS[component]}.safetensors")
     (root / "scheduler").mkdir()
     write_json(scheduler, root / "scheduler" / "scheduler_config.json")
-    tokenizer.save_pretrained(root / "tokenizer")
+    for name, tokenizer in tokenizers.items():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(root / name)

@@ -50,7 +50,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if layout == "single":
         write_single_file(config, parts, dst, dtype)
     else:
-        write_diffusers(config, parts, dst, load_tokenizer(args.src, config), dtype)
+        second = load_tokenizer(args.src, config, second=True) if config.text_encoder_2 is not None else None
+        write_diffusers(config, parts, dst, load_tokenizer(args.src, config), dtype, tokenizer_2=second)
     print(f"wrote {dst} ({'single file' if layout == 'single' else 'diffusers folder'}, {config.describe()})")
 
 

@@ -15,9 +15,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .prompts import encode_prompts
+from .prompts import encode_prompts, encode_prompts_pooled
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
+from .unet import timestep_embedding
+
+
+SDXL_SIZE_EMBED_DIM = 256  # width of each size number's embedding in SDXL (diffusers' addition_time_embed_dim)
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,44 @@ class ClipConditioner:
 
     def models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder}
+
+
+@dataclass
+class SDXLConditioner:
+    """SDXL: OpenAI CLIP ViT-L and OpenCLIP ViT-bigG, each read at its penultimate layer without the final
+    norm, their vectors joined (77 * k x 2048); the added vector is bigG's pooled text (its first chunk) and
+    the image size conditioning: original size (h, w), crop top-left (0, 0), target size (h, w), each number
+    a `size_embed_dim`-wide sinusoidal embedding (6 x 256 + 1280 = 2816). An empty negative prompt gives
+    zeros for its text vectors and pooled text (diffusers' `force_zeros_for_empty_prompt`, as A1111 does);
+    its size conditioning stays. `clip_skip` steps further back from the penultimate layer, as diffusers'."""
+
+    tokenizer: Tokenizer  # ViT-L's: pads with the end token
+    text_encoder: TextEncoder
+    tokenizer_2: Tokenizer  # bigG's: pads with "!" (id 0)
+    text_encoder_2: TextEncoder
+    size_embed_dim: int = SDXL_SIZE_EMBED_DIM
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        prompts = [prompt] if negative is None else [prompt, negative]
+        first = encode_prompts_pooled(self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False)[0]
+        second, pooled = encode_prompts_pooled(
+            self.text_encoder_2, self.tokenizer_2, prompts, clip_skip + 1, final_norm=False, pooled=True
+        )
+        context = torch.cat([first, second.to(first.dtype)], dim=-1)
+        if negative == "":
+            context[1:], pooled[1:] = 0, 0
+        vector = torch.cat([pooled.to(context.dtype), self.size_vector(size, len(prompts)).to(context)], dim=-1)
+        cond = Cond(context[:1], vector[:1])
+        return cond, (None if negative is None else Cond(context[1:], vector[1:]))
+
+    def size_vector(self, size: tuple[int, int], batch: int) -> torch.Tensor:
+        """(batch, 6 * size_embed_dim): original size, crop top-left, target size, as SDXL was trained."""
+        height, width = size
+        numbers = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+        return timestep_embedding(numbers, self.size_embed_dim).reshape(1, -1).expand(batch, -1)
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}

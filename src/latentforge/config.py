@@ -61,18 +61,25 @@ class ModelConfig:
     # the diffusers scheduler_config.json of the model, when it came with one (sampling defaults)
     scheduler: dict = field(default_factory=dict, compare=False)
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults, compare=False)
+    # SDXL: the second text encoder (OpenCLIP ViT-bigG, with the projection that makes the pooled vector),
+    # whose vectors are joined to the first's; its tokenizer pads with "!" (id 0)
+    text_encoder_2: TextEncoderConfig | None = None
+    pad_token_2: str = "!"
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
-        if not isinstance(self.pad_token, str) or not self.pad_token:
-            raise ValueError(f"pad_token must be a token such as '!', got {self.pad_token!r}")
+        for name in ("pad_token", "pad_token_2"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a token such as '!', got {getattr(self, name)!r}")
+        if self.text_encoder_2 is not None and not self.text_encoder_2.projection_dim:
+            raise ValueError("the second text encoder (SDXL's ViT-bigG) needs its projection (projection_dim)")
         if not isinstance(self.scheduler, dict):
             raise ValueError(f"scheduler must be a diffusers scheduler config (an object), got {self.scheduler!r}")
-        if self.unet.context_dim != self.text_encoder.width:
+        if self.unet.context_dim != self.context_width:
             raise ValueError(
-                f"the UNet reads {self.unet.context_dim}-wide text vectors but the text encoder makes "
-                f"{self.text_encoder.width}-wide ones"
+                f"the UNet reads {self.unet.context_dim}-wide text vectors but the text encoder"
+                f"{'s make' if self.text_encoder_2 else ' makes'} {self.context_width}-wide ones"
             )
         if self.vae.latent_channels != self.unet.out_channels:
             raise ValueError(
@@ -80,8 +87,15 @@ class ModelConfig:
             )
 
     @property
+    def context_width(self) -> int:
+        """Width of the text vectors the UNet reads: the text encoders' widths joined."""
+        return self.text_encoder.width + (self.text_encoder_2.width if self.text_encoder_2 else 0)
+
+    @property
     def version(self) -> str:
-        """'sd1' (OpenAI CLIP text tower, quick-GELU) or 'sd2' (OpenCLIP text tower, GELU)."""
+        """'sdxl' (two text encoders), 'sd2' (OpenCLIP text tower, GELU) or 'sd1' (OpenAI CLIP, quick-GELU)."""
+        if self.text_encoder_2 is not None:
+            return "sdxl"
         return "sd2" if self.text_encoder.activation == "gelu" else "sd1"
 
     @property
@@ -91,7 +105,7 @@ class ModelConfig:
 
     @property
     def native_size(self) -> int:
-        """Image side in pixels the model was trained at (512 for SD 1.x, 768 for SD 2.x 768-v)."""
+        """Image side in pixels the model was trained at (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL)."""
         return self.unet.sample_size * self.vae.downscale
 
     def describe(self) -> str:
@@ -120,7 +134,9 @@ class ModelConfig:
                 name: _dataclass_from_dict(name, kind, d.get(name))
                 for name, kind in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", TextEncoderConfig))
             }
-            rest = {k: d[k] for k in ("prediction_type", "pad_token", "scheduler") if k in d}
+            if d.get("text_encoder_2") is not None:
+                parts["text_encoder_2"] = _dataclass_from_dict("text_encoder_2", TextEncoderConfig, d["text_encoder_2"])
+            rest = {k: d[k] for k in ("prediction_type", "pad_token", "pad_token_2", "scheduler") if k in d}
             if "defaults" in d:
                 rest["defaults"] = SamplingDefaults.from_dict(d["defaults"])
             return cls(**parts, **rest)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoints
 from .checkpoints import Parts
-from .conditioning import ClipConditioner, Cond, Conditioner
+from .conditioning import SDXL_SIZE_EMBED_DIM, ClipConditioner, Cond, Conditioner, SDXLConditioner
 from .config import ModelConfig
 from .errors import GenerationError
 from .guidance import Denoiser, Guidance, make_denoiser
@@ -342,12 +342,18 @@ def build(cls: type[nn.Module], config, tensors: dict[str, torch.Tensor], device
 
 
 def from_parts(
-    config: ModelConfig, parts: Parts, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, name: str = ""
+    config: ModelConfig,
+    parts: Parts,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    name: str = "",
+    tokenizer_2: Tokenizer | None = None,
 ) -> Pipeline:
-    """Assemble a Pipeline from checked, our-named weights."""
-    text_encoder = build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype)
+    """Assemble a Pipeline from checked, our-named weights; `tokenizer_2` is SDXL's second (default: the
+    shipped vocabulary with the model's padding)."""
     return Pipeline(
-        conditioner=ClipConditioner(tokenizer, text_encoder),
+        conditioner=build_conditioner(config, parts, tokenizer, tokenizer_2, device, dtype),
         unet=build(UNet, config.unet, parts.pop("unet"), device, dtype),
         vae=build(AutoencoderKL, config.vae, parts.pop("vae"), device, dtype),
         config=config,
@@ -355,6 +361,25 @@ def from_parts(
         dtype=dtype,
         name=name,
     )
+
+
+def build_conditioner(
+    config: ModelConfig,
+    parts: Parts,
+    tokenizer: Tokenizer,
+    tokenizer_2: Tokenizer | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Conditioner:
+    """The model family's prompt encoder, its text encoders built from `parts` (taken out of it)."""
+    text_encoder = build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype)
+    if config.text_encoder_2 is None:
+        return ClipConditioner(tokenizer, text_encoder)
+    text_encoder_2 = build(TextEncoder, config.text_encoder_2, parts.pop("text_encoder_2"), device, dtype)
+    if tokenizer_2 is None:
+        tokenizer_2 = Tokenizer(pad_token=config.pad_token_2, max_length=config.text_encoder_2.max_length)
+    size_embed_dim = config.unet.size_embed_dim or SDXL_SIZE_EMBED_DIM
+    return SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2, size_embed_dim)
 
 
 def default_model_path() -> Path:
@@ -367,19 +392,20 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
-def load_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Tokenizer:
-    """The model's own tokenizer/ folder when it has one, else the shipped CLIP vocabulary. A tokenizer whose
-    windows are longer than the text encoder's positions is a CheckpointError naming its file."""
-    folder = Path(path) / "tokenizer"
+def load_tokenizer(path: str | os.PathLike, config: ModelConfig, second: bool = False) -> Tokenizer:
+    """The model's own tokenizer/ folder (tokenizer_2/ for SDXL's second) when it has one, else the shipped
+    CLIP vocabulary. A tokenizer whose windows are longer than its text encoder's positions is a
+    CheckpointError naming its file."""
+    folder = Path(path) / ("tokenizer_2" if second else "tokenizer")
+    text = config.text_encoder_2 if second else config.text_encoder
     if not folder.is_dir():
-        return Tokenizer(pad_token=config.pad_token, max_length=config.text_encoder.max_length)
+        return Tokenizer(pad_token=config.pad_token_2 if second else config.pad_token, max_length=text.max_length)
     tokenizer = Tokenizer.from_pretrained(folder)
-    if tokenizer.max_length > config.text_encoder.max_length:
+    if tokenizer.max_length > text.max_length:
         raise CheckpointError(
             folder / "tokenizer_config.json",
-            f"model_max_length {tokenizer.max_length} is more than the text encoder's "
-            f"{config.text_encoder.max_length} positions",
-            f"set it to {config.text_encoder.max_length}, as the model's source has it",
+            f"model_max_length {tokenizer.max_length} is more than the text encoder's {text.max_length} positions",
+            f"set it to {text.max_length}, as the model's source has it",
         )
     return tokenizer
 
@@ -390,7 +416,7 @@ def load(
     device: str | torch.device = "auto",
     prediction_type: str | None = None,
 ) -> Pipeline:
-    """Load a Stable Diffusion 1.x/2.x model: a single .safetensors/.ckpt file or a diffusers folder;
+    """Load a Stable Diffusion 1.x / 2.x or SDXL model: a single .safetensors/.ckpt file or a diffusers folder;
     None loads the small model that ships in the package (DEFAULT_MODEL, 64 x 64, the shapes world).
 
     `prediction_type` ("epsilon" or "v_prediction") overrides what the checkpoint implies, for
@@ -401,6 +427,7 @@ def load(
     dtype = resolve_dtype(dtype, device)
     config, parts = checkpoints.read_checkpoint(path, prediction_type)
     tokenizer = load_tokenizer(path, config)
-    pipe = from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem)
+    tokenizer_2 = load_tokenizer(path, config, second=True) if config.text_encoder_2 is not None else None
+    pipe = from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem, tokenizer_2=tokenizer_2)
     pipe.source = Path(path)
     return pipe

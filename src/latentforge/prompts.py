@@ -45,7 +45,7 @@ Behaviour that follows A1111 even where it surprises:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "chunk_prompt",
     "encode_prompt",
     "encode_prompts",
+    "encode_prompts_pooled",
     "parse_emphasis",
 ]
 
@@ -260,6 +261,48 @@ def encode_prompts(
     A1111 does with "Pad prompt/negative prompt" on. Pass a prompt and its negative prompt (or
     ``prompts + negatives``) in one call to get them at the same length.
     """
+    device = next(text_encoder.parameters()).device
+
+    def run(ids: Tensor) -> tuple[Tensor, None]:
+        return text_encoder(ids.to(device), clip_skip=clip_skip), None
+
+    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack)
+    return torch.cat([hidden for hidden, _ in chunks], dim=1)
+
+
+def encode_prompts_pooled(
+    text_encoder: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    clip_skip: int = 1,
+    n_chunks: int | None = None,
+    *,
+    final_norm: bool = True,
+    pooled: bool = False,
+    comma_backtrack: int = COMMA_BACKTRACK,
+) -> tuple[Tensor, Tensor | None]:
+    """As `encode_prompts`, through `text_encoder.encode` (SDXL's way): the layer's states with the final
+    layer norm only if `final_norm`, and with `pooled` the pooled vector (B, projection_dim) of each
+    prompt's first chunk (what A1111 takes; diffusers has only that chunk), else None."""
+
+    device = next(text_encoder.parameters()).device
+
+    def run(ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        return text_encoder.encode(ids.to(device), clip_skip, final_norm=final_norm, pooled=pooled)
+
+    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack)
+    return torch.cat([hidden for hidden, _ in chunks], dim=1), chunks[0][1]
+
+
+def _encode_chunks(
+    run: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    n_chunks: int | None,
+    comma_backtrack: int,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Each chunk of the prompts through `run` (ids (B, max_length) -> states (B, max_length, width) and an
+    optional per-prompt extra), the states weighted; one entry per chunk."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of str, got {type(prompts).__name__}; use encode_prompt for one")
     if len(prompts) == 0:
@@ -280,15 +323,15 @@ def encode_prompts(
             f"n_chunks must be an int >= {longest} (the chunks the longest prompt needs), got {n_chunks!r}"
         )
     empty = chunked[""] if "" in chunked else chunk_prompt(tokenizer, "")
-    device = next(text_encoder.parameters()).device
 
     outputs = []
     for index in range(n_chunks):
         window = [(chunks, index) if index < chunks.n_chunks else (empty, 0) for chunks in batch]
-        ids = torch.stack([chunks.ids[i] for chunks, i in window]).to(device)
+        ids = torch.stack([chunks.ids[i] for chunks, i in window])
         weights = torch.stack([chunks.weights[i] for chunks, i in window])
-        outputs.append(_apply_weights(text_encoder(ids, clip_skip=clip_skip), weights))
-    return torch.cat(outputs, dim=1)
+        hidden, extra = run(ids)
+        outputs.append((_apply_weights(hidden, weights), extra))
+    return outputs
 
 
 def encode_prompt(
