@@ -8,6 +8,7 @@ Module attribute names follow the original CompVis/LDM layout (`input_blocks`, `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,14 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that have spatial transformers
     num_heads: int | None = 8  # SD 1.x: fixed head count ...
     head_dim: int | None = None  # ... SD 2.x: fixed head width (64)
-    transformer_depth: int = 1
+    transformer_depth: int = 1  # transformer blocks in each spatial transformer, unless given per block below
+    # Per-block depths, for UNets whose transformers differ (SDXL: 2 at level 1 and 10 at level 2; the distilled
+    # SSD-1B and Vega: block by block); None: transformer_depth. 0 marks a block without a transformer, which
+    # is exactly a block at a level outside attention_levels. Per block rather than per level because that is
+    # what the tensors hold (each block's count of transformer_blocks) and what the distilled UNets vary.
+    transformer_depth_input: tuple[int, ...] | None = None  # per input ResNet block, top level first
+    transformer_depth_middle: int | None = None  # 0: the middle block is one ResNet block (SSD-1B, Vega)
+    transformer_depth_output: tuple[int, ...] | None = None  # per output block, as output_blocks: bottom level first
     context_dim: int = 768  # width of the text vectors that cross-attention reads
     use_linear_projection: bool = False  # SD 2.x: Linear instead of 1x1 conv around transformers
     norm_groups: int = 32
@@ -38,6 +46,9 @@ class UNetConfig:
     # width of the vector added to the timestep embedding through `label_emb` (LDM's name; SDXL: pooled
     # text + size embeddings, 2816); None: no such input (SD 1.x / 2.x)
     adm_in_channels: int | None = None
+    # SDXL: width of the sinusoidal embedding of each size number in the added vector (diffusers'
+    # addition_time_embed_dim, 256); made by the conditioner, which reads it here; the UNet does not use it
+    size_embed_dim: int | None = None
 
     def __post_init__(self) -> None:
         """Reject a configuration the network cannot be built from, naming the field (every value that
@@ -51,7 +62,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.channel_mult must be one or more positive numbers, got {self.channel_mult}")
         names = ["in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth",
                  "context_dim", "norm_groups", "sample_size"]  # fmt: skip
-        names += [name for name in ("num_heads", "head_dim", "adm_in_channels") if getattr(self, name) is not None]
+        optional = ("num_heads", "head_dim", "adm_in_channels", "size_embed_dim")
+        names += [name for name in optional if getattr(self, name) is not None]
         for name in names:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -69,6 +81,59 @@ class UNetConfig:
             heads = self.heads_at(ch)
             if ch % heads:
                 raise ValueError(f"UNetConfig: level width {ch} is not divisible by {heads} attention heads")
+        if self.size_embed_dim is not None and self.adm_in_channels is None:
+            raise ValueError("UNetConfig: size_embed_dim is set but there is no added vector (adm_in_channels)")
+        self._check_depths()
+
+    def _check_depths(self) -> None:
+        """The per-block depths: whole numbers >= 0, one per block, 0 exactly outside attention_levels."""
+        middle = self.transformer_depth_middle
+        if middle is not None and (not _is_int(middle) or middle < 0):
+            raise ValueError(f"UNetConfig.transformer_depth_middle must be a whole number >= 0, got {middle!r}")
+        levels = len(self.channel_mult)
+        blocks = {"transformer_depth_input": self.num_res_blocks, "transformer_depth_output": self.num_res_blocks + 1}
+        for name, per_level in blocks.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v >= 0 for v in value):
+                raise ValueError(f"UNetConfig.{name} must be a list of whole numbers >= 0, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+            if len(value) != levels * per_level:
+                raise ValueError(f"UNetConfig.{name} has {len(value)} depths, not {per_level} per level x {levels} levels")
+        for name, depths, block_levels in (
+            ("transformer_depth_input", self.input_depths, self._input_levels()),
+            ("transformer_depth_output", self.output_depths, self._output_levels()),
+        ):
+            for i, (depth, level) in enumerate(zip(depths, block_levels)):
+                if (depth > 0) != (level in self.attention_levels):
+                    has = "has" if level in self.attention_levels else "has no"
+                    raise ValueError(f"UNetConfig.{name}[{i}] is {depth} at level {level}, which {has} attention")
+
+    def _input_levels(self) -> list[int]:
+        return [level for level in range(len(self.channel_mult)) for _ in range(self.num_res_blocks)]
+
+    def _output_levels(self) -> list[int]:
+        return [level for level in reversed(range(len(self.channel_mult))) for _ in range(self.num_res_blocks + 1)]
+
+    @property
+    def input_depths(self) -> tuple[int, ...]:
+        """Transformer depth of each input ResNet block, top level first (0: no transformer)."""
+        if self.transformer_depth_input is not None:
+            return self.transformer_depth_input
+        return tuple(self.transformer_depth if lv in self.attention_levels else 0 for lv in self._input_levels())
+
+    @property
+    def middle_depth(self) -> int:
+        """Transformer depth of the middle block (0: the middle block is one ResNet block)."""
+        return self.transformer_depth if self.transformer_depth_middle is None else self.transformer_depth_middle
+
+    @property
+    def output_depths(self) -> tuple[int, ...]:
+        """Transformer depth of each output block, in output_blocks order (bottom level first; 0: none)."""
+        if self.transformer_depth_output is not None:
+            return self.transformer_depth_output
+        return tuple(self.transformer_depth if lv in self.attention_levels else 0 for lv in self._output_levels())
 
     @property
     def level_channels(self) -> list[int]:
@@ -86,6 +151,21 @@ def _is_int(value: object) -> bool:
 
 SD1_UNET = UNetConfig()
 SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+
+
+def depth_fields(input_depths: Sequence[int], middle: int, output_depths: Sequence[int]) -> dict[str, object]:
+    """UNetConfig's depth fields for these per-block depths (0: no transformer), in one form so that equal
+    UNets have equal configs: where every transformer has one depth (SD 1.x/2.x, the SDXL refiner) that is
+    transformer_depth alone, as those configs have always been written; else transformer_depth is the middle
+    block's (without one, the deepest) and the per-block fields that differ from it are given."""
+    depth = middle or max(*input_depths, *output_depths, 1)
+    same = all(d in (0, depth) for d in input_depths), all(d in (0, depth) for d in output_depths)
+    return dict(
+        transformer_depth=depth,
+        transformer_depth_input=None if same[0] else tuple(input_depths),
+        transformer_depth_middle=None if middle == depth else middle,
+        transformer_depth_output=None if same[1] else tuple(output_depths),
+    )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -280,18 +360,21 @@ class UNet(nn.Module):
         def res(i: int, o: int) -> ResBlock:
             return ResBlock(i, o, emb_dim, c.norm_groups)
 
-        def attn(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                ch, c.heads_at(ch), c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
-            )
+        def attn(ch: int, depth: int) -> list[SpatialTransformer]:
+            """The block's transformer: none where its depth is 0."""
+            if not depth:
+                return []
+            heads, linear = c.heads_at(ch), c.use_linear_projection
+            return [SpatialTransformer(ch, heads, depth, c.context_dim, linear, c.norm_groups)]
 
         self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
         skip_channels = [c.model_channels]  # widths of the skip connections, in the order they are made
         ch = c.model_channels
         last = len(c.channel_mult) - 1
+        input_depths, output_depths = iter(c.input_depths), iter(c.output_depths)
         for level, width in enumerate(c.level_channels):
             for _ in range(c.num_res_blocks):
-                layers = [res(ch, width)] + ([attn(width)] if level in c.attention_levels else [])
+                layers = [res(ch, width), *attn(width, next(input_depths))]
                 self.input_blocks.append(Block(layers))
                 ch = width
                 skip_channels.append(ch)
@@ -299,15 +382,17 @@ class UNet(nn.Module):
                 self.input_blocks.append(Block([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = Block([res(ch, ch), attn(ch), res(ch, ch)])
+        middle = [res(ch, ch)]  # ResNet, transformer, ResNet; without a transformer one ResNet block (SSD-1B)
+        if c.middle_depth:
+            middle += [*attn(ch, c.middle_depth), res(ch, ch)]
+        self.middle_block = Block(middle)
 
         self.output_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(c.level_channels))):
             for i in range(c.num_res_blocks + 1):
                 layers = [res(ch + skip_channels.pop(), width)]
                 ch = width
-                if level in c.attention_levels:
-                    layers.append(attn(width))
+                layers += attn(width, next(output_depths))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(width))
                 self.output_blocks.append(Block(layers))
