@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .text_encoder import SD1_TEXT_ENCODER, SD2_TEXT_ENCODER, TextEncoderConfig
-from .unet import UNetConfig
+from .unet import UNetConfig, depth_fields
 from .vae import VAEConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -55,19 +55,24 @@ def unet_table(c: UNetConfig) -> list[Entry]:
         Entry("time_embed.2", "time_embedding.linear_2"),
         Entry("input_blocks.0.0", "conv_in"),
         Entry("middle_block.0", "mid_block.resnets.0", UNET_RESNET),
-        Entry("middle_block.1", "mid_block.attentions.0"),
-        Entry("middle_block.2", "mid_block.resnets.1", UNET_RESNET),
         Entry("out.0", "conv_norm_out"),
         Entry("out.2", "conv_out"),
     ]
+    if c.middle_depth:  # else the middle block is its one ResNet block (diffusers' UNetMidBlock2D)
+        t += [
+            Entry("middle_block.1", "mid_block.attentions.0"),
+            Entry("middle_block.2", "mid_block.resnets.1", UNET_RESNET),
+        ]
     if c.adm_in_channels is not None:  # the added vector's embedding (diffusers' text_time add_embedding)
         t += [Entry("label_emb.0.0", "add_embedding.linear_1"), Entry("label_emb.0.2", "add_embedding.linear_2")]
+    # a block's transformer_blocks.N are numbered alike in both layouts: its depth only decides whether it has one
     levels = len(c.channel_mult)
+    input_depths, output_depths = iter(c.input_depths), iter(c.output_depths)
     idx = 1
     for level in range(levels):
         for j in range(c.num_res_blocks):
             t.append(Entry(f"input_blocks.{idx}.0", f"down_blocks.{level}.resnets.{j}", UNET_RESNET))
-            if level in c.attention_levels:
+            if next(input_depths):
                 t.append(Entry(f"input_blocks.{idx}.1", f"down_blocks.{level}.attentions.{j}"))
             idx += 1
         if level != levels - 1:
@@ -78,7 +83,7 @@ def unet_table(c: UNetConfig) -> list[Entry]:
         for j in range(c.num_res_blocks + 1):
             t.append(Entry(f"output_blocks.{idx}.0", f"up_blocks.{up}.resnets.{j}", UNET_RESNET))
             slot = 1
-            if level in c.attention_levels:
+            if next(output_depths):
                 t.append(Entry(f"output_blocks.{idx}.1", f"up_blocks.{up}.attentions.{j}"))
                 slot = 2
             if level != 0 and j == c.num_res_blocks:
@@ -290,10 +295,46 @@ def text_encoder_to_openclip(sd: Tensors) -> Tensors:
 # Configs <-> diffusers config.json
 
 
+def _diffusers_depths(c: UNetConfig) -> dict:
+    """The depth fields of a diffusers config: transformer_layers_per_block (per level, an int or one depth per
+    block; 0 where a level has no attention) and, where the up path is not its mirror, the per-block
+    reverse_transformer_layers_per_block (per up level). diffusers' middle block takes the first depth of the
+    last level, which without attention holds the middle's alone."""
+    if (c.transformer_depth_input, c.transformer_depth_middle, c.transformer_depth_output) == (None, None, None):
+        return {"transformer_layers_per_block": c.transformer_depth}
+    n, levels = c.num_res_blocks, len(c.channel_mult)
+    down: list = [c.input_depths[i * n : (i + 1) * n] for i in range(levels)]
+    down = [depths[0] if len(set(depths)) == 1 else list(depths) for depths in down]
+    if levels - 1 not in c.attention_levels:
+        down[-1] = c.middle_depth
+    last = down[-1] if _is_int(down[-1]) else down[-1][0]
+    if c.middle_depth and last != c.middle_depth:
+        raise ValueError(
+            f"a middle transformer of depth {c.middle_depth} under a last level of depth {last} cannot be written "
+            "as a diffusers config (its middle block takes the last level's depth)"
+        )
+    up = [list(c.output_depths[i * (n + 1) : (i + 1) * (n + 1)]) for i in range(levels)]
+    mirror = [[d if level in c.attention_levels else 0] * (n + 1) for level, d in reversed(list(enumerate(down)))]
+    out = {"transformer_layers_per_block": down}
+    if mirror != up:  # (a level given per block is never its own mirror: diffusers wants n + 1 depths up)
+        out["reverse_transformer_layers_per_block"] = up
+    return out
+
+
 def unet_config_to_diffusers(c: UNetConfig) -> dict:
-    """UNetConfig -> the config.json of a diffusers UNet2DConditionModel."""
+    """UNetConfig -> the config.json of a diffusers UNet2DConditionModel. A UNet with an added vector gets
+    SDXL's "text_time" embedding, which needs size_embed_dim."""
     levels = range(len(c.channel_mult))
     heads = [c.heads_at(ch) for ch in c.level_channels]
+    added = {}
+    if c.adm_in_channels is not None:
+        if c.size_embed_dim is None:
+            raise ValueError("a UNet with an added vector needs size_embed_dim to be written as a diffusers config")
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": c.size_embed_dim,
+            "projection_class_embeddings_input_dim": c.adm_in_channels,
+        }
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": c.sample_size,
@@ -303,12 +344,13 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
         "layers_per_block": c.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels],
         "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if c.middle_depth else "UNetMidBlock2D",
         "cross_attention_dim": c.context_dim,
         # diffusers' historical misnomer: for SD this field holds the number of heads
         "attention_head_dim": heads[0] if c.num_heads is not None else heads,
         "use_linear_projection": c.use_linear_projection,
-        "transformer_layers_per_block": c.transformer_depth,
+        **_diffusers_depths(c),
+        **added,
         "norm_num_groups": c.norm_groups,
         "norm_eps": 1e-5,
         "act_fn": "silu",
@@ -322,7 +364,6 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
 # diffusers UNet options that this UNet does not implement; a config that sets them is refused.
 _UNET_UNSUPPORTED = {
     "class_embed_type": None,
-    "addition_embed_type": None,
     "time_embedding_type": "positional",
     "encoder_hid_dim": None,
     "only_cross_attention": False,
@@ -332,7 +373,6 @@ _UNET_UNSUPPORTED = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
     "act_fn": "silu",
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
 }
 _UNET_BLOCKS = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -441,23 +481,76 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         if len(dims) != 1:
             raise ValueError(f"per-level heads {heads} do not share one head width")
         num_heads, head_dim = None, dims.pop()
-    if isinstance(d.get("transformer_layers_per_block"), (list, tuple)):
-        raise ValueError(f"per-level transformer_layers_per_block {d['transformer_layers_per_block']} is not supported")
+    added = d.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise ValueError(f"addition_embed_type={added!r} is not supported (SDXL: 'text_time'; SD 1.x/2.x: none)")
+    text_time = added == "text_time"
+    res = _positive_int(d, "layers_per_block", 2)
     return UNetConfig(
         in_channels=_positive_int(d, "in_channels", 4),
         out_channels=_positive_int(d, "out_channels", 4),
         model_channels=base,
         channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=_positive_int(d, "layers_per_block", 2),
+        num_res_blocks=res,
         attention_levels=attention,
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_positive_int(d, "transformer_layers_per_block", 1),
+        **_depths_from_diffusers(d, attention, len(widths), res),
         context_dim=_positive_int(d, "cross_attention_dim", 768),
         use_linear_projection=_flag(d, "use_linear_projection", False),
         norm_groups=_positive_int(d, "norm_num_groups", 32),
         sample_size=_positive_int(d, "sample_size", 64),
+        adm_in_channels=_positive_int(d, "projection_class_embeddings_input_dim") if text_time else None,
+        size_embed_dim=_positive_int(d, "addition_time_embed_dim") if text_time else None,
     )
+
+
+_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")  # the second: one ResNet block (SSD-1B, Vega)
+
+
+def _level_depths(value: object, key: str, blocks: int) -> list[int]:
+    """One level's entry of a diffusers depth list: an int for all its blocks, or one depth per block."""
+    if _is_int(value) and value >= 0:
+        return [value] * blocks
+    if isinstance(value, (list, tuple)) and len(value) == blocks and all(_is_int(v) and v >= 0 for v in value):
+        return list(value)
+    raise ValueError(f"{key}: each level's depth must be a whole number >= 0 or {blocks} of them, got {value!r}")
+
+
+def _depths_from_diffusers(d: dict, attention: tuple[int, ...], levels: int, res: int) -> dict[str, object]:
+    """UNetConfig's depth fields from transformer_layers_per_block (an int, or per level an int or one depth per
+    block), reverse_transformer_layers_per_block (per up level) and mid_block_type. A level without attention
+    has no transformers whatever its entry says (DownBlock2D ignores it); one with attention needs depths >= 1
+    (diffusers would build a transformer of no blocks, LDM none at all)."""
+    key, rkey = "transformer_layers_per_block", "reverse_transformer_layers_per_block"
+    down = _get(d, key, 1)
+    down = [down] * levels if _is_int(down) else down
+    if not isinstance(down, (list, tuple)) or len(down) != levels:
+        raise ValueError(f"{key} must be a whole number or one entry per level ({levels}), got {down!r}")
+    reverse = d.get(rkey)
+    if reverse is None:
+        if any(not _is_int(v) for v in down):
+            raise ValueError(f"{key} gives depths per block but {rkey} is missing")
+        reverse = list(reversed(down))
+    elif not isinstance(reverse, (list, tuple)) or len(reverse) != levels:
+        raise ValueError(f"{rkey} must have one entry per level ({levels}), got {reverse!r}")
+    mid = d.get("mid_block_type", _MID_BLOCKS[0])  # null: no middle block, which no SD UNet lacks
+    if mid not in _MID_BLOCKS:
+        raise ValueError(f"mid_block_type={mid!r} is not supported (SD UNets use {' or '.join(_MID_BLOCKS)})")
+    down_levels = [_level_depths(v, key, res) for v in down]
+    up_levels = [_level_depths(v, rkey, res + 1) for v in reverse]
+    middle = down_levels[-1][0] if mid == _MID_BLOCKS[0] else 0
+    if mid == _MID_BLOCKS[0] and middle == 0:
+        raise ValueError(f"{key}: a middle transformer of depth 0 is not supported")
+    inputs = [(level, x) for level, depths in enumerate(down_levels) for x in depths]
+    outputs = [(levels - 1 - u, x) for u, depths in enumerate(up_levels) for x in depths]
+    for name, blocks in ((key, inputs), (rkey if d.get(rkey) is not None else key, outputs)):
+        for level, x in blocks:
+            if level in attention and x == 0:
+                raise ValueError(f"{name}: a transformer of depth 0 at level {level} is not supported")
+    inputs = [x if level in attention else 0 for level, x in inputs]
+    outputs = [x if level in attention else 0 for level, x in outputs]
+    return depth_fields(inputs, middle, outputs)
 
 
 def vae_config_to_diffusers(c: VAEConfig) -> dict:
@@ -571,8 +664,22 @@ def _shape(sd: Tensors, key: str, what: str, ndim: int | tuple[int, ...]) -> tup
     return shape
 
 
-def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
-    """UNetConfig from the tensors of an LDM UNet (keys without `model.diffusion_model.`)."""
+SDXL_SIZE_EMBED_DIM = 256  # SDXL's width of each size number's embedding, which its tensors cannot tell
+
+
+def _depth(sd: Tensors, prefix: str) -> int:
+    """How many transformer blocks the spatial transformer at `prefix` has (0: none there)."""
+    start = prefix + ".transformer_blocks."
+    return len({k[len(start) :].split(".")[0] for k in sd if k.startswith(start)})
+
+
+def infer_unet_config(
+    sd: Tensors, head_dim: int | None = None, size_embed_dim: int = SDXL_SIZE_EMBED_DIM
+) -> UNetConfig:
+    """UNetConfig from the tensors of an LDM UNet (keys without `model.diffusion_model.`). The weights cannot tell
+    how attention splits into heads: `head_dim` is the heads' width (SD 2.x: 64); None is the family's as far
+    as the tensors tell it: SDXL's 64 where there is an added vector (label_emb), else SD 1.x's eight heads.
+    With an added vector, `size_embed_dim` is taken as SDXL's."""
     model_ch, in_ch = _shape(sd, "input_blocks.0.0.weight", "UNet", 4)[:2]
     out_ch = _shape(sd, "out.2.weight", "UNet", 4)[0]
     # walk the input blocks: a block with `.0.op` is a downsampler, which ends a level
@@ -589,12 +696,20 @@ def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
     res_blocks = len(levels[0])
     widths = [_shape(sd, f"input_blocks.{lv[0]}.0.out_layers.3.weight", "UNet", 4)[0] for lv in levels]
     attention = tuple(n for n, lv in enumerate(levels) if f"input_blocks.{lv[0]}.1.norm.weight" in sd)
-    mid_attn = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    context_dim = _shape(sd, mid_attn, "UNet", 2)[1]
-    linear = len(_shape(sd, "middle_block.1.proj_in.weight", "UNet", (2, 4))) == 2
-    depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
-    # The weights cannot tell how attention splits into heads: SD 2.x uses 64-wide heads, SD 1.x eight.
-    heads = dict(num_heads=None, head_dim=64) if sd2 else dict(num_heads=8, head_dim=None)
+    # each block's depth is its count of transformer_blocks; the first transformer tells the text width
+    transformers = [f"input_blocks.{i}.1" for lv in levels for i in lv] + ["middle_block.1"]
+    first = next((p for p in transformers if f"{p}.proj_in.weight" in sd), "middle_block.1")
+    context_dim = _shape(sd, f"{first}.transformer_blocks.0.attn2.to_k.weight", "UNet", 2)[1]
+    linear = len(_shape(sd, f"{first}.proj_in.weight", "UNet", (2, 4))) == 2
+    outputs = len(levels) * (res_blocks + 1)
+    depths = depth_fields(
+        [_depth(sd, p) for p in transformers[:-1]],
+        _depth(sd, "middle_block.1"),
+        [_depth(sd, f"output_blocks.{i}.1") for i in range(outputs)],
+    )
+    adm = _shape(sd, "label_emb.0.0.weight", "UNet", 2)[1] if "label_emb.0.0.weight" in sd else None
+    if head_dim is None and adm is not None:
+        head_dim = 64
     return UNetConfig(
         in_channels=in_ch,
         out_channels=out_ch,
@@ -602,11 +717,14 @@ def infer_unet_config(sd: Tensors, sd2: bool) -> UNetConfig:
         channel_mult=tuple(w // model_ch for w in widths),
         num_res_blocks=res_blocks,
         attention_levels=attention,
-        transformer_depth=depth,
+        **depths,
         context_dim=context_dim,
         use_linear_projection=linear,
         norm_groups=32,
-        **heads,
+        num_heads=8 if head_dim is None else None,
+        head_dim=head_dim,
+        adm_in_channels=adm,
+        size_embed_dim=size_embed_dim if adm is not None else None,
     )
 
 
