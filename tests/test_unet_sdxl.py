@@ -113,9 +113,13 @@ def test_tiny_config_written_back_builds_the_same_model(kind):
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_tiny_config_inferred_from_ldm_tensors(kind):
-    config = layouts.unet_config_from_diffusers(dict(tiny_diffusers_unet(kind).config))
+    reference = tiny_diffusers_unet(kind)
+    config = layouts.unet_config_from_diffusers(dict(reference.config))
     with torch.device("meta"):
         sd = UNet(config).state_dict()
+    # our LDM names are what diffusers' own single-file converter reads into this model
+    converted = sfu.convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in sd.items()}, reference.config)
+    assert shapes(converted) == shapes(reference.state_dict())
     inferred = layouts.infer_unet_config(sd, head_dim=16, size_embed_dim=TIME_DIM)
     assert dataclasses.replace(inferred, sample_size=16) == config  # the native size is the family's
     # the heads' width is the caller's: without it, a UNet with an added vector has SDXL's 64-wide heads
