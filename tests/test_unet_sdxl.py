@@ -12,7 +12,7 @@ import torch
 
 from latentforge import layouts
 from latentforge.config import ModelConfig
-from latentforge.text_encoder import SD1_TEXT_ENCODER
+from latentforge.text_encoder import SD1_TEXT_ENCODER, SDXL_TEXT_ENCODER_2
 from latentforge.unet import SD1_UNET, UNet, UNetConfig, timestep_embedding
 from latentforge.vae import SD_VAE
 
@@ -198,9 +198,8 @@ def test_uniform_depths_keep_their_one_field_and_old_json_loads():
     for field in ("transformer_depth_input", "transformer_depth_middle", "transformer_depth_output", "size_embed_dim"):
         del stored["unet"][field]
     assert ModelConfig.from_json(json.dumps(stored)) == model
-    sdxl_unet = dataclasses.replace(FULL["base"][1], context_dim=768)
-    sdxl = dataclasses.replace(model, unet=sdxl_unet)
-    assert ModelConfig.from_json(sdxl.to_json()).unet == sdxl_unet
+    sdxl = dataclasses.replace(model, unet=FULL["base"][1], text_encoder_2=SDXL_TEXT_ENCODER_2)
+    assert ModelConfig.from_json(sdxl.to_json()).unet == FULL["base"][1]
 
 
 BASE = FULL["base"][1]
