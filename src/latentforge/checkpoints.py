@@ -43,6 +43,7 @@ TEXT_PREFIXES = {
     OPENCLIP_PREFIX: ("text_encoder", "openclip", "sd2"),
     SDXL_CLIP_PREFIX: ("text_encoder", "clip", "sdxl"),
     SDXL_OPENCLIP_PREFIX: ("text_encoder_2", "openclip", "sdxl"),
+    REFINER_OPENCLIP_PREFIX: ("text_encoder", "openclip", "sdxl-refiner"),
 }
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # empty marker tensors of v-prediction (zero terminal SNR) SDXL files
 SDXL_VAE_SCALE = 0.13025  # SDXL's VAE latent scale (the weights cannot tell it)
@@ -90,7 +91,7 @@ SD_SCHEDULER = {
 
 def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Parts, str]:
     """Sort a single file's tensors by component, prefixes removed (text towers still in their own naming);
-    also the family its keys say: "sd1", "sd2" or "sdxl"."""
+    also the family its keys say: "sd1", "sd2", "sdxl" or "sdxl-refiner"."""
     parts: Parts = {}
     families = set()
     for key, value in tensors.items():
@@ -103,8 +104,6 @@ def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Par
             families.add(family)
             if not key.endswith("position_ids"):
                 parts.setdefault(component, {})[key.removeprefix(prefix)] = value
-        elif key.startswith(REFINER_OPENCLIP_PREFIX):
-            raise CheckpointError(name, "an SDXL refiner checkpoint", "the refiner is not supported yet; use an SDXL base model")
         elif key == ZTSNR_KEY:
             raise CheckpointError(name, "a zero-terminal-SNR SDXL model (its 'ztsnr' marker)", "such models are not supported yet")
         elif key != V_PRED_KEY and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
@@ -115,6 +114,8 @@ def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Par
     needed = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}
     if family == "sdxl":
         needed = {**needed, "text_encoder": SDXL_CLIP_PREFIX, "text_encoder_2": SDXL_OPENCLIP_PREFIX}
+    elif family == "sdxl-refiner":
+        needed = {**needed, "text_encoder": REFINER_OPENCLIP_PREFIX}
     for component, prefix in needed.items():
         if not parts.get(component):
             raise CheckpointError(name, f"no {component} weights ({prefix}*)", "a complete checkpoint is needed")
@@ -149,15 +150,16 @@ def read_single_file(path: str | os.PathLike, prediction_type: str | None = None
 
 def _text_from_openclip(parts: Parts, family: str, config: ModelConfig | None) -> None:
     """Rename the OpenCLIP text towers of `parts` in place: SD 2.x's (without its unused last block) and
-    SDXL's bigG (all blocks, and its projection)."""
+    SDXL's bigG, of the base or the refiner (all blocks, and its projection)."""
     if family == "sd2":
         text = parts["text_encoder"]
         layers = config.text_encoder.layers if config is not None else openclip_layers_used(text)
         parts["text_encoder"] = layouts.text_encoder_from_openclip(text, layers)
-    elif family == "sdxl":
-        text = parts["text_encoder_2"]
+    elif family in ("sdxl", "sdxl-refiner"):
+        component = "text_encoder_2" if family == "sdxl" else "text_encoder"
+        text = parts[component]
         layers = len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")})
-        parts["text_encoder_2"] = layouts.text_encoder_from_openclip(text, layers, projection=True)
+        parts[component] = layouts.text_encoder_from_openclip(text, layers, projection=True)
 
 
 def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
@@ -168,8 +170,8 @@ def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _infer_config(parts: Parts, metadata: dict, family: str, v_pred: bool = False) -> ModelConfig:
-    """A single file's ModelConfig from its tensors and its family ("sd1", "sd2", "sdxl")."""
-    if family == "sdxl":
+    """A single file's ModelConfig from its tensors and its family ("sd1", "sd2", "sdxl", "sdxl-refiner")."""
+    if family.startswith("sdxl"):
         return _infer_sdxl_config(parts, v_pred)
     sd2 = family == "sd2"
     unet = layouts.infer_unet_config(parts["unet"], head_dim=64 if sd2 else None)
@@ -188,16 +190,17 @@ def _infer_config(parts: Parts, metadata: dict, family: str, v_pred: bool = Fals
 
 
 def _infer_sdxl_config(parts: Parts, v_pred: bool) -> ModelConfig:
-    """SDXL's ModelConfig from its tensors: 64-wide heads, 1024 px, the VAE scale 0.13025; v-prediction only
-    when the file carries the `v_pred` marker."""
-    unet = replace(layouts.infer_unet_config(parts["unet"], True), sample_size=SDXL_SAMPLE_SIZE)
+    """The ModelConfig of an SDXL base or refiner from its tensors: 64-wide heads, 1024 px, the VAE scale
+    0.13025; v-prediction only when the file carries the `v_pred` marker. The refiner's one text encoder is
+    bigG (OpenCLIP names, "!" padding); the base's first is ViT-L."""
+    refiner = "text_encoder_2" not in parts
     return ModelConfig(
-        unet=unet,
+        unet=replace(layouts.infer_unet_config(parts["unet"]), sample_size=SDXL_SAMPLE_SIZE),
         vae=replace(layouts.infer_vae_config(parts["vae"]), scaling_factor=SDXL_VAE_SCALE),
-        text_encoder=layouts.infer_text_encoder_config(parts["text_encoder"], False),
-        text_encoder_2=layouts.infer_text_encoder_config(parts["text_encoder_2"], True),
+        text_encoder=layouts.infer_text_encoder_config(parts["text_encoder"], refiner),
+        text_encoder_2=None if refiner else layouts.infer_text_encoder_config(parts["text_encoder_2"], True),
         prediction_type="v_prediction" if v_pred else "epsilon",
-        pad_token="<|endoftext|>",
+        pad_token="!" if refiner else "<|endoftext|>",
         pad_token_2="!",
     )
 
@@ -285,11 +288,12 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     """Read a diffusers Stable Diffusion folder into our names, configs from its config.json files."""
     root = Path(folder)
     index = _read_json(root / "model_index.json")
-    if index.get("text_encoder") == [None, None] and index.get("text_encoder_2"):
-        raise CheckpointError(root, "an SDXL refiner (no first text encoder)", "the refiner is not supported yet; use an SDXL base model")
     if "unet" not in index or "vae" not in index or "text_encoder" not in index:
         raise CheckpointError(root / "model_index.json", "not a Stable Diffusion pipeline (needs unet, vae, text_encoder)")
-    components = SDXL_COMPONENTS if index.get("text_encoder_2") else COMPONENTS
+    refiner = index.get("text_encoder") == [None, None] and bool(index.get("text_encoder_2"))
+    components = SDXL_COMPONENTS if index.get("text_encoder_2") and not refiner else COMPONENTS
+    # our component -> its folder: the refiner's one text encoder (and tokenizer) are diffusers' second
+    folders = {c: c for c in components} | ({"text_encoder": "text_encoder_2"} if refiner else {})
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else dict(SD_SCHEDULER)
     # each file's values are checked where they are read, so that an error names that file
@@ -302,13 +306,13 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     configs = {}
     for component in components:
         read = readers[component]
-        path = root / component / "config.json"
+        path = root / folders[component] / "config.json"
         configs[component] = _checked(path, read, _read_json(path))
     _checked(scheduler_path, NoiseSchedule.from_config, scheduler)
     if prediction_type is None:
         prediction_type = _checked(scheduler_path, _prediction_type, scheduler.get("prediction_type", "epsilon"))
     defaults = _checked(root / "model_index.json", SamplingDefaults.from_dict, index.get("_latentforge_defaults", {}))
-    weights = {c: _diffusers_weights(root / c, c) for c in components}
+    weights = {c: _diffusers_weights(root / folders[c], c) for c in components}
     parts = {
         "unet": _checked(root / "unet", layouts.unet_from_diffusers, weights.pop("unet"), configs["unet"]),
         "vae": _checked(root / "vae", layouts.vae_from_diffusers, weights.pop("vae"), configs["vae"]),
@@ -318,13 +322,20 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     second = {}
     if "text_encoder_2" in components:
         second = dict(text_encoder_2=configs["text_encoder_2"], pad_token_2=_tokenizer_pad_token(root / "tokenizer_2"))
+    tokenizer = root / tokenizer_folder(refiner, second=False)
     config = _checked(
         root, ModelConfig, unet=configs["unet"], vae=configs["vae"], text_encoder=configs["text_encoder"],
-        prediction_type=prediction_type, pad_token=_tokenizer_pad_token(root / "tokenizer"), scheduler=scheduler,
+        prediction_type=prediction_type, pad_token=_tokenizer_pad_token(tokenizer), scheduler=scheduler,
         defaults=defaults, **second,
     )  # fmt: skip
     check_parts(config, parts, root)
     return config, parts
+
+
+def tokenizer_folder(refiner: bool, second: bool) -> str:
+    """The diffusers folder of a model's first (or SDXL's second) tokenizer: the refiner's only one is
+    diffusers' tokenizer_2/."""
+    return "tokenizer_2" if second or refiner else "tokenizer"
 
 
 T = TypeVar("T")
@@ -386,10 +397,13 @@ def single_file_tensors(config: ModelConfig, parts: Parts) -> dict[str, torch.Te
         tensors.update({SDXL_CLIP_PREFIX + k: v for k, v in parts["text_encoder"].items()})
         text = layouts.text_encoder_to_openclip(parts["text_encoder_2"])
         tensors.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in text.items()})
-        if config.prediction_type == "v_prediction":  # the marker other tools read
-            tensors[V_PRED_KEY] = torch.zeros(0)
+    elif config.version == "sdxl-refiner":
+        text = layouts.text_encoder_to_openclip(parts["text_encoder"])
+        tensors.update({REFINER_OPENCLIP_PREFIX + k: v for k, v in text.items()})
     else:
         tensors.update({CLIP_PREFIXES[0] + k: v for k, v in parts["text_encoder"].items()})
+    if config.version.startswith("sdxl") and config.prediction_type == "v_prediction":  # the marker other tools read
+        tensors[V_PRED_KEY] = torch.zeros(0)
     return tensors
 
 
@@ -436,15 +450,12 @@ def _default_scheduler(config: ModelConfig) -> dict:
 def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizers: dict, dtype: torch.dtype | None) -> None:
     from . import __version__
 
-    sdxl = config.text_encoder_2 is not None
+    sdxl, refiner = config.text_encoder_2 is not None, config.refiner
     if sdxl and tokenizers["tokenizer_2"] is None:
         raise ValueError("an SDXL model is written with both tokenizers (tokenizer_2 is missing)")
-    family = "StableDiffusionXL" if sdxl else "StableDiffusion"
-    pipeline = f"{family}InpaintPipeline" if config.inpainting else f"{family}Pipeline"
-    components = SDXL_COMPONENTS if sdxl else COMPONENTS
     scheduler = {**(config.scheduler or _default_scheduler(config)), "prediction_type": config.prediction_type}
     index = {
-        "_class_name": pipeline,
+        "_class_name": _pipeline_class(config),
         "_diffusers_version": "0.30.0",
         "_latentforge_version": __version__,
         "_latentforge_defaults": dataclasses.asdict(config.defaults),  # "_" keys are not read by diffusers
@@ -454,35 +465,45 @@ def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokeniz
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
     }
-    if sdxl:  # SDXL's pipelines have no safety checker; an empty negative prompt is zeros there
-        index.update(
-            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-            tokenizer_2=["transformers", "CLIPTokenizer"],
-            force_zeros_for_empty_prompt=True,
-        )
+    # our component -> its folder (the refiner's one text encoder is diffusers' second)
+    folders = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder_2" if refiner else "text_encoder"}
+    if sdxl or refiner:  # SDXL's pipelines have no safety checker
+        second = ["transformers", "CLIPTextModelWithProjection"]
+        index.update(text_encoder_2=second, tokenizer_2=["transformers", "CLIPTokenizer"])
+        # an empty negative prompt is zeros for the base; the refiner's published pipeline encodes it
+        index.update(force_zeros_for_empty_prompt=not refiner, requires_aesthetics_score=refiner)
+        if refiner:
+            index.update(text_encoder=[None, None], tokenizer=[None, None])
+            tokenizers = {"tokenizer_2": tokenizers["tokenizer"]}
+        else:
+            folders["text_encoder_2"] = "text_encoder_2"
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    weights = {
-        "unet": layouts.unet_to_diffusers(parts["unet"], config.unet),
-        "vae": layouts.vae_to_diffusers(parts["vae"], config.vae),
-        "text_encoder": layouts.text_encoder_to_diffusers(parts["text_encoder"]),
-    }
-    configs = {
-        "unet": layouts.unet_config_to_diffusers(config.unet),
-        "vae": layouts.vae_config_to_diffusers(config.vae),
-        "text_encoder": layouts.text_encoder_config_to_diffusers(config.text_encoder),
-    }
-    if sdxl:
-        weights["text_encoder_2"] = layouts.text_encoder_to_diffusers(parts["text_encoder_2"])
-        configs["text_encoder_2"] = layouts.text_encoder_config_to_diffusers(config.text_encoder_2)
     root.mkdir(parents=True)
     write_json(index, root / "model_index.json")
-    for component in components:
-        (root / component).mkdir()
-        write_json(configs[component], root / component / "config.json")
-        write_safetensors(_cast(weights[component], dtype), root / component / f"{DIFFUSERS_WEIGHTS[component]}.safetensors")
+    for component, folder in folders.items():
+        cfg = getattr(config, component)
+        if component == "unet":
+            weights, cfg_json = layouts.unet_to_diffusers(parts[component], cfg), layouts.unet_config_to_diffusers(cfg)
+        elif component == "vae":
+            weights, cfg_json = layouts.vae_to_diffusers(parts[component], cfg), layouts.vae_config_to_diffusers(cfg)
+        else:
+            weights = layouts.text_encoder_to_diffusers(parts[component])
+            cfg_json = layouts.text_encoder_config_to_diffusers(cfg)
+        (root / folder).mkdir()
+        write_json(cfg_json, root / folder / "config.json")
+        write_safetensors(_cast(weights, dtype), root / folder / f"{DIFFUSERS_WEIGHTS[component]}.safetensors")
     (root / "scheduler").mkdir()
     write_json(scheduler, root / "scheduler" / "scheduler_config.json")
     for name, tokenizer in tokenizers.items():
         if tokenizer is not None:
             tokenizer.save_pretrained(root / name)
+
+
+def _pipeline_class(config: ModelConfig) -> str:
+    """The diffusers pipeline class a model's folder names: SD or SDXL, txt2img or inpainting; the refiner's
+    is SDXL's img2img pipeline."""
+    if config.refiner:
+        return "StableDiffusionXLImg2ImgPipeline"
+    family = "StableDiffusionXL" if config.text_encoder_2 is not None else "StableDiffusion"
+    return f"{family}InpaintPipeline" if config.inpainting else f"{family}Pipeline"

@@ -18,10 +18,7 @@ from torch import nn
 from .prompts import encode_prompts, encode_prompts_pooled
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
-from .unet import timestep_embedding
-
-
-SDXL_SIZE_EMBED_DIM = 256  # width of each size number's embedding in SDXL (diffusers' addition_time_embed_dim)
+from .unet import SDXL_SIZE_EMBED_DIM, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -105,15 +102,53 @@ class SDXLConditioner:
         context = torch.cat([first, second.to(first.dtype)], dim=-1)
         if negative == "":
             context[1:], pooled[1:] = 0, 0
-        vector = torch.cat([pooled.to(context.dtype), self.size_vector(size, len(prompts)).to(context)], dim=-1)
-        cond = Cond(context[:1], vector[:1])
-        return cond, (None if negative is None else Cond(context[1:], vector[1:]))
-
-    def size_vector(self, size: tuple[int, int], batch: int) -> torch.Tensor:
-        """(batch, 6 * size_embed_dim): original size, crop top-left, target size, as SDXL was trained."""
         height, width = size
-        numbers = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
-        return timestep_embedding(numbers, self.size_embed_dim).reshape(1, -1).expand(batch, -1)
+        numbers = [[height, width, 0, 0, height, width]] * len(prompts)  # original size, crop, target size
+        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), negative is not None)
 
     def models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+
+@dataclass
+class RefinerConditioner:
+    """SDXL's refiner: OpenCLIP ViT-bigG alone (its penultimate layer without the final norm, 77 * k x 1280);
+    the added vector is its pooled text and original size (h, w), crop top-left (0, 0) and an aesthetic score,
+    6.0 for the prompt and 2.5 for the negative prompt (5 x 256 + 1280 = 2560), as diffusers' refiner
+    pipeline and A1111 use it. An empty negative prompt is encoded as text (its published pipeline does not
+    zero it)."""
+
+    tokenizer: Tokenizer  # bigG's: pads with "!" (id 0)
+    text_encoder: TextEncoder
+    size_embed_dim: int = SDXL_SIZE_EMBED_DIM
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        prompts = [prompt] if negative is None else [prompt, negative]
+        context, pooled = encode_prompts_pooled(
+            self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False, pooled=True
+        )
+        height, width = size
+        scores = [self.aesthetic_score, self.negative_aesthetic_score][: len(prompts)]
+        numbers = [[height, width, 0, 0, score] for score in scores]  # original size, crop, aesthetic score
+        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), negative is not None)
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
+
+
+def size_embedding(numbers: list[list[float]], dim: int) -> torch.Tensor:
+    """(B, n) numbers (sizes, crops, scores) -> (B, n * dim): each number's sinusoidal embedding, in order."""
+    values = torch.tensor(numbers, dtype=torch.float32)
+    return timestep_embedding(values.flatten(), dim).reshape(len(numbers), -1)
+
+
+def _split(context: torch.Tensor, pooled: torch.Tensor, sizes: torch.Tensor, guided: bool) -> tuple[Cond, Cond | None]:
+    """The prompt's Cond and, when guided, the negative prompt's: context, and pooled text + size embeddings."""
+    vector = torch.cat([pooled.to(context.dtype), sizes.to(context)], dim=-1)
+    cond = Cond(context[:1], vector[:1])
+    return cond, (Cond(context[1:], vector[1:]) if guided else None)

@@ -74,6 +74,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a token such as '!', got {getattr(self, name)!r}")
         if self.text_encoder_2 is not None and not self.text_encoder_2.projection_dim:
             raise ValueError("the second text encoder (SDXL's ViT-bigG) needs its projection (projection_dim)")
+        if self.unet.adm_in_channels is not None and not (self.text_encoder_2 or self.text_encoder).projection_dim:
+            raise ValueError("a UNet with an added vector (SDXL) needs a text encoder with a projection (pooled text)")
         if not isinstance(self.scheduler, dict):
             raise ValueError(f"scheduler must be a diffusers scheduler config (an object), got {self.scheduler!r}")
         if self.unet.context_dim != self.context_width:
@@ -93,10 +95,26 @@ class ModelConfig:
 
     @property
     def version(self) -> str:
-        """'sdxl' (two text encoders), 'sd2' (OpenCLIP text tower, GELU) or 'sd1' (OpenAI CLIP, quick-GELU)."""
+        """'sdxl' (two text encoders), 'sdxl-refiner' (one, with a UNet that takes the added vector), 'sd2'
+        (OpenCLIP text tower, GELU) or 'sd1' (OpenAI CLIP, quick-GELU)."""
         if self.text_encoder_2 is not None:
             return "sdxl"
+        if self.unet.adm_in_channels is not None:
+            return "sdxl-refiner"
         return "sd2" if self.text_encoder.activation == "gelu" else "sd1"
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip skip: the text encoder's layers, one fewer for SDXL (which reads the penultimate
+        layer already)."""
+        if self.unet.adm_in_channels is None:
+            return self.text_encoder.layers
+        return min(t.layers for t in (self.text_encoder, self.text_encoder_2) if t is not None) - 1
+
+    @property
+    def refiner(self) -> bool:
+        """SDXL's refiner: it continues another model's image (img2img, or the end of an SDXL base's run)."""
+        return self.version == "sdxl-refiner"
 
     @property
     def inpainting(self) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .text_encoder import SD1_TEXT_ENCODER, SD2_TEXT_ENCODER, TextEncoderConfig
-from .unet import UNetConfig, depth_fields
+from .unet import SDXL_SIZE_EMBED_DIM, UNetConfig, depth_fields
 from .vae import VAEConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -664,7 +664,6 @@ def _shape(sd: Tensors, key: str, what: str, ndim: int | tuple[int, ...]) -> tup
     return shape
 
 
-SDXL_SIZE_EMBED_DIM = 256  # SDXL's width of each size number's embedding, which its tensors cannot tell
 
 
 def _depth(sd: Tensors, prefix: str) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoints
 from .checkpoints import Parts
-from .conditioning import SDXL_SIZE_EMBED_DIM, ClipConditioner, Cond, Conditioner, SDXLConditioner
+from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
 from .config import ModelConfig
 from .errors import GenerationError
 from .guidance import Denoiser, Guidance, make_denoiser
@@ -29,7 +29,7 @@ from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
-from .unet import UNet
+from .unet import SDXL_SIZE_EMBED_DIM, UNet
 from .vae import AutoencoderKL, sample_latents
 from .weightfiles import CheckpointError
 
@@ -136,18 +136,22 @@ class Pipeline:
         mask: Image.Image | None = None,
         callback: Callable[[Step], None] | None = None,
         clip_skip: int = 1,
+        refiner: Pipeline | None = None,
+        refiner_switch_at: float = 0.8,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
         steps, sampler and cfg_scale left as None are the model's defaults (config.defaults); width and
-        height left as None are the init image's size, else the model's native size.
+        height left as None are the init image's size, else the model's native size. A `refiner` (SDXL's)
+        takes over the steps whose timestep is below (1 - refiner_switch_at) of the training schedule, as
+        A1111's "Refiner switch at" and diffusers' denoising_end / denoising_start split them.
 
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
-            mask=mask, clip_skip=clip_skip,
+            mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at,
         )  # fmt: skip
         spec = get_sampler(request.sampler)
         schedule = NoiseSchedule.from_config(self.config.scheduler or {})
@@ -158,18 +162,25 @@ class Pipeline:
         )
         # the negative prompt is only read by the unconditional pass, which scale 1 skips
         negative = request.negative_prompt if request.cfg_scale != 1 else None
-        conds = self.encode_prompt(request.prompt, negative, request.clip_skip, (request.height, request.width))
+        size = (request.height, request.width)
+        conds = self.encode_prompt(request.prompt, negative, request.clip_skip, size)
+        refine = None
+        if request.refiner is not None:
+            split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
+            refine = (split, request.refiner.encode_prompt(request.prompt, negative, request.clip_skip, size))
         images = []
         for i in range(request.batch_size):
-            latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback)
+            latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback, refine)
             self._check_finite(latents, f"the latents of image {i + 1}")
-            image = self.decode(latents)[0]
+            # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
+            image = (request.refiner or self).decode(latents)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i))
             images.append(image)
         return images
 
-    def _sample(self, request, spec, schedule, sigmas, conds, seed, index, callback) -> torch.Tensor:
-        """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents."""
+    def _sample(self, request, spec, schedule, sigmas, conds, seed, index, callback, refine=None) -> torch.Tensor:
+        """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents;
+        with `refine` = (split, the refiner's conds), the refiner's guided UNet runs the steps from `split` on."""
         g = torch.Generator().manual_seed(seed)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
         # the inpainting UNet at full strength starts from pure noise, like txt2img
@@ -194,16 +205,30 @@ class Pipeline:
         if blend is not None:
             denoise = keep_unmasked(denoise, *blend)
 
-        def on_step(i: int, x_i: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> None:
-            if callback is not None:
-                scale = float(torch.sqrt(1.0 + torch.as_tensor(sigma) ** 2))
-                callback(Step(index, i, len(sigmas) - 1, float(sigma), x_i / scale, x0))
+        def on_step(first: int) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+            def report(i: int, x_i: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> None:
+                if callback is not None:
+                    scale = float(torch.sqrt(1.0 + torch.as_tensor(sigma) ** 2))
+                    callback(Step(index, first + i, len(sigmas) - 1, float(sigma), x_i / scale, x0))
 
-        x = spec(
-            denoise, x, sigmas, schedule=schedule, prediction_type=self.config.prediction_type,
-            generator=g, callback=on_step,
-        )  # fmt: skip
-        latents = x / torch.sqrt(1.0 + sigmas[-1] ** 2)
+            return report
+
+        # the model's part of the schedule, then the refiner's (a fresh sampler run, as diffusers' refiner)
+        runs = [(self, denoise, sigmas)]
+        if refine is not None:
+            split, (cond, uncond) = refine
+            refiner = request.refiner
+            guided = Guidance(cond=cond, uncond=uncond, cfg_scale=request.cfg_scale)
+            refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided)
+            runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
+        first = 0
+        for model, model_denoise, part in (run for run in runs if len(run[2]) > 1):  # a part may have no step
+            x = spec(
+                model_denoise, x.to(model.device), part, schedule=schedule, prediction_type=model.config.prediction_type,
+                generator=g, callback=on_step(first),
+            )  # fmt: skip
+            first += len(part) - 1
+        latents = x.to(self.device) / torch.sqrt(1.0 + sigmas[-1] ** 2)
         return latents if blend is None else blend_latents(latents, *blend)
 
     def _inpaint_extra(self, request, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -260,6 +285,14 @@ class Pipeline:
     def model_hash(self) -> str:
         """A1111's short model hash of the checkpoint, '' when the model was not loaded from a path."""
         return cached_model_hash(self.source) if self.source is not None else ""
+
+
+def refiner_split(spec, schedule: NoiseSchedule, sigmas: torch.Tensor, switch_at: float) -> int:
+    """How many steps the model runs before its refiner takes over: those whose timestep is at least
+    round(T (1 - switch_at)) of the T training steps (diffusers' denoising_end / denoising_start cut-off;
+    A1111's refiner switch compares (T - 1 - t) / T with switch_at, the same steps)."""
+    cutoff = round(schedule.num_train_timesteps * (1 - switch_at))
+    return sum(1 for sigma in sigmas[:-1] if float(spec.timestep(schedule, sigma)) >= cutoff)
 
 
 def blend_latents(latents: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -373,12 +406,14 @@ def build_conditioner(
 ) -> Conditioner:
     """The model family's prompt encoder, its text encoders built from `parts` (taken out of it)."""
     text_encoder = build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype)
+    size_embed_dim = config.unet.size_embed_dim or SDXL_SIZE_EMBED_DIM
+    if config.refiner:
+        return RefinerConditioner(tokenizer, text_encoder, size_embed_dim)
     if config.text_encoder_2 is None:
         return ClipConditioner(tokenizer, text_encoder)
     text_encoder_2 = build(TextEncoder, config.text_encoder_2, parts.pop("text_encoder_2"), device, dtype)
     if tokenizer_2 is None:
         tokenizer_2 = Tokenizer(pad_token=config.pad_token_2, max_length=config.text_encoder_2.max_length)
-    size_embed_dim = config.unet.size_embed_dim or SDXL_SIZE_EMBED_DIM
     return SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2, size_embed_dim)
 
 
@@ -396,7 +431,7 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig, second: bool = 
     """The model's own tokenizer/ folder (tokenizer_2/ for SDXL's second) when it has one, else the shipped
     CLIP vocabulary. A tokenizer whose windows are longer than its text encoder's positions is a
     CheckpointError naming its file."""
-    folder = Path(path) / ("tokenizer_2" if second else "tokenizer")
+    folder = Path(path) / checkpoints.tokenizer_folder(config.refiner, second)
     text = config.text_encoder_2 if second else config.text_encoder
     if not folder.is_dir():
         return Tokenizer(pad_token=config.pad_token_2 if second else config.pad_token, max_length=text.max_length)

@@ -48,6 +48,8 @@ class Request:
     init_image: Image.Image | None
     image_tensor: torch.Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask_tensor: torch.Tensor | None  # (1, 1, H, W), 1 = repaint
+    refiner: object | None = None  # the Pipeline that takes over at refiner_switch_at (SDXL's refiner)
+    refiner_switch_at: float = 0.8
 
 
 def _int(name: str, value, low: int, high: int) -> int:
@@ -123,6 +125,8 @@ def check_request(
     strength: float,
     mask: Image.Image | None,
     clip_skip: int,
+    refiner: object | None = None,
+    refiner_switch_at: float = 0.8,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -135,7 +139,14 @@ def check_request(
     cfg = _cfg_scale(_given(cfg_scale, defaults.cfg_scale))
     seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int("seed", seed, 0, MAX_SEED)
     batch = _int("batch_size", batch_size, 1, MAX_BATCH)
-    clip_skip = _int("clip_skip", clip_skip, 1, pipe.config.text_encoder.layers)
+    clip_skip = _int("clip_skip", clip_skip, 1, pipe.config.max_clip_skip)
+    if pipe.config.refiner and init_image is None:
+        raise ValueError(
+            "an SDXL refiner continues an image: give it an init image (img2img), or use it as the refiner of an "
+            "SDXL base model"
+        )
+    if refiner is not None:
+        _check_refiner(pipe, refiner, refiner_switch_at, mask)
 
     init = init_image
     if mask is not None and init is None:
@@ -190,4 +201,28 @@ def check_request(
         init_image=init,
         image_tensor=image_tensor,
         mask_tensor=mask_tensor,
+        refiner=refiner,
+        refiner_switch_at=float(refiner_switch_at),
     )
+
+
+def _check_refiner(pipe, refiner, switch_at: object, mask: object) -> None:
+    """A refiner must work in the same latent space as the model it continues (same VAE scale and channels,
+    a plain 4-channel UNet), and takes over at a fraction of the schedule strictly between 0 and 1."""
+    from .pipeline import Pipeline  # the pipeline imports this module
+
+    if not isinstance(refiner, Pipeline):
+        raise ValueError(f"refiner must be a loaded model (latentforge.load), got {type(refiner).__name__}")
+    ours, theirs = pipe.config, refiner.config
+    if (ours.vae.latent_channels, ours.vae.scaling_factor) != (theirs.vae.latent_channels, theirs.vae.scaling_factor):
+        raise ValueError(
+            f"the refiner {refiner.name or ''} ({theirs.describe()}) works in another latent space than this "
+            f"{ours.describe()} model (VAE scale {theirs.vae.scaling_factor:g} vs {ours.vae.scaling_factor:g}); "
+            "use a refiner of the same family (SDXL's for an SDXL model)"
+        )
+    if theirs.inpainting:
+        raise ValueError("an inpainting model cannot be a refiner: it needs a mask and an image of its own")
+    if mask is not None:
+        raise ValueError("a refiner with a mask (inpainting) is not supported yet; inpaint without --refiner")
+    if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)) or not 0 < switch_at < 1:
+        raise ValueError(f"refiner_switch_at must be a fraction between 0 and 1 (exclusive), got {switch_at!r}")

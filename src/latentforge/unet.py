@@ -18,6 +18,9 @@ from torch import nn
 from .attention import attention
 from .convolution import Conv2d
 
+# SDXL's width of each size number's sinusoidal embedding (diffusers' addition_time_embed_dim); its
+# tensors cannot tell it
+SDXL_SIZE_EMBED_DIM = 256
 FEED_FORWARD_ROWS = 2048  # tokens per feed-forward chunk in inference (FeedForward; 512-2048 measured alike)
 
 
