@@ -91,6 +91,23 @@ def test_infotext_extra_keys_keep_a1111_positions():
     assert text.endswith("Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Hires upscale: 2")
 
 
+def test_infotext_refiner_as_a1111_writes_it():
+    # the webui: extra_generation_params['Refiner'] = the checkpoint's short_title ("name [short hash]"),
+    # ['Refiner switch at'] = the fraction, both after "Mask blur" (set before sampling) and before "Version"
+    refined = info(refiner_name="sd_xl_refiner_1.0", refiner_hash="7440042bbd", refiner_switch_at=0.8, mask_blur=4)
+    assert format_infotext(refined).splitlines()[-1].endswith(
+        "Mask blur: 4, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, Version: latentforge 0.1.0"
+    )
+    no_hash = format_infotext(info(refiner_name="refiner", refiner_hash="", refiner_switch_at=0.5, version=None))
+    assert no_hash.endswith("Model: v1-5-pruned-emaonly, Refiner: refiner, Refiner switch at: 0.5")
+    # a switch fraction without a refiner names nothing that ran
+    assert "Refiner" not in format_infotext(info(refiner_switch_at=0.8))
+    parsed = parse_infotext(format_infotext(refined))
+    assert parsed["Refiner"] == "sd_xl_refiner_1.0 [7440042bbd]" and parsed["Refiner switch at"] == "0.8"
+    quoted = parse_infotext(format_infotext(info(refiner_name="my refiner, v2", refiner_hash="0123456789")))
+    assert quoted["Refiner"] == "my refiner, v2 [0123456789]"
+
+
 # --------------------------------------------------------------------------- infotext: reading
 
 

@@ -37,6 +37,9 @@ class GenerationInfo:
     ("Automatic", "Karras"). `model_hash` is A1111's short hash (see `modelhash.model_hash`); empty or
     None fields are left out of the text, as the webui leaves out what does not apply. `clip_skip` is
     written only above 1, `denoising_strength` only for img2img, `mask_blur` only for inpainting.
+    `refiner_name`, `refiner_hash` and `refiner_switch_at` are set when SDXL's refiner took over: the
+    webui writes "Refiner: <name> [<short hash>]" (its checkpoint's short_title; the name alone without
+    a hash) and "Refiner switch at: 0.8", after "Mask blur" among its extra parameters.
     `extra` holds any further keys in A1111 spelling (its `extra_generation_params`), written after
     the standard ones and before "Version".
     """
@@ -57,6 +60,9 @@ class GenerationInfo:
     clip_skip: int = 1
     rng: str | None = None
     mask_blur: int | None = None
+    refiner_name: str | None = None
+    refiner_hash: str | None = None
+    refiner_switch_at: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
     version: str | None = field(default_factory=_default_version)
 
@@ -97,9 +103,18 @@ def infotext_params(info: GenerationInfo) -> dict[str, object]:
         "RNG": info.rng,
     }
     # like the webui's **p.extra_generation_params: a key already listed keeps its place
-    params.update({"Mask blur": info.mask_blur, **info.extra})
+    refiner = _refiner(info)
+    switch_at = info.refiner_switch_at if refiner is not None else None  # a switch without a refiner says nothing
+    params.update({"Mask blur": info.mask_blur, "Refiner": refiner, "Refiner switch at": switch_at, **info.extra})
     params["Version"] = info.version
     return {key: _number(value) for key, value in params.items() if value is not None and value != ""}
+
+
+def _refiner(info: GenerationInfo) -> str | None:
+    """The webui's "Refiner" value: "<name> [<short hash>]", the name alone when there is no hash."""
+    if not info.refiner_name:
+        return None
+    return f"{info.refiner_name} [{info.refiner_hash}]" if info.refiner_hash else info.refiner_name
 
 
 def format_infotext(info: GenerationInfo) -> str:

@@ -265,6 +265,7 @@ class Pipeline:
         return "its weights are finite and it ran in float32, so the settings drove it out of range: lower cfg_scale"
 
     def _info(self, request, spec, seed: int) -> GenerationInfo:
+        refiner = request.refiner
         return GenerationInfo(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -279,6 +280,9 @@ class Pipeline:
             model_name=self.name,
             denoising_strength=request.strength if request.init_image is not None else None,
             clip_skip=request.clip_skip,
+            refiner_name=None if refiner is None else refiner.name,
+            refiner_hash=None if refiner is None else refiner.model_hash,
+            refiner_switch_at=None if refiner is None else request.refiner_switch_at,
         )
 
     @functools.cached_property
