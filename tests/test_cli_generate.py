@@ -2,12 +2,18 @@
 
 import numpy as np
 import pytest
+import test_sdxl
 from PIL import Image
 
+import latentforge
 from latentforge.cli import main
 from latentforge.infotext import parse_infotext
+from latentforge.modelhash import model_hash
 from latentforge.pngfiles import read_infotext
 from latentforge.samplers import SPECS
+
+# test_sdxl's fixtures, the tiny SDXL base and refiner folders (built once in each module that uses them)
+sdxl_folder, refiner_folder = test_sdxl.sdxl_folder, test_sdxl.refiner_folder
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +131,43 @@ def test_bad_input_is_one_line_and_writes_nothing(model, tmp_path, capsys, case)
 def test_unknown_sampler_error_lists_the_known_ones(model, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "x", "--model", model, "--sampler", "nope", "--out", str(tmp_path))
     assert code == 2 and "DPM++ 2M Karras" in err and "Euler a" in err
+
+
+SDXL_SMALL = ["--steps", "4", "--seed", "3", "--width", "64", "--height", "64", "--dtype", "float32", "--device", "cpu"]
+
+
+def test_generate_with_a_refiner_writes_its_name_and_switch(sdxl_folder, refiner_folder, tmp_path, capsys):
+    code, stdout, err = run(
+        capsys, "generate", "a red circle", "--model", str(sdxl_folder), "--refiner", str(refiner_folder),
+        "--refiner-switch-at", "0.5", *SDXL_SMALL, "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    path = stdout.strip()
+    params = parse_infotext(read_infotext(path))
+    assert params["Refiner"] == f"{refiner_folder.name} [{model_hash(refiner_folder)}]"
+    assert params["Refiner switch at"] == "0.5"
+    # the library's image for the same call: the refiner and its switch reached generate
+    base = latentforge.load(sdxl_folder, dtype="float32", device="cpu")
+    refiner = latentforge.load(refiner_folder, dtype="float32", device="cpu")
+    want = base.generate("a red circle", steps=4, seed=3, width=64, height=64, refiner=refiner, refiner_switch_at=0.5)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(want[0]))
+    code, stdout, _ = run(capsys, "info", path)
+    assert code == 0 and f"Refiner: {params['Refiner']}, Refiner switch at: 0.5" in stdout
+
+
+@pytest.mark.parametrize(
+    "model, argv, message",
+    [
+        (None, [], "works in another latent space"),  # the shipped SD 1.x model
+        ("sdxl", ["--refiner-switch-at", "1.5"], "refiner_switch_at must be a fraction between 0 and 1"),
+    ],
+)
+def test_refiner_misuse_is_one_line(sdxl_folder, refiner_folder, tmp_path, capsys, model, argv, message):
+    given = ["--model", str(sdxl_folder)] if model == "sdxl" else []
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys, "generate", "x", *given, "--refiner", str(refiner_folder), *argv, "--steps", "2", "--out", str(out)
+    )
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and stdout == ""
+    assert not out.exists() or not any(out.iterdir())

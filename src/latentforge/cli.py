@@ -86,6 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     mask = images.load_mask(args.mask, init.size) if args.mask else None
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     pipe.vae_tiling = args.vae_tiling
+    refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
+    if refiner is not None:
+        refiner.vae_tiling = args.vae_tiling  # the refiner's VAE decodes
     previews: dict[int, list] = {}
     bars: dict[int, tqdm] = {}
 
@@ -115,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         mask=mask,
         callback=on_step,
         clip_skip=args.clip_skip,
+        refiner=refiner,
+        refiner_switch_at=args.refiner_switch_at,
     )
     for i, image in enumerate(results):
         path = pngfiles.save_png(image, out)
@@ -322,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, 0..1 (default: 0.75)")
     p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
     p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
+    p.add_argument("--refiner", metavar="FILE",
+                   help="SDXL refiner (checkpoint file or diffusers folder) that takes over the last steps, "
+                   "loaded with the model's --dtype and --device")  # fmt: skip
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
+                   help="fraction of the schedule after which the refiner takes over, as A1111's "
+                   "\"Refiner switch at\" (default: 0.8)")  # fmt: skip
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
     add_device_options(p)
     add_vae_tiling_option(p)
