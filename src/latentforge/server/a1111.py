@@ -56,6 +56,8 @@ class Txt2Img(BaseModel):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     n_iter: int = Field(1, ge=1, le=MAX_BATCH)  # batches, one after another
     override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
+    refiner_checkpoint: str | None = None  # a configured model's title or name (SDXL's refiner); "" or "None": none
+    refiner_switch_at: float | None = None  # None: generate()'s default (0.8)
     send_images: bool = True
 
 
@@ -141,8 +143,11 @@ def find_model(models: Models, name: object, loc: str) -> ModelEntry:
     entry = models.find(name)
     if entry is None:
         known = ", ".join(entry.title for entry in models.entries.values())
-        raise FieldError(loc, f"unknown model {name!r}; known: {known}")
+        raise FieldError(loc, f"{loc}: unknown model {name!r}; known: {known}")
     return entry
+
+
+NO_REFINER = (None, "", "None", "none")  # refiner_checkpoint values that ask for no refiner, as in A1111
 
 
 def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> tuple[Job, list[int]]:
@@ -158,11 +163,16 @@ def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> t
     seeds = [seed + i for i in range(count)]
     if seeds[-1] > MAX_SEED:  # refused now, not after the first images are made
         raise FieldError("seed", f"seed + images - 1 must be at most {MAX_SEED}, got {seeds[-1]}")
+    refiner = None
+    if req.refiner_checkpoint not in NO_REFINER:
+        refiner = find_model(models, req.refiner_checkpoint, "refiner_checkpoint").name
     common = {
         "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
         "sampler": resolve_sampler(req), "cfg_scale": req.cfg_scale, "width": req.width, "height": req.height,
         "clip_skip": settings.get("CLIP_stop_at_last_layers", clip_skip),
     }  # fmt: skip
+    if refiner is not None and req.refiner_switch_at is not None:
+        common["refiner_switch_at"] = req.refiner_switch_at
     calls = [common | {"seed": s} for s in seeds]
     if isinstance(req, Img2Img):
         texts = {f"init_images.{i}": text for i, text in enumerate(req.init_images)}
@@ -176,7 +186,7 @@ def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> t
                 if init.size not in masks:
                     masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
                 call["mask"] = masks[init.size]
-    return Job(model, calls), seeds
+    return Job(model, calls, refiner), seeds
 
 
 # generate()'s arguments as its error messages name them -> the A1111 request field
@@ -184,7 +194,7 @@ GENERATE_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
     "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
-    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
 }  # fmt: skip
 _FIELD_WORD = re.compile(r"\b(" + "|".join(GENERATE_FIELDS) + r")\b")
 
@@ -195,6 +205,13 @@ def error_loc(error: ValueError) -> tuple[str, ...]:
         return ("body", *error.loc)
     match = _FIELD_WORD.search(str(error))
     return ("body", *GENERATE_FIELDS[match.group(1)].split(".")) if match else ("body",)
+
+
+def refiner_params(made: dict[str, str]) -> dict[str, Any]:
+    """The refiner's entries of A1111's extra_generation_params, from the infotext of what was made."""
+    if "Refiner" not in made:
+        return {}
+    return {"Refiner": made["Refiner"], "Refiner switch at": float(made["Refiner switch at"])}
 
 
 def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> dict[str, Any]:
@@ -215,7 +232,7 @@ def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> di
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": result.model.name, "sd_model_hash": result.model.hash, "sd_vae_name": None,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": {},
+        "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": refiner_params(made),
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": used("Clip skip", int, clip_skip),
         "is_using_inpainting_conditioning": result.inpainting and isinstance(req, Img2Img),

@@ -103,6 +103,7 @@ class Job:
 
     model: str
     calls: list[dict[str, Any]]
+    refiner: str | None = None  # the configured model that takes over (passed to every call as `refiner`)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     interrupted: bool = False
@@ -190,12 +191,13 @@ class Worker:
     def _generate(self, job: Job) -> Result:
         job.started = time.monotonic()
         pipe = self.models.get(job.model)
+        refiner = {"refiner": self.models.get(job.refiner)} if job.refiner is not None else {}
         done: list[Image.Image] = []
         on_step = functools.partial(self._on_step, job, pipe)
         try:
             for i, call in enumerate(job.calls):
                 job.image, job.step = i, 0
-                done += pipe.generate(**call, callback=on_step)
+                done += pipe.generate(**call, **refiner, callback=on_step)
         except Interrupted:
             pass
         return Result(done, self.models.entries[job.model], pipe.config.inpainting)
