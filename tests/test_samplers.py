@@ -198,7 +198,7 @@ def test_sd_default_and_from_config():
     for config, field in [
         ({"beta_schedule": "sigmoid"}, "beta_schedule"),
         ({"timestep_spacing": "spread"}, "timestep_spacing"),
-        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"rescale_betas_zero_snr": "yes"}, "rescale_betas_zero_snr"),
         ({"clip_sample": True}, "clip_sample"),
         ({"thresholding": True}, "thresholding"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
@@ -206,6 +206,12 @@ def test_sd_default_and_from_config():
     ]:
         with pytest.raises(ValueError, match=field):
             NoiseSchedule.from_config(config)
+    # zero terminal SNR: diffusers' rescaled betas, and its sigma-based schedulers' last alphas_cumprod
+    zero = NoiseSchedule.from_config({"rescale_betas_zero_snr": True})
+    reference = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    )
+    assert torch.equal(zero.betas, reference.betas) and torch.equal(zero.alphas_cumprod, reference.alphas_cumprod)
     trained = NoiseSchedule.from_config({"trained_betas": list(np.linspace(1e-4, 0.02, 1000))})
     reference = diffusers.DDIMScheduler(trained_betas=np.linspace(1e-4, 0.02, 1000))
     assert torch.equal(trained.alphas_cumprod, reference.alphas_cumprod)

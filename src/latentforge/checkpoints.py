@@ -104,9 +104,7 @@ def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Par
             families.add(family)
             if not key.endswith("position_ids"):
                 parts.setdefault(component, {})[key.removeprefix(prefix)] = value
-        elif key == ZTSNR_KEY:
-            raise CheckpointError(name, "a zero-terminal-SNR SDXL model (its 'ztsnr' marker)", "such models are not supported yet")
-        elif key != V_PRED_KEY and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+        elif key not in (V_PRED_KEY, ZTSNR_KEY) and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
             raise CheckpointError(name, f"unexpected weight {key!r}", NOT_SD)
     if len(families) > 1:
         raise CheckpointError(name, f"holds the text encoders of several model families ({', '.join(sorted(families))})", NOT_SD)
@@ -126,7 +124,7 @@ def read_single_file(path: str | os.PathLike, prediction_type: str | None = None
     """Read an original-layout .safetensors/.ckpt into our names, with its config inferred from the tensors."""
     name = os.fspath(path)
     tensors, metadata = read_state_dict(path)
-    v_pred = V_PRED_KEY in tensors
+    markers = {key for key in (V_PRED_KEY, ZTSNR_KEY) if key in tensors}
     parts, family = _split_single_file(tensors, name)
     del tensors
     stored = metadata.get(CONFIG_METADATA_KEY)
@@ -139,7 +137,7 @@ def read_single_file(path: str | os.PathLike, prediction_type: str | None = None
     try:
         _text_from_openclip(parts, family, config if stored is not None else None)
         if stored is None:
-            config = _infer_config(parts, metadata, family, v_pred)
+            config = _infer_config(parts, metadata, family, markers)
     except ValueError as e:
         raise CheckpointError(name, str(e)) from None
     if prediction_type is not None:
@@ -169,10 +167,11 @@ def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
     return blocks - 1 if blocks == VIT_H_BLOCKS else blocks
 
 
-def _infer_config(parts: Parts, metadata: dict, family: str, v_pred: bool = False) -> ModelConfig:
-    """A single file's ModelConfig from its tensors and its family ("sd1", "sd2", "sdxl", "sdxl-refiner")."""
+def _infer_config(parts: Parts, metadata: dict, family: str, markers: set[str] = frozenset()) -> ModelConfig:
+    """A single file's ModelConfig from its tensors and its family ("sd1", "sd2", "sdxl", "sdxl-refiner"), and
+    the marker keys it carries (SDXL's `v_pred`, `ztsnr`)."""
     if family.startswith("sdxl"):
-        return _infer_sdxl_config(parts, v_pred)
+        return _infer_sdxl_config(parts, markers)
     sd2 = family == "sd2"
     unet = layouts.infer_unet_config(parts["unet"], head_dim=64 if sd2 else None)
     text = layouts.infer_text_encoder_config(parts["text_encoder"], sd2)
@@ -189,19 +188,35 @@ def _infer_config(parts: Parts, metadata: dict, family: str, v_pred: bool = Fals
     )
 
 
-def _infer_sdxl_config(parts: Parts, v_pred: bool) -> ModelConfig:
+def _infer_sdxl_config(parts: Parts, markers: set[str]) -> ModelConfig:
     """The ModelConfig of an SDXL base or refiner from its tensors: 64-wide heads, 1024 px, the VAE scale
-    0.13025; v-prediction only when the file carries the `v_pred` marker. The refiner's one text encoder is
-    bigG (OpenCLIP names, "!" padding); the base's first is ViT-L."""
+    0.13025; v-prediction only when the file carries the `v_pred` marker, and with `ztsnr` the zero-terminal-SNR
+    schedule, sampled with "trailing" timesteps so that the first step is the pure-noise one. The refiner's one
+    text encoder is bigG (OpenCLIP names, "!" padding); the base's first is ViT-L. The size embeddings' width
+    is what the added vector leaves beside the pooled text: (adm - pooled) / 6 numbers (5 for the refiner)."""
     refiner = "text_encoder_2" not in parts
+    text = layouts.infer_text_encoder_config(parts["text_encoder"], refiner)
+    text_2 = None if refiner else layouts.infer_text_encoder_config(parts["text_encoder_2"], True)
+    unet = layouts.infer_unet_config(parts["unet"])
+    pooled, numbers = (text_2 or text).projection_dim or 0, 5 if refiner else 6
+    size_embed_dim, rest = divmod((unet.adm_in_channels or 0) - pooled, numbers)
+    if rest or size_embed_dim < 1:
+        raise ValueError(
+            f"the UNet's added vector ({unet.adm_in_channels} wide) does not fit {pooled} of pooled text and "
+            f"{numbers} size numbers; not an SDXL {'refiner' if refiner else 'base'} model"
+        )
+    scheduler = {}
+    if ZTSNR_KEY in markers:
+        scheduler = {**SD_SCHEDULER, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return ModelConfig(
-        unet=replace(layouts.infer_unet_config(parts["unet"]), sample_size=SDXL_SAMPLE_SIZE),
+        unet=replace(unet, sample_size=SDXL_SAMPLE_SIZE, size_embed_dim=size_embed_dim),
         vae=replace(layouts.infer_vae_config(parts["vae"]), scaling_factor=SDXL_VAE_SCALE),
-        text_encoder=layouts.infer_text_encoder_config(parts["text_encoder"], refiner),
-        text_encoder_2=None if refiner else layouts.infer_text_encoder_config(parts["text_encoder_2"], True),
-        prediction_type="v_prediction" if v_pred else "epsilon",
+        text_encoder=text,
+        text_encoder_2=text_2,
+        prediction_type="v_prediction" if V_PRED_KEY in markers else "epsilon",
         pad_token="!" if refiner else "<|endoftext|>",
         pad_token_2="!",
+        scheduler=scheduler,
     )
 
 
@@ -402,8 +417,11 @@ def single_file_tensors(config: ModelConfig, parts: Parts) -> dict[str, torch.Te
         tensors.update({REFINER_OPENCLIP_PREFIX + k: v for k, v in text.items()})
     else:
         tensors.update({CLIP_PREFIXES[0] + k: v for k, v in parts["text_encoder"].items()})
-    if config.version.startswith("sdxl") and config.prediction_type == "v_prediction":  # the marker other tools read
-        tensors[V_PRED_KEY] = torch.zeros(0)
+    if config.version.startswith("sdxl"):  # the markers other tools read
+        if config.prediction_type == "v_prediction":
+            tensors[V_PRED_KEY] = torch.zeros(0)
+        if config.scheduler.get("rescale_betas_zero_snr"):
+            tensors[ZTSNR_KEY] = torch.zeros(0)
     return tensors
 
 

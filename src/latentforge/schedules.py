@@ -32,7 +32,10 @@ BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers config keys that change the noise or the prediction in ways latentforge does not
 # implement, with the only value accepted for each
-UNSUPPORTED_CONFIG = {"rescale_betas_zero_snr": False, "clip_sample": False, "thresholding": False}
+UNSUPPORTED_CONFIG = {"clip_sample": False, "thresholding": False}
+# the last training step's signal level of a zero-terminal-SNR schedule, as diffusers' sigma-based schedulers
+# set it (exactly 0 would make that sigma infinite)
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class NoiseSchedule:
     timestep_spacing: str = "leading"  # how `steps` timesteps are picked out of the training ones
     steps_offset: int = 1  # added to "leading" timesteps (SD: 1, so they end at t=1)
     set_alpha_to_one: bool = False  # DDIM/PNDM end at alphas_cumprod[0] (False) or at sigma 0 (True)
+    # zero terminal SNR (Lin et al. 2023): betas rescaled so that the last step is pure noise
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
@@ -62,8 +67,9 @@ class NoiseSchedule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
-        if not isinstance(self.set_alpha_to_one, bool):
-            raise ValueError(f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}")
+        for name in ("set_alpha_to_one", "rescale_betas_zero_snr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.trained_betas is not None:
             betas = self.trained_betas
             if not isinstance(betas, (list, tuple)) or not all(
@@ -103,7 +109,11 @@ class NoiseSchedule:
 
     @cached_property
     def betas(self) -> torch.Tensor:
-        """(T,) float32, as diffusers builds them."""
+        """(T,) float32, as diffusers builds them (rescaled to zero terminal SNR when asked)."""
+        betas = self._base_betas()
+        return _zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+    def _base_betas(self) -> torch.Tensor:
         n = self.num_train_timesteps
         if self.trained_betas is not None:
             return torch.tensor(self.trained_betas, dtype=torch.float32)
@@ -117,8 +127,12 @@ class NoiseSchedule:
 
     @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
-        """(T,) float32 cumulative product of 1 - beta: the signal variance at each training step."""
-        return torch.cumprod(1.0 - self.betas, dim=0)
+        """(T,) float32 cumulative product of 1 - beta: the signal variance at each training step (a
+        zero-terminal-SNR schedule's last one is ZERO_SNR_ALPHA_CUMPROD, so that every sigma is finite)."""
+        alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if self.rescale_betas_zero_snr:
+            alphas_cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
+        return alphas_cumprod
 
     @cached_property
     def sigmas(self) -> torch.Tensor:
@@ -311,3 +325,14 @@ def lcm_timesteps(schedule: NoiseSchedule, n: int, original_steps: int = 50) -> 
 def lcm_sigmas(schedule: NoiseSchedule, n: int, original_steps: int = 50) -> torch.Tensor:
     """(n + 1,) float32: LCM sigmas, ending with 0 (LCM's last step returns its clean estimate)."""
     return _with_final(_sigmas_at(schedule, lcm_timesteps(schedule, n, original_steps).numpy()), 0.0)
+
+
+def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so that the last step's signal is exactly zero and the first keeps its level: the
+    square roots of alphas_cumprod shifted and stretched linearly (Lin et al. 2023, algorithm 1)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
