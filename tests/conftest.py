@@ -15,6 +15,21 @@ KINDS = ("sd1", "sd2", "sd2v", "inpaint")
 CONTEXT = 128
 
 
+def tiny_diffusers_vae(**options):
+    """A diffusers AutoencoderKL in SD's shape (four levels, 8x down), small and random."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **options,
+    )
+
+
 def tiny_diffusers_pipeline(kind: str, seed: int = 0):
     """A diffusers StableDiffusionPipeline with small random weights in the shape of `kind`."""
     import diffusers
@@ -37,14 +52,7 @@ def tiny_diffusers_pipeline(kind: str, seed: int = 0):
         use_linear_projection=sd2,
         norm_num_groups=32,
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = tiny_diffusers_vae()
     text_encoder = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
             hidden_size=CONTEXT,

@@ -11,6 +11,7 @@ import transformers
 from PIL import Image
 
 import latentforge
+from conftest import tiny_diffusers_vae
 from latentforge import checkpoints
 from latentforge.checkpoints import read_checkpoint, single_file_tensors, write_diffusers, write_single_file
 from latentforge.cli import main
@@ -46,15 +47,7 @@ def tiny_sdxl_components(seed: int = 0, in_channels: int = 4) -> dict:
         projection_class_embeddings_input_dim=WIDTH_G + 6 * TIME_DIM,
         norm_num_groups=32,
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_diffusers_vae(scaling_factor=0.13025)
     common = dict(num_hidden_layers=3, max_position_embeddings=77, vocab_size=49408)
     text_encoder = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(hidden_size=WIDTH_L, num_attention_heads=2, intermediate_size=64,
