@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from .images import image_to_tensor, mask_to_tensor
 from .samplers import get_sampler
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -48,7 +52,7 @@ class Request:
     init_image: Image.Image | None
     image_tensor: torch.Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask_tensor: torch.Tensor | None  # (1, 1, H, W), 1 = repaint
-    refiner: object | None = None  # the Pipeline that takes over at refiner_switch_at (SDXL's refiner)
+    refiner: Pipeline | None = None  # the model that takes over at refiner_switch_at (SDXL's refiner)
     refiner_switch_at: float = 0.8
 
 
@@ -125,7 +129,7 @@ def check_request(
     strength: float,
     mask: Image.Image | None,
     clip_skip: int,
-    refiner: object | None = None,
+    refiner: Pipeline | None = None,
     refiner_switch_at: float = 0.8,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
