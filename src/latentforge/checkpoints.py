@@ -107,7 +107,8 @@ def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Par
         elif key not in (V_PRED_KEY, ZTSNR_KEY) and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
             raise CheckpointError(name, f"unexpected weight {key!r}", NOT_SD)
     if len(families) > 1:
-        raise CheckpointError(name, f"holds the text encoders of several model families ({', '.join(sorted(families))})", NOT_SD)
+        several = ", ".join(sorted(families))
+        raise CheckpointError(name, f"holds the text encoders of several model families ({several})", NOT_SD)
     family = families.pop() if families else "sd1"
     needed = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}
     if family == "sdxl":
@@ -465,7 +466,9 @@ def _default_scheduler(config: ModelConfig) -> dict:
     return {**SD_SCHEDULER, "_class_name": cls, **options}
 
 
-def _write_diffusers_tree(config: ModelConfig, parts: Parts, root: Path, tokenizers: dict, dtype: torch.dtype | None) -> None:
+def _write_diffusers_tree(
+    config: ModelConfig, parts: Parts, root: Path, tokenizers: dict, dtype: torch.dtype | None
+) -> None:
     from . import __version__
 
     sdxl, refiner = config.text_encoder_2 is not None, config.refiner

@@ -213,23 +213,30 @@ class Pipeline:
 
             return report
 
-        # the model's part of the schedule, then the refiner's (a fresh sampler run, as diffusers' refiner)
-        runs = [(self, denoise, sigmas)]
-        if refine is not None:
-            split, (cond, uncond) = refine
-            refiner = request.refiner
-            guided = Guidance(cond=cond, uncond=uncond, cfg_scale=request.cfg_scale)
-            refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided)
-            runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
         first = 0
-        for model, model_denoise, part in (run for run in runs if len(run[2]) > 1):  # a part may have no step
+        for model, model_denoise, part in self._runs(request, sigmas, denoise, timestep, refine):
             x = spec(
-                model_denoise, x.to(model.device), part, schedule=schedule, prediction_type=model.config.prediction_type,
-                generator=g, callback=on_step(first),
+                model_denoise, x.to(model.device), part, schedule=schedule,
+                prediction_type=model.config.prediction_type, generator=g, callback=on_step(first),
             )  # fmt: skip
             first += len(part) - 1
         latents = x.to(self.device) / torch.sqrt(1.0 + sigmas[-1] ** 2)
         return latents if blend is None else blend_latents(latents, *blend)
+
+    def _runs(
+        self, request, sigmas: torch.Tensor, denoise: Denoiser, timestep, refine
+    ) -> list[tuple[Pipeline, Denoiser, torch.Tensor]]:
+        """(model, denoiser, sigmas) of each sampler run: the whole schedule, or this model's steps up to the
+        refiner's split and the refiner's from there (a fresh run, as diffusers' refiner pipeline starts
+        one); a part with no step is left out."""
+        if refine is None:
+            return [(self, denoise, sigmas)]
+        split, (cond, uncond) = refine
+        refiner = request.refiner
+        guided = Guidance(cond=cond, uncond=uncond, cfg_scale=request.cfg_scale)
+        refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided)
+        runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
+        return [run for run in runs if len(run[2]) > 1]
 
     def _inpaint_extra(self, request, h: int, w: int, g: torch.Generator) -> torch.Tensor:
         """The inpainting UNet's extra input: the mask at latent size and the masked image's latents.
