@@ -449,3 +449,16 @@ def test_refiner_misuse_is_one_line(loaded, refiner, tmp_path, capsys):
                for k in names)  # fmt: skip
     assert main(["generate", PROMPT, "--model", str(path), "--steps", "2", "--out", str(tmp_path / "o")]) == 2
     assert "an SDXL refiner continues an image" in capsys.readouterr().err
+
+
+def test_text_encoders_on_demand_free_and_read_them_again(sdxl_folder):
+    """The towers' memory is freed after each prompt and read again for the next: the images do not change."""
+    pipe = latentforge.load(sdxl_folder, dtype="float32", device="cpu")
+    kwargs = dict(steps=3, sampler="Euler", cfg_scale=6.0, seed=9, width=64, height=64)
+    want = [pipe.generate(prompt, NEGATIVE, **kwargs)[0] for prompt in (PROMPT, "a blue square")]
+    pipe.text_encoders_on_demand = True
+    for prompt, expected in zip((PROMPT, "a blue square"), want):
+        image = pipe.generate(prompt, NEGATIVE, **kwargs)[0]
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
+        assert all(p.is_meta for m in pipe.conditioner.models().values() for p in m.parameters())
+    assert not any(p.is_meta for p in pipe.unet.parameters())

@@ -86,9 +86,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     mask = images.load_mask(args.mask, init.size) if args.mask else None
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     pipe.vae_tiling = args.vae_tiling
+    pipe.text_encoders_on_demand = args.text_encoders_on_demand
     refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
     if refiner is not None:
         refiner.vae_tiling = args.vae_tiling  # the refiner's VAE decodes
+        refiner.text_encoders_on_demand = args.text_encoders_on_demand
     previews: dict[int, list] = {}
     bars: dict[int, tqdm] = {}
 
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
     add_device_options(p)
     add_vae_tiling_option(p)
+    p.add_argument("--text-encoders-on-demand", action="store_true",
+                   help="free the text encoders once the prompt is encoded (less memory while the UNet and VAE "
+                   "run; SDXL: 1.6 GB in bfloat16)")  # fmt: skip
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
                    help="also save a strip of the predicted image after every N steps")  # fmt: skip
     p.set_defaults(func=cmd_generate)

@@ -51,7 +51,8 @@ class Conditioner(Protocol):
     ) -> tuple[Cond, Cond | None]: ...
 
     def models(self) -> dict[str, nn.Module]:
-        """Its networks by part name (e.g. "text_encoder"), as the checkpoint names them."""
+        """Its networks by part name (e.g. "text_encoder"), as the checkpoint names them; each is also the
+        conditioner's attribute of that name (the pipeline swaps one in when it reads it again)."""
         ...
 
 

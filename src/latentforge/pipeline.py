@@ -71,6 +71,9 @@ class Pipeline:
     # for large images; seams blended, the image differs slightly from a whole decode), like diffusers'
     # enable_vae_tiling(); images at the native size or smaller are decoded whole either way
     vae_tiling: bool = False
+    # free the text encoders' weights once a prompt is encoded, and read them again from `source` for the next
+    # one: the UNet and VAE then run without them in memory (SDXL's two towers: 1.6 GB in bfloat16)
+    text_encoders_on_demand: bool = False
 
     def encode_prompt(
         self, prompt: str, negative: str | None = None, clip_skip: int = 1, size: tuple[int, int] | None = None
@@ -78,8 +81,25 @@ class Pipeline:
         """The prompt's conditioning, and the negative prompt's (None when `negative` is None), in the
         model's dtype; `size` (height, width) defaults to the native size (families that condition on it)."""
         native = self.config.native_size
+        if self.text_encoders_on_demand:
+            self._load_text_encoders()
         cond, uncond = self.conditioner(prompt, negative, clip_skip=clip_skip, size=size or (native, native))
+        if self.text_encoders_on_demand:
+            for encoder in self.conditioner.models().values():
+                encoder.to("meta")  # the weights' memory goes; the module keeps its shapes
         return cond.to(self.dtype), (None if uncond is None else uncond.to(self.dtype))
+
+    def _load_text_encoders(self) -> None:
+        """Read the text encoders' weights again from the model's file or folder, if they were freed."""
+        released = [name for name, m in self.conditioner.models().items() if next(m.parameters()).is_meta]
+        if not released:
+            return
+        if self.source is None:
+            raise ValueError("text_encoders_on_demand needs a model loaded from a file or folder (pipe.source)")
+        config, parts = checkpoints.read_checkpoint(self.source, self.config.prediction_type)
+        for name in released:  # the conditioner holds each text encoder under its part's name
+            text_config = getattr(config, name)
+            setattr(self.conditioner, name, build(TextEncoder, text_config, parts.pop(name), self.device, self.dtype))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -261,7 +281,7 @@ class Pipeline:
         """Why a result went NaN/inf: damaged weights, the dtype's range, or the settings."""
         for part, module in self.models().items():
             for key, value in module.state_dict().items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
                     return (
                         f"the model's {part} weights hold NaN/inf (first in {key!r}); the checkpoint is damaged: "
                         "re-download or re-export it"
