@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,40 @@ def peak_rss() -> float:
     return float("nan")
 
 
+# --------------------------------------------------------------------------- a measured call in a worker
+
+
+def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """fn() under torch.no_grad(), and what it took: seconds, CPU seconds (all threads), the 1-minute load
+    average right after it, and this process's peak RSS during it in GB, what it held before included (NaN
+    where the peak cannot be reset)."""
+    import torch
+
+    reset = reset_peak_rss()
+    cpu_before = cpu_seconds()
+    with torch.no_grad():
+        value, seconds = timed(fn)
+    stats = {"seconds": seconds, "cpu_s": cpu_seconds() - cpu_before, "loadavg": os.getloadavg()[0]}
+    return value, {**stats, "peak_gb": peak_rss() if reset else float("nan")}
+
+
+def load_then_generate(load: Callable[[], Any], generate: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+    """A whole run in a fresh process: `load()`, then one measured `generate(loaded)`. Its output, and the load
+    time, the generation's time, CPU time and load average, the memory after each phase and the generation's
+    peak RSS (weights included)."""
+    loaded, load_s = timed(load)
+    after_load = memory_now()
+    value, stats = measured(lambda: generate(loaded))
+    return value, {
+        "load_s": load_s,
+        "txt2img_s": stats["seconds"],
+        "cpu_s": stats["cpu_s"],
+        "loadavg": stats["loadavg"],
+        "memory": {"after_load": after_load, "after_txt2img": memory_now()},
+        "txt2img_peak_gb": stats["peak_gb"],
+    }
+
+
 # --------------------------------------------------------------------------- long-lived workers
 
 
@@ -264,6 +298,20 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     for line in sys.stdin:
         if line.strip():
             emit(handle(json.loads(line)))
+
+
+def serve_calls(calls: dict[str, Callable[[], Any]], save: Callable[[Any, Path], str]) -> None:
+    """Worker side of timed operations: answer each {"op": name, "save": path | None} with `measured`'s
+    figures for calls[name](), the RSS after it, and where `save` put the output when asked, until stdin closes."""
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        value, result = measured(calls[request["op"]])
+        result["rss_gb"] = memory_now()["rss"]
+        if request.get("save"):
+            result["saved"] = save(value, Path(request["save"]))
+        return result
+
+    serve(handle)
 
 
 class Worker:
@@ -317,3 +365,25 @@ class Worker:
             code = self.proc.wait()
         self._log.close()
         return code
+
+
+def abba(items: Sequence[str], turn: int) -> list[str]:
+    """The items in order on even turns, reversed on odd ones (ABBA)."""
+    return list(items) if turn % 2 == 0 else list(reversed(items))
+
+
+def ask_in_turn(
+    workers: dict[str, Worker], ops: Sequence[str], repeats: int, done: Container[tuple[int, str, str]],
+    keep: Callable[[dict[str, Any]], None],
+) -> None:  # fmt: skip
+    """`repeats` rounds of one call per operation and worker, the workers taking turns call by call (order
+    reversed every other call); each result, with its library, op and repeat, goes to `keep`. The
+    (repeat, op, library) in `done` are skipped (a resumed run)."""
+    for repeat in range(repeats):
+        for turn, op in enumerate(ops):
+            for library in abba(list(workers), repeat + turn):
+                if (repeat, op, library) in done:
+                    continue
+                result = workers[library].ask({"op": op})
+                result.update(library=library, op=op, repeat=repeat)
+                keep(result)

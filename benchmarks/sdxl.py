@@ -30,18 +30,18 @@ from benchmarks.common import (
     REPO,
     THREADS,
     Worker,
-    cpu_seconds,
+    abba,
+    ask_in_turn,
     emit,
     limit_threads,
+    load_then_generate,
     machine_info,
     machine_markdown,
     markdown_table,
     memory_now,
-    peak_rss,
     publish,
-    reset_peak_rss,
     run_isolated,
-    serve,
+    serve_calls,
     spread,
     timed,
     warm_page_cache,
@@ -55,7 +55,6 @@ from benchmarks.vs_diffusers import (
     read_output,
     save_output,
 )
-from benchmarks.vs_diffusers import alternate as abba
 
 if TYPE_CHECKING:
     import torch
@@ -160,6 +159,7 @@ CFG_SCALE = 7.0  # latentforge's default for SDXL; diffusers is given the same
 SIZE = 1024  # whole generations and the VAE decode
 TIMESTEP = 500
 DECODE = "decode"
+EXTRAPOLATE_STEPS = 30  # the whole runs' time at this many steps: measured + the extra steps at the operations' step
 MARGIN_GB = 3.0  # activations and interpreter, on top of the weights, when deciding whether two workers fit
 
 
@@ -228,7 +228,12 @@ def latentforge_adapter() -> Adapter:
 
 def diffusers_adapter() -> Adapter:
     import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     def load(dtype: str) -> Any:
         pipe = StableDiffusionXLPipeline.from_single_file(
@@ -321,45 +326,16 @@ def speed_worker(library: str, dtype: str, ops: Sequence[str]) -> None:
             adapter.vae_decode(vae, tiny["x"][:1]) if vae is not None else None,
         ])  # fmt: skip
     emit({"ready": True, "load_s": load_s, "prime_s": prime_s, "memory": memory_now()})
-
-    def handle(request: dict[str, Any]) -> dict[str, Any]:
-        cpu_before = cpu_seconds()
-        reset = reset_peak_rss()
-        with torch.no_grad():
-            value, seconds = timed(calls[request["op"]])
-        result = {
-            "seconds": seconds, "cpu_s": cpu_seconds() - cpu_before, "loadavg": os.getloadavg()[0],
-            "peak_gb": peak_rss() if reset else float("nan"), "rss_gb": memory_now()["rss"],
-        }  # fmt: skip
-        if request.get("save"):
-            result["saved"] = save_output(value, Path(request["save"]))
-        return result
-
-    serve(handle)
+    serve_calls(calls, save_output)
 
 
 def whole_worker(index: int, steps: int) -> dict[str, Any]:
     """In a fresh process: load, then one whole txt2img; times, the memory after each phase and the peaks."""
-    import torch
-
     run = WHOLE_RUNS[index]
     limit_threads(THREADS)
     adapter = ADAPTERS[run.library]()
-    pipe, load_s = timed(lambda: adapter.load(run.dtype))
-    after_load = memory_now()
-    reset = reset_peak_rss()
-    cpu_before = cpu_seconds()
-    with torch.no_grad():
-        image, seconds = timed(lambda: adapter.txt2img(pipe, steps))
-    return {
-        "load_s": load_s,
-        "txt2img_s": seconds,
-        "cpu_s": cpu_seconds() - cpu_before,
-        "loadavg": os.getloadavg()[0],
-        "memory": {"after_load": after_load, "after_txt2img": memory_now()},
-        "txt2img_peak_gb": peak_rss() if reset else float("nan"),
-        "saved": save_output(image, ARTIFACTS / "whole" / f"{index}"),
-    }
+    image, result = load_then_generate(lambda: adapter.load(run.dtype), lambda pipe: adapter.txt2img(pipe, steps))
+    return {**result, "saved": save_output(image, ARTIFACTS / "whole" / f"{index}")}
 
 
 # --------------------------------------------------------------------------- the parent
@@ -428,16 +404,14 @@ def run_calls(workers: dict[str, Worker], record: dict[str, Any], ops: Sequence[
                 record["runs"].append({**result, "library": library, "op": op, "repeat": 0, "first": True})
             progress.save()
             print(f"  warm-up {op:<8} {library:<12} {result['seconds']:7.2f} s", flush=True)
-    for repeat in range(repeats):
-        for turn, op in enumerate(ops):
-            for library in abba(names, repeat + turn):
-                if (repeat, op, library) in done:
-                    continue
-                result = workers[library].ask({"op": op})
-                result.update(library=library, op=op, repeat=repeat)
-                record["runs"].append(result)
-                progress.save()
-                print(f"  {repeat + 1}/{repeats} {op:<8} {library:<12} {result['seconds']:7.2f} s", flush=True)
+
+    def keep(result: dict[str, Any]) -> None:
+        record["runs"].append(result)
+        progress.save()
+        print(f"  {result['repeat'] + 1}/{repeats} {result['op']:<8} {result['library']:<12} "
+              f"{result['seconds']:7.2f} s", flush=True)  # fmt: skip
+
+    ask_in_turn({name: workers[name] for name in names}, ops, repeats, done, keep)
 
 
 def measure_speed(dtype: str, ops: Sequence[str], repeats: int, progress: Progress) -> dict[str, Any]:
@@ -543,9 +517,17 @@ def speed_table(record: dict[str, Any], ops: Sequence[str]) -> str:
     return markdown_table(headers, rows)
 
 
-def whole_table(whole: dict[str, Any], steps: int) -> str:
-    """One row per whole run: txt2img time and per step, load, memory."""
-    headers = ["run", f"txt2img s ({steps} steps)", "/ diffusers float32", "load s", "peak RSS GB (whole process)",
+def step_seconds(speed: dict[str, Any], library: str, dtype: str) -> float | None:
+    """Median guided UNet step at SIZE from the operations, or None where it was not measured."""
+    dtype = "bfloat16" if dtype == "auto" else dtype
+    runs = [r["seconds"] for r in speed.get(dtype, {}).get("runs", []) if r["op"] == unet_op(SIZE) and r["library"] == library]
+    return statistics.median(runs) if runs else None
+
+
+def whole_table(whole: dict[str, Any], steps: int, speed: dict[str, Any]) -> str:
+    """One row per whole run: txt2img time, the same extrapolated to EXTRAPOLATE_STEPS steps, load, memory."""
+    headers = ["run", f"txt2img s ({steps} steps)", "/ diffusers float32",
+               f"{EXTRAPOLATE_STEPS} steps s (extrapolated)", "load s", "peak RSS GB (whole process)",
                "peak RSS during txt2img GB", "RSS after load GB (file-backed)"]  # fmt: skip
     base = whole.get("2", {}).get("txt2img_s")
     rows = []
@@ -554,11 +536,13 @@ def whole_table(whole: dict[str, Any], steps: int) -> str:
         if r is None:
             continue
         if "failed" in r:
-            rows.append([run.label, "failed: " + r["failed"].strip().splitlines()[-1][:80], "", "", "", "", ""])
+            rows.append([run.label, "failed: " + r["failed"].strip().splitlines()[-1][:80], "", "", "", "", "", ""])
             continue
         load = r["memory"]["after_load"]
+        step = step_seconds(speed, run.library, run.dtype)
+        longer = "n/a" if step is None else f"{r['txt2img_s'] + (EXTRAPOLATE_STEPS - steps) * step:.0f}"
         rows.append([
-            run.label, f"{r['txt2img_s']:.1f}", f"**{ratio(r['txt2img_s'], base)}**" if base else "n/a",
+            run.label, f"{r['txt2img_s']:.1f}", f"**{ratio(r['txt2img_s'], base)}**" if base else "n/a", longer,
             f"{r['load_s']:.1f}", f"{r['memory']['after_txt2img']['peak']:.2f}", f"{r['txt2img_peak_gb']:.2f}",
             f"{load['rss']:.2f} ({load['file']:.2f})",
         ])  # fmt: skip
@@ -594,39 +578,47 @@ def notes(speed: dict[str, Any], whole: dict[str, Any], repeats: dict[str, int],
     how = {dtype: ("both workers loaded at once, alternating call by call (order reversed every other call)"
                    if s.get("paired") else "one library's worker after the other's: two of them do not fit in "
                    "memory at once") for dtype, s in speed.items()}  # fmt: skip
-    lines = [
+    operations = (
         "Operations: each library in a long-lived worker of its own that holds only the UNet and the VAE "
         "(latentforge: `latentforge.load(<the single file>)`, its text encoders dropped; diffusers: "
         "`UNet2DConditionModel` / `AutoencoderKL.from_pretrained(<the folder>, subfolder=..., torch_dtype=...)`, "
         "the weights the single file was converted from: `from_single_file` holds the whole file's tensors beside "
         "the whole pipeline while it loads (see the whole runs' peaks), too much for two workers at once); seeded "
-        "random inputs (text vectors too), identical in "
-        f"both; under `torch.no_grad()`; t = {TIMESTEP}. Each worker makes one untimed call at 64x64 pixels after "
-        "loading (process-wide one-time costs). "
-        + " ".join(f"{dtype}: {calls_note(repeats[dtype])}, {how[dtype]}." for dtype in speed),
+        f"random inputs (text vectors too), identical in both; under `torch.no_grad()`; t = {TIMESTEP}. Each worker "
+        "makes one untimed call at 64x64 pixels after loading (process-wide one-time costs). "
+        + " ".join(f"{dtype}: {calls_note(repeats[dtype])}, {how[dtype]}." for dtype in speed)
+    )
+    inputs = (
         "*UNet step*: latentforge's `pipe.unet(x, t, context, vector)` with the added vector already embedded "
         "(pooled text + the six size numbers' 256-wide sinusoidal embeddings, 2816) against diffusers' "
         "`unet(x, t, encoder_hidden_states=context, added_cond_kwargs={text_embeds, time_ids})`, which embeds the "
         "numbers itself (microseconds). *VAE decode*: the VAE modules alone, no scaling or PIL conversion. "
-        "*peak RSS in the call*: VmHWM reset right before the call, the worker's weights included.",
-        f"Whole runs: a fresh process imports, loads and runs one {SIZE}x{SIZE} txt2img with {steps} steps (few, to "
-        "fit the time: a step is one guided UNet call, so the table above gives the per-step cost of more steps; "
-        "the rest is the prompt encoding and the VAE decode, once per image). latentforge: "
+        "*peak RSS in the call*: VmHWM reset right before the call, the worker's weights included."
+    )
+    whole_runs = (
+        f"Whole runs: a fresh process imports, loads and runs one {SIZE}x{SIZE} txt2img with {steps} steps (few, "
+        "to fit the time: a step is one guided UNet call, so the operations above give the cost of more steps; "
+        "the rest is the prompt encoding and the VAE decode, once per image; the extrapolated column adds "
+        f"{EXTRAPOLATE_STEPS} - {steps} steps at the median guided {SIZE}x{SIZE} step of the same library and dtype "
+        "from the operations). latentforge: "
         f"`generate(prompt, negative, steps={steps}, seed={SEED}, width={SIZE}, height={SIZE})`, everything else "
         "its defaults (dtype auto = bfloat16 on this CPU, Euler a, CFG 7). diffusers: "
-        f"`StableDiffusionXLPipeline.from_single_file(<the same file>, config=<the folder>, local_files_only=True, "
+        "`StableDiffusionXLPipeline.from_single_file(<the same file>, config=<the folder>, local_files_only=True, "
         f"torch_dtype=...)` with `EulerAncestralDiscreteScheduler` and `guidance_scale={CFG_SCALE:g}` so that "
-        "both do the same work (its own defaults are Euler and 5.0: the same cost per step); its float32 is the "
-        "dtype it loads in by default. Each process's first call pays one-time costs (oneDNN kernel set-up; "
-        "latentforge's SHA-256 of the checkpoint for the infotext). *peak RSS (whole process)* is `ru_maxrss`: "
-        "import, load and txt2img; *during txt2img* is VmHWM reset right before the call; *file-backed* is "
-        "`RssFile`, weights mapped from the safetensors file.",
+        "both do the same work (its own defaults, Euler and 5.0, cost the same per step); float32 is the dtype it "
+        "loads in by default. Each process's first call pays one-time costs (oneDNN kernel set-up); latentforge's "
+        "model hash for the infotext (a SHA-256 of the file) is remembered across processes and was already known. "
+        "*peak RSS (whole process)* is `ru_maxrss`: import, load and txt2img; *during txt2img* is VmHWM reset right "
+        "before the call; *file-backed* is `RssFile`, weights mapped from the safetensors file."
+    )
+    machine = (
         f"*CPU s per s*: user + system CPU time over wall time; {THREADS}.0 is both threads busy. Other people's "
         "test runs share this 2-core machine now and then, so the times are noisy: the 1-minute load average at "
         f"the end of the calls was {min(loadavg):.1f}..{max(loadavg):.1f} (our own {THREADS} threads count for "
         f"about {THREADS}; above about {THREADS + 0.5} something else ran); CPU seconds per second "
-        f"{min(cores):.2f}..{max(cores):.2f}, median {statistics.median(cores):.2f}.",
-    ]
+        f"{min(cores):.2f}..{max(cores):.2f}, median {statistics.median(cores):.2f}."
+    )
+    lines = [operations, inputs, whole_runs, machine]
     if sessions > 1:
         lines.append(f"This run was interrupted and resumed ({sessions} sessions, `--resume`); each session started "
                      "new workers and warmed every operation up again.")  # fmt: skip
@@ -661,7 +653,7 @@ def render(info: dict[str, Any], command: str, speed: dict[str, Any], whole: dic
     tables = "\n\n".join(
         f"### Operations, {dtype}\n\n{speed_table(s, s['ops'])}" for dtype, s in speed.items() if s["runs"]
     )
-    whole_block = f"### Whole {SIZE}x{SIZE} txt2img, one fresh process each\n\n{whole_table(whole, steps)}" if whole else ""
+    whole_block = f"### Whole {SIZE}x{SIZE} txt2img, one fresh process each\n\n{whole_table(whole, steps, speed)}" if whole else ""
     bullets = "\n".join(f"- {line}" for line in notes(speed, whole, repeats, steps, sessions))
     checks_md = "\n".join(f"- {line}" for line in check_lines(checks))
     targets_md = "\n".join(f"- {line}" for line in targets(speed, whole))

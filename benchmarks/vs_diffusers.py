@@ -27,18 +27,18 @@ from benchmarks.common import (
     REPO,
     THREADS,
     Worker,
-    cpu_seconds,
+    abba,
+    ask_in_turn,
     emit,
     limit_threads,
+    load_then_generate,
     machine_info,
     machine_markdown,
     markdown_table,
     memory_now,
-    peak_rss,
     publish,
-    reset_peak_rss,
     run_isolated,
-    serve,
+    serve_calls,
     spread,
     timed,
     warm_page_cache,
@@ -200,7 +200,6 @@ def save_output(value: Any, path: Path) -> str:
 
 def speed_worker(library: str, dtype: str) -> None:
     """Load once, say so, then answer {"op": name, "save": path | None} until stdin closes."""
-    import torch
 
     limit_threads(THREADS)
     adapter = ADAPTERS[library]()
@@ -213,49 +212,21 @@ def speed_worker(library: str, dtype: str) -> None:
         "encode": lambda: adapter.vae_encode(pipe, inputs["image"]),
     }
     emit({"ready": True, "load_s": load_s, "memory": memory_now()})
-
-    def handle(request: dict[str, Any]) -> dict[str, Any]:
-        cpu_before = cpu_seconds()
-        with torch.no_grad():
-            value, seconds = timed(calls[request["op"]])
-        result = {"seconds": seconds, "cpu_s": cpu_seconds() - cpu_before, "loadavg": os.getloadavg()[0]}
-        if request.get("save"):
-            result["saved"] = save_output(value, Path(request["save"]))
-        return result
-
-    serve(handle)
+    serve_calls(calls, save_output)
 
 
 def whole_worker(index: int) -> dict[str, Any]:
     """In a fresh process: load, then one whole txt2img; times, the memory after each phase and the peaks."""
-    import torch
-
     run = WHOLE_RUNS[index]
     limit_threads(THREADS)
     adapter = ADAPTERS[run.library]()
-    pipe, load_s = timed(lambda: adapter.load(CHECKPOINT, run.dtype))
-    after_load = memory_now()
-    reset = reset_peak_rss()
-    cpu_before = cpu_seconds()
-    with torch.no_grad():
-        image, seconds = timed(lambda: adapter.txt2img(pipe, run.defaults))
-    return {
-        "load_s": load_s,
-        "txt2img_s": seconds,
-        "cpu_s": cpu_seconds() - cpu_before,
-        "loadavg": os.getloadavg()[0],
-        "memory": {"after_load": after_load, "after_txt2img": memory_now()},
-        "txt2img_peak_gb": peak_rss() if reset else float("nan"),
-        "saved": save_output(image, ARTIFACTS / "whole" / f"{index}"),
-    }
+    image, result = load_then_generate(
+        lambda: adapter.load(CHECKPOINT, run.dtype), lambda pipe: adapter.txt2img(pipe, run.defaults)
+    )
+    return {**result, "saved": save_output(image, ARTIFACTS / "whole" / f"{index}")}
 
 
 # --------------------------------------------------------------------------- the parent
-
-
-def alternate(items: Sequence[str], turn: int) -> list[str]:
-    """The items in order on even turns, reversed on odd ones (ABBA)."""
-    return list(items) if turn % 2 == 0 else list(reversed(items))
 
 
 class Progress:
@@ -311,19 +282,17 @@ def measure_speed(dtype: str, repeats: int, progress: Progress) -> dict[str, Any
     record["loads"].append(loads)
     try:
         for turn, op in enumerate(OPERATIONS):
-            for library in alternate(LIBRARIES, turn):
+            for library in abba(LIBRARIES, turn):
                 workers[library].ask({"op": op, "save": str(output_path(dtype, library, op))})
         done = {(r["repeat"], r["op"], r["library"]) for r in record["runs"]}
-        for repeat in range(repeats):
-            for turn, op in enumerate(OPERATIONS):
-                for library in alternate(LIBRARIES, repeat + turn):
-                    if (repeat, op, library) in done:
-                        continue
-                    result = workers[library].ask({"op": op})
-                    result.update(library=library, op=op, repeat=repeat)
-                    record["runs"].append(result)
-                    progress.save()
-                    print(f"  {repeat + 1}/{repeats} {op:<7} {library:<12} {result['seconds']:7.2f} s", flush=True)
+
+        def keep(result: dict[str, Any]) -> None:
+            record["runs"].append(result)
+            progress.save()
+            print(f"  {result['repeat'] + 1}/{repeats} {result['op']:<7} {result['library']:<12} "
+                  f"{result['seconds']:7.2f} s", flush=True)  # fmt: skip
+
+        ask_in_turn(workers, list(OPERATIONS), repeats, done, keep)
         record["done"] = True
     finally:
         for worker in workers.values():
