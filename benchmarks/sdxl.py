@@ -566,7 +566,8 @@ def calls_note(repeats: int) -> str:
         return ("one timed call per operation and library, the first of its shape in the worker (no warm-up of "
                 "the same call: it includes the per-shape set-up, small beside these calls: compare the bfloat16 "
                 "warm-ups)")
-    return f"{repeats} timed call(s) per operation and library, each after one untimed warm-up of the same call"
+    calls = "one timed call" if repeats == 1 else f"{repeats} timed calls"
+    return f"{calls} per operation and library, each after one untimed warm-up of the same call"
 
 
 def notes(speed: dict[str, Any], whole: dict[str, Any], repeats: dict[str, int], steps: int, sessions: int) -> list[str]:
@@ -749,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress = Progress(settings, args.resume or args.report, path=PARTIAL)
     if args.report:
         progress.data["sessions"] -= 1
+    info = progress.data.setdefault("machine", info)  # the first session's: when the measuring began
     speed: dict[str, Any] = {}
     whole: dict[str, Any] = progress.data["whole"]
     if args.whole_first and not args.no_whole and not args.report:
