@@ -220,8 +220,9 @@ def _check_refiner(pipe, refiner, switch_at: object, mask: object) -> None:
     ours, theirs = pipe.config, refiner.config
     if (ours.vae.latent_channels, ours.vae.scaling_factor) != (theirs.vae.latent_channels, theirs.vae.scaling_factor):
         raise ValueError(
-            f"the refiner {refiner.name or ''} ({theirs.describe()}) works in another latent space than this "
-            f"{ours.describe()} model (VAE scale {theirs.vae.scaling_factor:g} vs {ours.vae.scaling_factor:g}); "
+            f"the refiner{' ' + refiner.name if refiner.name else ''} ({theirs.describe()}) works in another latent "
+            f"space than this {ours.describe()} model (VAE scale {theirs.vae.scaling_factor:g} vs "
+            f"{ours.vae.scaling_factor:g}); "
             "use a refiner of the same family (SDXL's for an SDXL model)"
         )
     if theirs.inpainting:
