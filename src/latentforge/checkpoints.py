@@ -36,14 +36,14 @@ OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL's ViT-L
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's ViT-bigG
 REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner's only text encoder
-# single-file text-tower prefixes -> (our component, the tower's naming, the family that uses it)
+# single-file text-tower prefixes -> (our component, the family that uses it)
 TEXT_PREFIXES = {
-    CLIP_PREFIXES[0]: ("text_encoder", "clip", "sd1"),
-    CLIP_PREFIXES[1]: ("text_encoder", "clip", "sd1"),
-    OPENCLIP_PREFIX: ("text_encoder", "openclip", "sd2"),
-    SDXL_CLIP_PREFIX: ("text_encoder", "clip", "sdxl"),
-    SDXL_OPENCLIP_PREFIX: ("text_encoder_2", "openclip", "sdxl"),
-    REFINER_OPENCLIP_PREFIX: ("text_encoder", "openclip", "sdxl-refiner"),
+    CLIP_PREFIXES[0]: ("text_encoder", "sd1"),
+    CLIP_PREFIXES[1]: ("text_encoder", "sd1"),
+    OPENCLIP_PREFIX: ("text_encoder", "sd2"),
+    SDXL_CLIP_PREFIX: ("text_encoder", "sdxl"),
+    SDXL_OPENCLIP_PREFIX: ("text_encoder_2", "sdxl"),
+    REFINER_OPENCLIP_PREFIX: ("text_encoder", "sdxl-refiner"),
 }
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # empty marker tensors of v-prediction (zero terminal SNR) SDXL files
 SDXL_VAE_SCALE = 0.13025  # SDXL's VAE latent scale (the weights cannot tell it)
@@ -100,7 +100,7 @@ def _split_single_file(tensors: dict[str, torch.Tensor], name: str) -> tuple[Par
         elif key.startswith(VAE_PREFIX) and not key.startswith(IGNORED_PREFIXES):
             parts.setdefault("vae", {})[key.removeprefix(VAE_PREFIX)] = value
         elif prefix := next((p for p in TEXT_PREFIXES if key.startswith(p)), None):
-            component, _, family = TEXT_PREFIXES[prefix]
+            component, family = TEXT_PREFIXES[prefix]
             families.add(family)
             if not key.endswith("position_ids"):
                 parts.setdefault(component, {})[key.removeprefix(prefix)] = value
@@ -157,15 +157,19 @@ def _text_from_openclip(parts: Parts, family: str, config: ModelConfig | None) -
     elif family in ("sdxl", "sdxl-refiner"):
         component = "text_encoder_2" if family == "sdxl" else "text_encoder"
         text = parts[component]
-        layers = len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")})
-        parts[component] = layouts.text_encoder_from_openclip(text, layers, projection=True)
+        parts[component] = layouts.text_encoder_from_openclip(text, _openclip_blocks(text), projection=True)
 
 
 def openclip_layers_used(tensors: dict[str, torch.Tensor]) -> int:
     """How many blocks of an OpenCLIP text tower SD 2.x runs: released files hold all 24 ViT-H blocks
     and read the penultimate one's output; files converted from diffusers hold only the 23 used."""
-    blocks = len({k.split(".")[2] for k in tensors if k.startswith("transformer.resblocks.")})
+    blocks = _openclip_blocks(tensors)
     return blocks - 1 if blocks == VIT_H_BLOCKS else blocks
+
+
+def _openclip_blocks(tensors: dict[str, torch.Tensor]) -> int:
+    """The number of transformer blocks of an OpenCLIP text tower, from its OpenCLIP-named tensors."""
+    return len({k.split(".")[2] for k in tensors if k.startswith("transformer.resblocks.")})
 
 
 def _infer_config(parts: Parts, metadata: dict, family: str, markers: set[str] = frozenset()) -> ModelConfig:

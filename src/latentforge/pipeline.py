@@ -443,8 +443,7 @@ def build_conditioner(
     if config.text_encoder_2 is None:
         return ClipConditioner(tokenizer, text_encoder)
     text_encoder_2 = build(TextEncoder, config.text_encoder_2, parts.pop("text_encoder_2"), device, dtype)
-    if tokenizer_2 is None:
-        tokenizer_2 = Tokenizer(pad_token=config.pad_token_2, max_length=config.text_encoder_2.max_length)
+    tokenizer_2 = tokenizer_2 or shipped_tokenizer(config, second=True)
     return SDXLConditioner(tokenizer, text_encoder, tokenizer_2, text_encoder_2, size_embed_dim)
 
 
@@ -465,7 +464,7 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig, second: bool = 
     folder = Path(path) / checkpoints.tokenizer_folder(config.refiner, second)
     text = config.text_encoder_2 if second else config.text_encoder
     if not folder.is_dir():
-        return Tokenizer(pad_token=config.pad_token_2 if second else config.pad_token, max_length=text.max_length)
+        return shipped_tokenizer(config, second)
     tokenizer = Tokenizer.from_pretrained(folder)
     if tokenizer.max_length > text.max_length:
         raise CheckpointError(
@@ -474,6 +473,13 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig, second: bool = 
             f"set it to {text.max_length}, as the model's source has it",
         )
     return tokenizer
+
+
+def shipped_tokenizer(config: ModelConfig, second: bool = False) -> Tokenizer:
+    """The shipped CLIP vocabulary with the model's padding and window, for its first (or SDXL's second)
+    text encoder."""
+    text = config.text_encoder_2 if second else config.text_encoder
+    return Tokenizer(pad_token=config.pad_token_2 if second else config.pad_token, max_length=text.max_length)
 
 
 def load(
