@@ -39,15 +39,7 @@ def model_hash(path: PathLike) -> str:
         files = [root]
     else:
         raise CheckpointError(root, "no such file or folder")
-    digest = hashlib.sha256()
-    for file in files:
-        try:
-            with open(file, "rb") as stream:
-                for block in iter(lambda: stream.read(_HASH_BLOCK), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise CheckpointError(file, f"cannot read file to hash it ({exc.strerror or exc})") from exc
-    return digest.hexdigest()[:10]
+    return _digest(files)[:10]
 
 
 def hash_cache_file() -> Path:
@@ -63,9 +55,59 @@ def cached_model_hash(path: PathLike) -> str:
     modification time (as AUTOMATIC1111's cache.json does): hashing SD 1.5 takes ~4.5 s of a 2-core CPU,
     in front of every first image. Folders are hashed each time. A cache that cannot be read or written
     is ignored."""
+    return _cached(path, "model", model_hash)
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes (64 hex digits): A1111's hash of embeddings ("TI hashes", first 12)."""
+    return _sha256(Path(path))
+
+
+def addnet_hash(path: PathLike) -> str:
+    """A1111's hash of a LoRA ("Lora hashes", first 12 digits): the SHA-256 of a safetensors file's tensor
+    bytes, after its header (so editing the metadata keeps it); of the whole file for other formats."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+            if path.suffix.lower() != ".safetensors" or len(head) < 8:
+                return _sha256(path)
+            stream.seek(8 + int.from_bytes(head, "little"))
+            digest = hashlib.sha256()
+            for block in iter(lambda: stream.read(_HASH_BLOCK), b""):
+                digest.update(block)
+            return digest.hexdigest()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read file to hash it ({exc.strerror or exc})") from exc
+
+
+def cached_hash(path: PathLike, kind: str) -> str:
+    """`file_sha256` ("sha256") or `addnet_hash` ("addnet") of a file, remembered as `cached_model_hash` is."""
+    return _cached(path, kind, {"sha256": file_sha256, "addnet": addnet_hash}[kind])
+
+
+def _sha256(path: Path) -> str:
+    return _digest([path])
+
+
+def _digest(files: list[Path]) -> str:
+    """The SHA-256 (hex) of the files' bytes, one after another, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            with open(file, "rb") as stream:
+                for block in iter(lambda: stream.read(_HASH_BLOCK), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise CheckpointError(file, f"cannot read file to hash it ({exc.strerror or exc})") from exc
+    return digest.hexdigest()
+
+
+def _cached(path: PathLike, kind: str, function) -> str:
+    """function(path), remembered under (kind, absolute path) with the file's size and modification time."""
     file = Path(path).resolve()
     if not file.is_file():
-        return model_hash(file)
+        return function(file)
     stat = file.stat()
     stamp = [stat.st_size, stat.st_mtime_ns]
     store = hash_cache_file()
@@ -74,10 +116,11 @@ def cached_model_hash(path: PathLike) -> str:
     except (OSError, ValueError):
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
-    entry = cache.get(str(file))
+    key = str(file) if kind == "model" else f"{kind}:{file}"
+    entry = cache.get(key)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("hash"), str):
         return entry["hash"]
-    cache[str(file)] = {"stamp": stamp, "hash": model_hash(file)}
+    cache[key] = {"stamp": stamp, "hash": function(file)}
     temp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +129,9 @@ def cached_model_hash(path: PathLike) -> str:
     except OSError:
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
-    return cache[str(file)]["hash"]
+    return cache[key]["hash"]
 
 
-__all__ = ["HASH_CACHE_ENV", "cached_model_hash", "hash_cache_file", "model_hash"]
+__all__ = [
+    "HASH_CACHE_ENV", "addnet_hash", "cached_hash", "cached_model_hash", "file_sha256", "hash_cache_file", "model_hash",
+]  # fmt: skip

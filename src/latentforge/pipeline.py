@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +15,8 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoints
+from .adapters.library import LORA_SUFFIXES, Library, split_tags
+from .adapters.lora import Merger, Placed, Use, place, read_lora
 from .checkpoints import Parts
 from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
 from .config import ModelConfig
@@ -23,7 +25,7 @@ from .guidance import Denoiser, Guidance, make_denoiser
 from .images import tensor_to_images
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
-from .modelhash import cached_model_hash
+from .modelhash import cached_hash, cached_model_hash
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
@@ -74,6 +76,10 @@ class Pipeline:
     # free the text encoders' weights once a prompt is encoded, and read them again from `source` for the next
     # one: the UNet and VAE then run without them in memory (SDXL's two towers: 1.6 GB in bfloat16)
     text_encoders_on_demand: bool = False
+    # the add-on folders: `<lora:NAME:W>` in a prompt and `loras={"NAME": W}` are looked up in library.loras
+    library: Library = field(default_factory=Library)
+    merger: Merger = field(default_factory=Merger, repr=False)  # the networks merged into the weights now
+    _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
 
     def encode_prompt(
         self, prompt: str, negative: str | None = None, clip_skip: int = 1, size: tuple[int, int] | None = None
@@ -100,6 +106,7 @@ class Pipeline:
         for name in released:  # the conditioner holds each text encoder under its part's name
             text_config = getattr(config, name)
             setattr(self.conditioner, name, build(TextEncoder, text_config, parts.pop(name), self.device, self.dtype))
+        self.merger.remerge(self.models(), released)  # the fresh weights get the merged networks again
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -158,6 +165,7 @@ class Pipeline:
         clip_skip: int = 1,
         refiner: Pipeline | None = None,
         refiner_switch_at: float = 0.8,
+        loras: Mapping[str | os.PathLike, float | tuple[float, float]] | None = None,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -165,6 +173,10 @@ class Pipeline:
         height left as None are the init image's size, else the model's native size. A `refiner` (SDXL's)
         takes over the steps whose timestep is below (1 - refiner_switch_at) of the training schedule, as
         A1111's "Refiner switch at" and diffusers' denoising_end / denoising_start split them.
+
+        `loras` ({name in library.loras or file path: weight, or (text-encoder weight, UNet weight)}) and the
+        prompts' `<lora:NAME:W>` tags are merged into the weights for this call and the next ones until
+        another set is asked for (see `use_loras`); the tags are not encoded as text.
 
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
@@ -180,21 +192,23 @@ class Pipeline:
             if request.init_image is None
             else img2img_sigmas(spec, schedule, request.steps, request.strength)
         )
+        prompt, negative, tagged = self._without_tags(request.prompt, request.negative_prompt)
+        uses = self.use_loras({**(loras or {}), **tagged})
         # the negative prompt is only read by the unconditional pass, which scale 1 skips
-        negative = request.negative_prompt if request.cfg_scale != 1 else None
+        negative = negative if request.cfg_scale != 1 else None
         size = (request.height, request.width)
-        conds = self.encode_prompt(request.prompt, negative, request.clip_skip, size)
+        conds = self.encode_prompt(prompt, negative, request.clip_skip, size)
         refine = None
         if request.refiner is not None:
             split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
-            refine = (split, request.refiner.encode_prompt(request.prompt, negative, request.clip_skip, size))
+            refine = (split, request.refiner.encode_prompt(prompt, negative, request.clip_skip, size))
         images = []
         for i in range(request.batch_size):
             latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback, refine)
             self._check_finite(latents, f"the latents of image {i + 1}")
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
             image = (request.refiner or self).decode(latents)[0]
-            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i))
+            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses))
             images.append(image)
         return images
 
@@ -268,6 +282,45 @@ class Pipeline:
         masked = image * (full < 0.5)
         return torch.cat([F.interpolate(full, size=(h, w)).to(self.device), self.encode_image(masked, g)], dim=1)
 
+    def _without_tags(self, prompt: str, negative: str) -> tuple[str, str, dict[Path, tuple[float, float]]]:
+        """The prompts without their `<lora:...>` tags, and the tags' files in library.loras {path: (te, unet)}
+        (both prompts' tags are applied, as A1111 does; a later tag of the same name wins). A tag's name is
+        only ever looked up in the library, never read as a path."""
+        prompt, tags = split_tags(prompt)
+        negative, negative_tags = split_tags(negative)
+        return prompt, negative, {self.library.loras.find(t.name): (t.te, t.unet) for t in [*tags, *negative_tags]}
+
+    def use_loras(self, loras: Mapping[str | os.PathLike, float | tuple[float, float]]) -> list[Use]:
+        """Merge exactly these networks into the weights: {a file path, or a name in library.loras: weight or
+        (text-encoder weight, UNet weight)}. The weights they change are kept, so `use_loras({})` (or another
+        set) first puts back the model's own values, bit for bit. Asking for what is merged now costs nothing."""
+        weights: dict[Path, tuple[float, float]] = {}
+        for key, weight in loras.items():
+            te, unet = weight if isinstance(weight, tuple) else (weight, weight)
+            weights[self._lora_path(key)] = (float(te), float(unet))
+        uses = [Use(self._placed_lora(path), te, unet) for path, (te, unet) in weights.items()]
+        self.merger.apply(self.models(), uses)
+        return uses
+
+    def _lora_path(self, key: str | os.PathLike) -> Path:
+        """A path as given (the caller's own file), or a bare name's file in library.loras."""
+        text = os.fspath(key)
+        if isinstance(key, os.PathLike) or "/" in text or "\\" in text or Path(text).suffix.lower() in LORA_SUFFIXES:
+            return Path(text)
+        return self.library.loras.find(text)
+
+    def _placed_lora(self, path: Path) -> Placed:
+        """A network file read and placed in this model (kept while the file is unchanged)."""
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot be read ({exc.strerror or exc}); check the LoRA's path") from None
+        placed = self._placed.get((str(path), stamp))
+        if placed is None:
+            placed = place(read_lora(path), self.models(), self.config.unet)
+            self._placed[(str(path), stamp)] = placed
+        return placed
+
     def models(self) -> dict[str, nn.Module]:
         """Every network of the model by part name: the family's text encoder(s), "unet", "vae"."""
         return {**self.conditioner.models(), "unet": self.unet, "vae": self.vae}
@@ -291,8 +344,11 @@ class Pipeline:
             return f"its weights are finite, so the model overflowed in {name}: run it in float32 (--dtype float32)"
         return "its weights are finite and it ran in float32, so the settings drove it out of range: lower cfg_scale"
 
-    def _info(self, request, spec, seed: int) -> GenerationInfo:
+    def _info(self, request, spec, seed: int, uses: list[Use]) -> GenerationInfo:
         refiner = request.refiner
+        extra = {}
+        if uses:  # A1111: Lora hashes: "name: 12 digits of its addnet hash, ..."
+            extra["Lora hashes"] = ", ".join(f"{u.placed.file.name}: {cached_hash(u.placed.file.path, 'addnet')[:12]}" for u in uses)
         return GenerationInfo(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -310,6 +366,7 @@ class Pipeline:
             refiner_name=None if refiner is None else refiner.name,
             refiner_hash=None if refiner is None else refiner.model_hash,
             refiner_switch_at=None if refiner is None else request.refiner_switch_at,
+            extra=extra,
         )
 
     @functools.cached_property
