@@ -71,11 +71,23 @@ def _check_destination(dst: Path, make_parents: bool) -> None:
         raise FileError(dst, f"the folder {folder} is not writable", "choose another destination or fix its permissions")
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT] -> (FILE, WEIGHT); the weight defaults to 1 (a colon in the path stays in it)."""
+    path, sep, weight = text.rpartition(":")
+    if not sep or "/" in weight or "\\" in weight:
+        return text, 1.0
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise ValueError(f"--lora {text}: {weight!r} is not a weight; write FILE or FILE:0.8") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
     from tqdm import tqdm
 
     from . import images, load, pngfiles
+    from .adapters.library import Library
 
     out = pngfiles.check_output_folder(args.out)  # before any work: a bad --out fails at once
     if args.mask and not args.init_image:
@@ -84,9 +96,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--preview-every must be a number of steps, or 0 for none; got {args.preview_every}")
     init = images.load_image(args.init_image) if args.init_image else None
     mask = images.load_mask(args.mask, init.size) if args.mask else None
+    loras = dict(lora_argument(text) for text in args.lora)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     pipe.vae_tiling = args.vae_tiling
     pipe.text_encoders_on_demand = args.text_encoders_on_demand
+    pipe.library = Library.from_dirs(args.lora_dir, args.embeddings_dir)
     refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
     if refiner is not None:
         refiner.vae_tiling = args.vae_tiling  # the refiner's VAE decodes
@@ -122,6 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         clip_skip=args.clip_skip,
         refiner=refiner,
         refiner_switch_at=args.refiner_switch_at,
+        loras=loras,
     )
     for i, image in enumerate(results):
         path = pngfiles.save_png(image, out)
@@ -335,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
                    help="fraction of the schedule after which the refiner takes over, as A1111's "
                    "\"Refiner switch at\" (default: 0.8)")  # fmt: skip
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
+                   help="merge this LoRA / LyCORIS file with weight W (default 1); repeat for several")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="folder of LoRA files that <lora:NAME:W> in the prompt names (repeatable)")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="folder of textual-inversion embeddings, used where the prompt says their file name")
     p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
     add_device_options(p)
     add_vae_tiling_option(p)

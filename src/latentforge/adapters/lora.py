@@ -52,9 +52,10 @@ KINDS = {
     "loha": ({"w1a", "w1b", "w2a", "w2b"}, {"t1", "t2", "alpha", "dora_scale"}),
     "lokr": (set(), {"k1", "k1a", "k1b", "k2", "k2a", "k2b", "kt2", "alpha", "dora_scale"}),
     "full": ({"diff"}, {"diff_b", "alpha"}),
-    "ia3": ({"ia3"}, {"on_input"}),
+    "ia3": ({"ia3", "on_input"}, set()),  # LyCORIS always writes on_input; a bare `.weight` is no network
 }
 UNSUPPORTED = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "a1.weight": "LyCORIS GLoRA", "w_norm": "LyCORIS norm"}
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata: the PEFT config (lora_alpha, r)
 MAX_LISTED = 5
 
@@ -140,7 +141,7 @@ def _lokr(f: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
-    return torch.kron(w1, w2)
+    return torch.kron(w1.contiguous(), w2.contiguous())  # kron fails on strided views, e.g. the Tucker einsum's
 
 
 BUILDERS = {"lora": _lora, "loha": _loha, "lokr": _lokr}  # kind -> (factors, weight shape) -> delta before scaling
@@ -192,10 +193,15 @@ def read_lora(path: PathLike) -> LoraFile:
         if not tensor.is_floating_point() and factor != "on_input":
             raise CheckpointError(path, f"{key!r} holds {tensor.dtype} values, not weights; re-download the file")
         groups.setdefault(module, {})[factor] = tensor.detach().to("cpu", torch.float32)
+    for module in [m for m, factors in groups.items() if set(factors) == {"ia3"}]:  # plain weights, not IA3
+        unknown.append(f"{module}.weight")
+        del groups[module]
     if unknown:
         what = next((name for marker, name in UNSUPPORTED.items() if any(k.endswith(marker) for k in unknown)), None)
         if what:
             raise CheckpointError(path, f"is a {what} network, which latentforge cannot apply (LoRA, LoCon, LoHa, LoKr, IA3, full and DoRA can)")
+        if any(key.startswith(CHECKPOINT_PREFIXES) for key in unknown):
+            raise CheckpointError(path, "is a model checkpoint, not a LoRA: load it as the model (--model)")
         raise CheckpointError(path, f"is not a LoRA / LyCORIS file: keys such as {_few(unknown)} are no network weights")
     peft_alpha = _peft_alpha(metadata)
     modules = {}
