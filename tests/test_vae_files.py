@@ -10,6 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import tiny_diffusers_vae
 
 import latentforge
@@ -277,3 +278,31 @@ def test_missing_path_and_folder_without_config(tmp_path):
     assert "no such file or folder" in refusal(read_vae, tmp_path / "nothing.safetensors")
     (tmp_path / "empty").mkdir()
     assert "without config.json" in refusal(read_vae, tmp_path / "empty")
+
+
+def test_pipeline_load_vae_infotext_and_cli(ref, sd1_folder, tmp_path, monkeypatch):
+    """Pipeline.load_vae swaps the VAE and names it in the infotext as A1111 does ("VAE hash", "VAE"); a second
+    file replaces the first and None goes back to the model's own, bit for bit; the CLI's --vae is the same."""
+    from latentforge.infotext import parse_infotext
+    from latentforge.modelhash import model_hash
+
+    _, _, ldm = ref
+    path = tmp_path / "new.vae.safetensors"
+    write_safetensors({"first_stage_model." + k: v for k, v in ldm.items()}, path)
+    pipe = latentforge.load(sd1_folder, dtype="float32", device="cpu")
+    own = np.asarray(pipe.generate(**GENERATE)[0])
+    pipe.load_vae(path)
+    pipe.load_vae(path)  # a second swap keeps the model's own VAE for going back
+    image = pipe.generate(**GENERATE)[0]
+    params = parse_infotext(image.info["parameters"])
+    assert (params["VAE"], params["VAE hash"]) == ("new.vae.safetensors", model_hash(path))
+    pipe.load_vae(None)
+    back = pipe.generate(**GENERATE)[0]
+    assert np.array_equal(own, np.asarray(back)) and "VAE" not in parse_infotext(back.info["parameters"])
+
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "a red circle", "--model", str(sd1_folder), "--steps", "3", "--sampler", "Euler",
+            "--cfg-scale", "5", "--seed", "42", "--dtype", "float32", "--vae", str(path)]  # fmt: skip
+    assert main(args) == 0
+    written = next((tmp_path / "outputs").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), np.asarray(image))

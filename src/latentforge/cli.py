@@ -101,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe.vae_tiling = args.vae_tiling
     pipe.text_encoders_on_demand = args.text_encoders_on_demand
     pipe.library = Library.from_dirs(args.lora_dir, args.embeddings_dir)
+    if args.vae:
+        pipe.load_vae(args.vae)
     refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
     if refiner is not None:
         refiner.vae_tiling = args.vae_tiling  # the refiner's VAE decodes
@@ -350,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
                    help="fraction of the schedule after which the refiner takes over, as A1111's "
                    "\"Refiner switch at\" (default: 0.8)")  # fmt: skip
+    p.add_argument("--vae", metavar="FILE", help="decode with this VAE file (or diffusers VAE folder) instead of "
+                   "the model's own")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
                    help="merge this LoRA / LyCORIS file with weight W (default 1); repeat for several")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",

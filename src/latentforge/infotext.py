@@ -39,7 +39,8 @@ class GenerationInfo:
     written only above 1, `denoising_strength` only for img2img, `mask_blur` only for inpainting.
     `refiner_name`, `refiner_hash` and `refiner_switch_at` are set when SDXL's refiner took over: the
     webui writes "Refiner: <name> [<short hash>]" (its checkpoint's short_title; the name alone without
-    a hash) and "Refiner switch at: 0.8", after "Mask blur" among its extra parameters.
+    a hash) and "Refiner switch at: 0.8", after "Mask blur" among its extra parameters. `vae_name` and
+    `vae_hash` name a VAE file used instead of the checkpoint's own ("VAE hash", "VAE", after "Model").
     `extra` holds any further keys in A1111 spelling (its `extra_generation_params`), written after
     the standard ones and before "Version".
     """
@@ -55,6 +56,8 @@ class GenerationInfo:
     height: int = 512
     model_hash: str | None = None
     model_name: str | None = None
+    vae_hash: str | None = None
+    vae_name: str | None = None
     denoising_strength: float | None = None
     conditional_mask_weight: float | None = None
     clip_skip: int = 1
@@ -97,6 +100,8 @@ def infotext_params(info: GenerationInfo) -> dict[str, object]:
         "Size": f"{info.width}x{info.height}",
         "Model hash": info.model_hash,
         "Model": info.model_name,
+        "VAE hash": info.vae_hash,
+        "VAE": info.vae_name,
         "Denoising strength": info.denoising_strength,
         "Conditional mask weight": info.conditional_mask_weight,
         "Clip skip": info.clip_skip if info.clip_skip is not None and info.clip_skip > 1 else None,

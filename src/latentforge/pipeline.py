@@ -17,6 +17,7 @@ from torch import nn
 from . import checkpoints
 from .adapters.library import LORA_SUFFIXES, Library, split_tags
 from .adapters.lora import Merger, Placed, Use, place, read_lora
+from .adapters.vae_file import VAEState, apply_vae, restore_vae
 from .checkpoints import Parts
 from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
 from .config import ModelConfig
@@ -80,6 +81,8 @@ class Pipeline:
     library: Library = field(default_factory=Library)
     merger: Merger = field(default_factory=Merger, repr=False)  # the networks merged into the weights now
     _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
+    vae_file: Path | None = None  # a VAE file used instead of the model's own (see load_vae)
+    _own_vae: VAEState | None = field(default=None, repr=False)
 
     def encode_prompt(
         self, prompt: str, negative: str | None = None, clip_skip: int = 1, size: tuple[int, int] | None = None
@@ -282,6 +285,18 @@ class Pipeline:
         masked = image * (full < 0.5)
         return torch.cat([F.interpolate(full, size=(h, w)).to(self.device), self.encode_image(masked, g)], dim=1)
 
+    def load_vae(self, path: str | os.PathLike | None) -> None:
+        """Decode and encode with this VAE file or diffusers VAE folder instead of the model's own (the model's
+        latent scale stays); None goes back to the model's own. A file that does not fit changes nothing."""
+        if path is None:
+            if self._own_vae is not None:
+                restore_vae(self, self._own_vae)
+            self._own_vae, self.vae_file = None, None
+            return
+        replaced = apply_vae(self, path)
+        self._own_vae = self._own_vae or replaced  # the model's own, kept for going back
+        self.vae_file = Path(path)
+
     def _without_tags(self, prompt: str, negative: str) -> tuple[str, str, dict[Path, tuple[float, float]]]:
         """The prompts without their `<lora:...>` tags, and the tags' files in library.loras {path: (te, unet)}
         (both prompts' tags are applied, as A1111 does; a later tag of the same name wins). A tag's name is
@@ -361,6 +376,8 @@ class Pipeline:
             height=request.height,
             model_hash=self.model_hash,
             model_name=self.name,
+            vae_name=None if self.vae_file is None else self.vae_file.name,
+            vae_hash=None if self.vae_file is None else cached_model_hash(self.vae_file),
             denoising_strength=request.strength if request.init_image is not None else None,
             clip_skip=request.clip_skip,
             refiner_name=None if refiner is None else refiner.name,
