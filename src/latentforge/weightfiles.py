@@ -125,13 +125,30 @@ def _looks_like_safetensors(head: bytes) -> bool:
 def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Load (tensors, metadata) from a weight file without ever running code from it."""
     fmt = detect_format(path)
-    try:
+    with _reading(path, fmt):
         if fmt == "safetensors":
             return _read_safetensors(path)
-        return _read_torch(path, fmt)
+        return _unwrap(path, _load_pickle(path, fmt))
+
+
+def read_pickle(path: PathLike) -> object:
+    """Whatever a PyTorch file holds (nested dicts and lists of tensors and plain values, e.g. an A1111
+    embedding), through the same weights-only unpickler as `read_state_dict`, without unwrapping it."""
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        raise CheckpointError(path, "is a safetensors file, not a PyTorch pickle", "read it with read_state_dict")
+    with _reading(path, fmt):
+        return _load_pickle(path, fmt)
+
+
+@contextlib.contextmanager
+def _reading(path: PathLike, fmt: str) -> Iterator[None]:
+    """Any library failure while reading becomes the same one-line, file-named CheckpointError."""
+    try:
+        yield
     except CheckpointError:
         raise
-    except Exception as exc:  # any library failure becomes the same one-line, file-named error
+    except Exception as exc:
         raise CheckpointError(path, f"cannot read {fmt} file ({_describe(exc)})", _fix_for(exc)) from exc
 
 
@@ -264,14 +281,13 @@ def _release_when_dropped(window: memoryview, mapping: mmap.mmap, offset: int, s
         weakref.finalize(window, mapping.madvise, mmap.MADV_DONTNEED, first, last - first).atexit = False
 
 
-def _read_torch(path: PathLike, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Load a torch.save file with the weights-only unpickler, then unwrap it."""
+def _load_pickle(path: PathLike, fmt: str) -> object:
+    """Load a torch.save file with the weights-only unpickler; a refused global is named in the error."""
     with torch.serialization.safe_globals(_extra_safe_globals()):
         try:
-            loaded = _torch_load(os.fspath(path), mmap=fmt == "torch-zip")
+            return _torch_load(os.fspath(path), mmap=fmt == "torch-zip")
         except pickle.UnpicklingError as exc:
             raise _unpickling_error(path, fmt, exc) from exc
-    return _unwrap(path, loaded)
 
 
 def _torch_load(path: str, mmap: bool) -> object:
