@@ -4,17 +4,22 @@ A model family differs in how text reaches the UNet: SD 1.x/2.x run one CLIP tex
 vectors are the whole conditioning; SDXL runs two and adds a vector (pooled text and image sizes) to the
 timestep embedding. The pipeline never knows which: it asks the model's `Conditioner` for a `Cond` of the
 prompt (and of the negative prompt when guiding) and hands it to the UNet.
+
+Every conditioner holds the textual-inversion embeddings its prompts may name (``embeddings``: name ->
+`Embedding`, empty by default, set by the pipeline to those `embedding_problem` finds no fault with);
+each text encoder reads its own vectors of them (SDXL: clip_l's and clip_g's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from .adapters.embeddings import Embedding, vectors_for
 from .prompts import encode_prompts, encode_prompts_pooled
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
@@ -44,7 +49,10 @@ class Cond:
 
 class Conditioner(Protocol):
     """A model family's prompt encoder: (prompt, negative prompt or None when not guiding) -> their Conds.
-    `size` is the image's (height, width), for families that condition on it."""
+    `size` is the image's (height, width), for families that condition on it. `embeddings` are the
+    textual-inversion embeddings its prompts may name (name -> Embedding)."""
+
+    embeddings: dict[str, Embedding]
 
     def __call__(
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
@@ -62,6 +70,7 @@ class ClipConditioner:
 
     tokenizer: Tokenizer
     text_encoder: TextEncoder
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(
@@ -69,7 +78,8 @@ class ClipConditioner:
     ) -> tuple[Cond, Cond | None]:
         """Both prompts in one text-encoder batch, so they are padded to the same chunk count."""
         prompts = [prompt] if negative is None else [prompt, negative]
-        context = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip)
+        vectors = vectors_for(self.embeddings, self.models(), "text_encoder")
+        context = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip, embeddings=vectors)
         return Cond(context[:1]), (None if negative is None else Cond(context[1:]))
 
     def models(self) -> dict[str, nn.Module]:
@@ -90,16 +100,22 @@ class SDXLConditioner:
     tokenizer_2: Tokenizer  # bigG's: pads with "!" (id 0)
     text_encoder_2: TextEncoder
     size_embed_dim: int = SDXL_SIZE_EMBED_DIM
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
     ) -> tuple[Cond, Cond | None]:
         prompts = [prompt] if negative is None else [prompt, negative]
-        first = encode_prompts_pooled(self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False)[0]
+        models = self.models()
+        first = encode_prompts_pooled(
+            self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False,
+            embeddings=vectors_for(self.embeddings, models, "text_encoder"),
+        )[0]  # fmt: skip
         second, pooled = encode_prompts_pooled(
-            self.text_encoder_2, self.tokenizer_2, prompts, clip_skip + 1, final_norm=False, pooled=True
-        )
+            self.text_encoder_2, self.tokenizer_2, prompts, clip_skip + 1, final_norm=False, pooled=True,
+            embeddings=vectors_for(self.embeddings, models, "text_encoder_2"),
+        )  # fmt: skip
         context = torch.cat([first, second.to(first.dtype)], dim=-1)
         if negative == "":
             context[1:], pooled[1:] = 0, 0
@@ -117,13 +133,14 @@ class RefinerConditioner:
     the added vector is its pooled text and original size (h, w), crop top-left (0, 0) and an aesthetic score,
     6.0 for the prompt and 2.5 for the negative prompt (5 x 256 + 1280 = 2560), as diffusers' refiner
     pipeline and A1111 use it. An empty negative prompt is encoded as text (its published pipeline does not
-    zero it)."""
+    zero it). Its tower is SDXL's second: an SDXL embedding gives it its clip_g vectors."""
 
     tokenizer: Tokenizer  # bigG's: pads with "!" (id 0)
     text_encoder: TextEncoder
     size_embed_dim: int = SDXL_SIZE_EMBED_DIM
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(
@@ -131,8 +148,9 @@ class RefinerConditioner:
     ) -> tuple[Cond, Cond | None]:
         prompts = [prompt] if negative is None else [prompt, negative]
         context, pooled = encode_prompts_pooled(
-            self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False, pooled=True
-        )
+            self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False, pooled=True,
+            embeddings=vectors_for(self.embeddings, self.models(), "text_encoder"),
+        )  # fmt: skip
         height, width = size
         scores = [self.aesthetic_score, self.negative_aesthetic_score][: len(prompts)]
         numbers = [[height, width, 0, 0, score] for score in scores]  # original size, crop, aesthetic score

@@ -20,8 +20,17 @@ Three steps, each usable on its own:
 
 A prompt without emphasis that fits in one chunk gives exactly ``text_encoder(tokenizer([prompt]))``.
 
+Textual-inversion embeddings (``embeddings``: name -> its n vectors) are found as A1111 finds them:
+by the token ids of their name, anywhere in a piece's tokens (names are tokenized like the prompt, so
+case does not matter), the longest name first. An embedding takes n slots that carry its text's
+weight; it is never split across chunks (when it does not fit, the chunk is closed first). Its slots'
+ids are ``tokenizer.vocab_size`` + the row of its first vector in the table of all embeddings' vectors
+(in the mapping's order), which the text encoder reads in place of token vectors. Unlike A1111, an
+embedding that the comma rule moves to the next chunk keeps its vectors there (A1111 leaves them behind
+and encodes token id 0).
+
 Not handled here (A1111 resolves them before this step): prompt editing ``[a:b:0.5]`` and
-alternation ``[a|b]``, ``AND``, extra networks ``<lora:...>`` and textual-inversion embeddings.
+alternation ``[a|b]``, ``AND`` and extra networks ``<lora:...>``.
 Written in those forms they are read as plain text and brackets (``[a:b:0.5]`` is ``a:b:0.5``
 at weight 1/1.1).
 
@@ -45,7 +54,7 @@ Behaviour that follows A1111 even where it surprises:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +66,7 @@ __all__ = [
     "COMMA_BACKTRACK",
     "PromptChunks",
     "chunk_prompt",
+    "embeddings_in",
     "encode_prompt",
     "encode_prompts",
     "encode_prompts_pooled",
@@ -170,13 +180,18 @@ class PromptChunks:
 
 
 def chunk_prompt(
-    tokenizer: Tokenizer, prompt: str, *, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: Mapping[str, int] | None = None,
 ) -> PromptChunks:
     """Token ids and per-token weights of a prompt, in windows of ``tokenizer.max_length`` ids.
 
     Each window is start token, ``max_length - 2`` prompt tokens (padded), end token. An empty
     prompt gives one window. ``comma_backtrack`` is A1111's "Prompt word wrap length limit"; 0
-    turns the comma rule off.
+    turns the comma rule off. ``embeddings`` (name -> number of vectors) are the textual-inversion
+    embeddings to look for; their slots get ids from ``tokenizer.vocab_size`` on (module docstring).
     """
     if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
         raise ValueError(f"comma_backtrack must be an int >= 0 (0 turns it off), got {comma_backtrack!r}")
@@ -184,6 +199,7 @@ def chunk_prompt(
     if length < 1:
         raise ValueError(f"tokenizer.max_length is {tokenizer.max_length}; chunks need at least 3")
     comma = _comma_id(tokenizer)
+    names = _name_lookup(tokenizer, embeddings or {}, length)
 
     done: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
@@ -195,28 +211,30 @@ def chunk_prompt(
         done.append((ids, weights))
         ids, weights, last_comma = [], [], -1
 
-    for text, weight in parse_emphasis(prompt):
-        if text == "BREAK" and weight == _BREAK_WEIGHT:
+    for item, weight in _prompt_items(tokenizer, prompt, names):
+        if item is None:  # BREAK
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
-            if token == comma:
-                last_comma = len(ids)
-            elif (
-                comma_backtrack
-                and len(ids) == length
-                and last_comma != -1
-                and length - last_comma <= comma_backtrack
-            ):
-                # The chunk is full: cut it after its last comma; what followed opens the next one.
-                moved_ids, moved_weights = ids[last_comma + 1 :], weights[last_comma + 1 :]
-                del ids[last_comma + 1 :], weights[last_comma + 1 :]
-                close_chunk()
-                ids, weights = moved_ids, moved_weights
-            if len(ids) == length:
-                close_chunk()
-            ids.append(token)
-            weights.append(weight)
+        if item == comma:
+            last_comma = len(ids)
+        elif (
+            comma_backtrack
+            and len(ids) == length
+            and last_comma != -1
+            and length - last_comma <= comma_backtrack
+        ):
+            # The chunk is full: cut it after its last comma; what followed opens the next one.
+            moved_ids, moved_weights = ids[last_comma + 1 :], weights[last_comma + 1 :]
+            del ids[last_comma + 1 :], weights[last_comma + 1 :]
+            close_chunk()
+            ids, weights = moved_ids, moved_weights
+        if len(ids) == length:
+            close_chunk()
+        slots = [item] if isinstance(item, int) else list(item.ids)
+        if len(ids) + len(slots) > length:  # an embedding stays whole: it opens the next chunk
+            close_chunk()
+        ids += slots
+        weights += [weight] * len(slots)
     if ids or not done:
         close_chunk()
 
@@ -226,6 +244,76 @@ def chunk_prompt(
         ids=torch.tensor(rows, dtype=torch.long),
         weights=torch.tensor(row_weights, dtype=torch.float32),
     )
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An embedding's name found in a prompt: its name and the ids of its vectors' slots."""
+
+    name: str
+    ids: tuple[int, ...]
+
+
+def _name_lookup(
+    tokenizer: Tokenizer, embeddings: Mapping[str, int], length: int
+) -> dict[int, list[tuple[list[int], _Found]]]:
+    """First token id of each embedding's name -> [(the name's token ids, what it becomes)], longest first.
+
+    ``embeddings`` maps name -> vector count; the slots of each count on from the previous one's, starting
+    at ``tokenizer.vocab_size``. Names that tokenize to nothing cannot be written in a prompt and are skipped.
+    """
+    lookup: dict[int, list[tuple[list[int], _Found]]] = {}
+    first = tokenizer.vocab_size
+    for name, count in embeddings.items():
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= length:
+            raise ValueError(
+                f"embedding {name!r} has {count!r} vectors; a prompt chunk holds 1 to {length}: "
+                "use an embedding with fewer vectors"
+            )
+        name_ids = tokenizer.encode(name)
+        if name_ids:
+            lookup.setdefault(name_ids[0], []).append((name_ids, _Found(name, tuple(range(first, first + count)))))
+        first += count
+    for matches in lookup.values():
+        matches.sort(key=lambda match: len(match[0]), reverse=True)  # stable: equal lengths keep their order
+    return lookup
+
+
+def _prompt_items(
+    tokenizer: Tokenizer, prompt: str, lookup: Mapping[int, list[tuple[list[int], _Found]]]
+) -> Iterator[tuple[int | _Found | None, float]]:
+    """(token id or found embedding, its weight) for each token of the prompt in order; (None, -1) at a BREAK.
+    Pieces are tokenized on their own, so a name is found only within one piece of equal weight."""
+    for text, weight in parse_emphasis(prompt):
+        if text == "BREAK" and weight == _BREAK_WEIGHT:
+            yield None, weight
+            continue
+        for item in _find_embeddings(tokenizer.encode(text), lookup):
+            yield item, weight
+
+
+def _find_embeddings(
+    tokens: list[int], lookup: Mapping[int, list[tuple[list[int], _Found]]]
+) -> Iterator[int | _Found]:
+    """A piece's token ids, with every run of ids that spells an embedding's name replaced by it."""
+    position = 0
+    while position < len(tokens):
+        for name_ids, found in lookup.get(tokens[position], ()):
+            if tokens[position : position + len(name_ids)] == name_ids:
+                yield found
+                position += len(name_ids)
+                break
+        else:
+            yield tokens[position]
+            position += 1
+
+
+def embeddings_in(tokenizer: Tokenizer, prompt: str, names: Iterable[str]) -> list[str]:
+    """The embedding names (of ``names``) a prompt uses, in order of first use: what A1111's infotext
+    lists under "TI hashes". Found as `chunk_prompt` finds them."""
+    lookup = _name_lookup(tokenizer, dict.fromkeys(names, 1), tokenizer.max_length - 2)
+    found = (item.name for item, _ in _prompt_items(tokenizer, prompt, lookup) if isinstance(item, _Found))
+    return list(dict.fromkeys(found))
 
 
 def _comma_id(tokenizer: Tokenizer) -> int | None:
@@ -253,20 +341,23 @@ def encode_prompts(
     n_chunks: int | None = None,
     *,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Weighted conditioning of a batch of prompts: (B, max_length * k, width).
 
     k is ``n_chunks`` when given (it must be at least the longest prompt's chunk count), else the
     longest prompt's chunk count; shorter prompts are followed by chunks of the empty prompt, as
     A1111 does with "Pad prompt/negative prompt" on. Pass a prompt and its negative prompt (or
-    ``prompts + negatives``) in one call to get them at the same length.
+    ``prompts + negatives``) in one call to get them at the same length. ``embeddings``: name ->
+    (n, width) textual-inversion vectors for this text encoder.
     """
     device = next(text_encoder.parameters()).device
+    extra = _extra_table(text_encoder, tokenizer, embeddings or {})
 
     def run(ids: Tensor) -> tuple[Tensor, None]:
-        return text_encoder(ids.to(device), clip_skip=clip_skip), None
+        return text_encoder(ids.to(device), clip_skip=clip_skip, extra=extra), None
 
-    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack)
+    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack, embeddings or {})
     return torch.cat([hidden for hidden, _ in chunks], dim=1)
 
 
@@ -280,18 +371,35 @@ def encode_prompts_pooled(
     final_norm: bool = True,
     pooled: bool = False,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """As `encode_prompts`, through `text_encoder.encode` (SDXL's way): the layer's states with the final
     layer norm only if `final_norm`, and with `pooled` the pooled vector (B, projection_dim) of each
     prompt's first chunk (what A1111 takes; diffusers has only that chunk), else None."""
 
     device = next(text_encoder.parameters()).device
+    extra = _extra_table(text_encoder, tokenizer, embeddings or {})
 
     def run(ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        return text_encoder.encode(ids.to(device), clip_skip, final_norm=final_norm, pooled=pooled)
+        return text_encoder.encode(ids.to(device), clip_skip, final_norm=final_norm, pooled=pooled, extra=extra)
 
-    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack)
+    chunks = _encode_chunks(run, tokenizer, prompts, n_chunks, comma_backtrack, embeddings or {})
     return torch.cat([hidden for hidden, _ in chunks], dim=1), chunks[0][1]
+
+
+def _extra_table(text_encoder: nn.Module, tokenizer: Tokenizer, embeddings: Mapping[str, Tensor]) -> Tensor | None:
+    """All embeddings' vectors in one (m, width) table on the encoder's device, rows in the mapping's order
+    (the order `chunk_prompt` numbers their slots in); None without embeddings."""
+    if not embeddings:
+        return None
+    vocab = text_encoder.config.vocab_size
+    if tokenizer.vocab_size != vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens and the text encoder {vocab}: "
+            "textual-inversion embeddings need the model's own tokenizer"
+        )
+    weight = text_encoder.embeddings.token_embedding.weight
+    return torch.cat([vectors.to(weight) for vectors in embeddings.values()])
 
 
 def _encode_chunks(
@@ -300,9 +408,10 @@ def _encode_chunks(
     prompts: Sequence[str],
     n_chunks: int | None,
     comma_backtrack: int,
+    embeddings: Mapping[str, Tensor],
 ) -> list[tuple[Tensor, Tensor | None]]:
     """Each chunk of the prompts through `run` (ids (B, max_length) -> states (B, max_length, width) and an
-    optional per-prompt extra), the states weighted; one entry per chunk."""
+    optional per-prompt extra), the states weighted; one entry per chunk. ``embeddings``: name -> (n, width)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of str, got {type(prompts).__name__}; use encode_prompt for one")
     if len(prompts) == 0:
@@ -310,10 +419,11 @@ def _encode_chunks(
     for prompt in prompts:
         if not isinstance(prompt, str):
             raise ValueError(f"prompts must be a list of str, got an item of type {type(prompt).__name__}")
+    counts = {name: len(vectors) for name, vectors in embeddings.items()}
     chunked: dict[str, PromptChunks] = {}
     for prompt in prompts:
         if prompt not in chunked:
-            chunked[prompt] = chunk_prompt(tokenizer, prompt, comma_backtrack=comma_backtrack)
+            chunked[prompt] = chunk_prompt(tokenizer, prompt, comma_backtrack=comma_backtrack, embeddings=counts)
     batch = [chunked[prompt] for prompt in prompts]
     longest = max(chunks.n_chunks for chunks in batch)
     if n_chunks is None:
@@ -342,16 +452,17 @@ def encode_prompt(
     n_chunks: int | None = None,
     *,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Weighted conditioning of one prompt: (1, max_length * n_chunks, width).
 
     ``n_chunks`` (default: as many as the prompt needs) appends chunks of the empty prompt, to
-    bring a prompt to the length of its negative prompt.
+    bring a prompt to the length of its negative prompt; ``embeddings`` as in `encode_prompts`.
     """
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}; use encode_prompts for a list")
     return encode_prompts(
-        text_encoder, tokenizer, [prompt], clip_skip, n_chunks, comma_backtrack=comma_backtrack
+        text_encoder, tokenizer, [prompt], clip_skip, n_chunks, comma_backtrack=comma_backtrack, embeddings=embeddings
     )
 
 

@@ -115,12 +115,24 @@ class Embeddings(nn.Module):
         self.token_embedding = embedding(config.vocab_size, config.width)
         self.position_embedding = embedding(config.max_length, config.width)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, T) int ids -> (B, T, width)."""
+    def forward(self, input_ids: Tensor, extra: Tensor | None = None) -> Tensor:
+        """(B, T) int ids -> (B, T, width); ids from vocab_size on take the rows of ``extra`` (m, width)
+        (textual-inversion vectors) in place of a token's, the position embedding still added."""
         # Positions are built per call instead of stored as a buffer so the state dict
         # stays checkpoint-shaped and meta-device construction leaves nothing unmaterialised.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        return self._tokens(input_ids, extra) + self.position_embedding(positions)
+
+    def _tokens(self, input_ids: Tensor, extra: Tensor | None) -> Tensor:
+        """(B, T) ids -> (B, T, width) token vectors, rows of ``extra`` for ids >= vocab_size."""
+        if extra is None:
+            return self.token_embedding(input_ids)
+        vocab = self.token_embedding.num_embeddings
+        added = input_ids >= vocab
+        # Two lookups and a select rather than one lookup in cat([weight, extra]): no copy of the whole table.
+        tokens = self.token_embedding(input_ids.masked_fill(added, 0))
+        rows = F.embedding((input_ids - vocab).clamp(min=0), extra.to(tokens))
+        return torch.where(added.unsqueeze(-1), rows, tokens)
 
 
 class SelfAttention(nn.Module):
@@ -212,8 +224,9 @@ class TextEncoder(nn.Module):
             None if config.projection_dim is None else nn.Linear(config.width, config.projection_dim, bias=False)
         )
 
-    def _check_input_ids(self, input_ids: Tensor) -> None:
-        """Validate that input_ids is a (B, T) integer tensor with 1 <= T <= max_length."""
+    def _check_input_ids(self, input_ids: Tensor, extra: Tensor | None) -> None:
+        """Validate that input_ids is a (B, T) integer tensor with 1 <= T <= max_length, its ids within the
+        vocabulary and the rows of ``extra`` (m, width)."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
@@ -227,6 +240,17 @@ class TextEncoder(nn.Module):
                 f"input_ids length {length} is outside [1, {self.config.max_length}]; "
                 f"split or truncate prompts to at most {self.config.max_length} tokens"
             )
+        if extra is not None and (extra.dim() != 2 or extra.shape[1] != self.config.width):
+            raise ValueError(
+                f"extra token vectors must have shape (m, {self.config.width}), got {tuple(extra.shape)}"
+            )
+        top = self.config.vocab_size + (0 if extra is None else extra.shape[0])
+        if input_ids.numel() and not 0 <= input_ids.min() <= input_ids.max() < top:
+            raise ValueError(
+                f"input_ids must lie in [0, {top}) ({self.config.vocab_size} tokens"
+                f"{'' if extra is None else f' and {extra.shape[0]} extra vectors'}), got "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]; use the model's own tokenizer"
+            )
 
     def _check_clip_skip(self, clip_skip: int) -> None:
         """Validate clip_skip against the number of layers."""
@@ -238,16 +262,23 @@ class TextEncoder(nn.Module):
                 f"(1 = last layer, 2 = penultimate, ...), got {clip_skip}"
             )
 
-    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
+    def forward(self, input_ids: Tensor, clip_skip: int = 1, *, extra: Tensor | None = None) -> Tensor:
         """(B, T<=max_length) int ids -> (B, T, width) final-layer-normed hidden states.
 
         ``clip_skip`` follows AUTOMATIC1111: 1 takes the last layer's output, 2 the
         penultimate one, and so on; the final layer norm is applied to the layer taken.
+        ``extra`` as in `encode`.
         """
-        return self.encode(input_ids, clip_skip)[0]
+        return self.encode(input_ids, clip_skip, extra=extra)[0]
 
     def encode(
-        self, input_ids: Tensor, clip_skip: int = 1, *, final_norm: bool = True, pooled: bool = False
+        self,
+        input_ids: Tensor,
+        clip_skip: int = 1,
+        *,
+        final_norm: bool = True,
+        pooled: bool = False,
+        extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(B, T<=max_length) int ids -> ((B, T, width) hidden states, (B, projection_dim) pooled or None).
 
@@ -255,15 +286,16 @@ class TextEncoder(nn.Module):
         final layer norm only if ``final_norm`` (SDXL reads the penultimate layer without it). With
         ``pooled`` (needs ``projection_dim``), also the last layer's output at the end token, through
         the final layer norm and ``text_projection``: transformers' ``CLIPTextModelWithProjection.text_embeds``.
-        Only the layers needed are run, each once.
+        Only the layers needed are run, each once. ``extra`` (m, width): vectors for ids vocab_size to
+        vocab_size + m - 1 (textual-inversion embeddings), which never count as the end token.
         """
-        self._check_input_ids(input_ids)
+        self._check_input_ids(input_ids, extra)
         self._check_clip_skip(clip_skip)
         if pooled and self.text_projection is None:
             raise ValueError("pooled=True needs a text encoder with a projection (projection_dim); this one has none")
         # Layers after the one taken would be discarded anyway, so they are run only for the pooled vector.
         taken = self.config.layers - clip_skip + 1
-        hidden = self.encoder(self.embeddings(input_ids), taken)
+        hidden = self.encoder(self.embeddings(input_ids, extra), taken)
         states = self.final_layer_norm(hidden) if final_norm else hidden
         if not pooled:
             return states, None
@@ -275,9 +307,11 @@ class TextEncoder(nn.Module):
 
         The end token is taken as the first largest id, as OpenCLIP (and transformers for SDXL's
         published config) do: in CLIP's vocabulary the end token, 49407, is the largest id, so this
-        is its first position; pad ids (49407 or 0) cannot move it.
+        is its first position; pad ids (49407 or 0) cannot move it, nor can the ids past the vocabulary
+        that stand for textual-inversion vectors (they count as -1 here).
         """
         rows = torch.arange(last.shape[0], device=last.device)
-        end = input_ids.to(last.device).argmax(dim=-1)
+        input_ids = input_ids.to(last.device)
+        end = input_ids.masked_fill(input_ids >= self.config.vocab_size, -1).argmax(dim=-1)
         # The layer norm works per position, so normalising the taken rows only gives the same values.
         return self.text_projection(self.final_layer_norm(last[rows, end]))
