@@ -168,6 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             device=args.device,
             vae_tiling=args.vae_tiling,
+            lora_dirs=args.lora_dir,
+            embedding_dirs=args.embeddings_dir,
+            vae_dirs=args.vae_dir,
         )
     )
 
@@ -427,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve AUTOMATIC1111's HTTP API (/sdapi/v1) and a web page",
         description="Serves the API that AUTOMATIC1111's clients speak (txt2img, img2img, progress, interrupt, "
-        "samplers, sd-models, options, png-info) and a web page at /. One generation runs at a time; the others "
+        "samplers, sd-models, options, png-info, loras, embeddings, sd-vae) and a web page at /. One generation runs at a time; the others "
         "wait in a queue. Docs: docs/server.md.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -440,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="allow cross-origin requests from this origin, e.g. http://localhost:3000 (repeatable)")  # fmt: skip
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default: 32)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="folder of LoRA files, named in prompts as <lora:NAME:W> (repeatable; /sdapi/v1/loras)")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="folder of textual-inversion embeddings (repeatable; /sdapi/v1/embeddings)")
+    p.add_argument("--vae-dir", action="append", default=[], metavar="DIR",
+                   help="folder of VAE files, chosen with the sd_vae option (repeatable; /sdapi/v1/sd-vae)")
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)

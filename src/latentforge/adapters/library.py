@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
+
 PathLike = str | os.PathLike
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
@@ -110,9 +112,13 @@ class Folder:
         return self._files if self._files is not None else self.refresh()
 
     def find(self, name: str) -> Path:
-        """The file of a name, looked up again after a rescan if new; one line when there is none."""
+        """The file of a name (its stem, or its file name as A1111's VAE list gives it), looked up again after
+        a rescan if new; one line when there is none."""
         check_name(name, self.what)
-        path = self.files().get(name) or self.refresh().get(name)
+        stem = Path(name).stem if Path(name).suffix.lower() in self.suffixes else name
+        path = self.files().get(stem) or self.refresh().get(stem)
+        if path is not None and stem != name and path.name != name:
+            path = None  # "x.pt" names x.pt, not x.safetensors
         if path is None:
             where = ", ".join(str(root) for root in self.roots) or "no folder (give one)"
             known = ", ".join(sorted(self.files())[:8]) or "none"
@@ -140,3 +146,20 @@ class Library:
             Folder(roots(embedding_dirs), EMBEDDING_SUFFIXES, "embedding"),
             Folder(roots(vae_dirs), VAE_SUFFIXES, "VAE"),
         )
+
+
+def lora_listing(folder: Folder) -> list[dict[str, object]]:
+    """A1111's /sdapi/v1/loras entries: name, alias, path and the file's metadata (safetensors' header; the
+    ss_* fields kohya's trainers write), {} where there is none or it cannot be read."""
+    return [{"name": name, "alias": name, "path": str(path), "metadata": file_metadata(path)} for name, path in folder.files().items()]
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, read from its header only; {} for other formats or unreadable files."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safetensors.safe_open(path, "pt") as file:
+            return dict(file.metadata() or {})
+    except (OSError, safetensors.SafetensorError):
+        return {}

@@ -18,6 +18,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, images, infotext, pngfiles
+from ..adapters.library import Library
 from ..request import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED
 from ..samplers import SPECS, get_sampler
 from .jobs import Job, ModelEntry, Models, Result, png_base64
@@ -148,10 +149,28 @@ def find_model(models: Models, name: object, loc: str) -> ModelEntry:
 
 
 NO_REFINER = (None, "", "None", "none")  # refiner_checkpoint values that ask for no refiner, as in A1111
+MODEL_VAE = ("Automatic", "None")  # sd_vae values that keep each model's own VAE
 
 
-def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> tuple[Job, list[int]]:
-    """The job for a txt2img / img2img request, and its seeds (image i: seed + i)."""
+def vae_option(library: Library, value: object, loc: str) -> str:
+    """An sd_vae value: "Automatic" or "None" (the model's own VAE; latentforge does not look for a VAE file
+    named after the checkpoint, as A1111's "Automatic" does), or the name of a file in the VAE folders."""
+    if value in MODEL_VAE:
+        return str(value)
+    if not isinstance(value, str):
+        raise FieldError(loc, f"{loc} must be a VAE's name, 'Automatic' or 'None'; got {value!r}")
+    try:
+        library.vaes.find(value)
+    except ValueError as e:
+        raise FieldError(loc, f"{loc}: {e}") from None
+    return value
+
+
+def make_job(
+    req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic"
+) -> tuple[Job, list[int]]:
+    """The job for a txt2img / img2img request, and its seeds (image i: seed + i); `vae` is the sd_vae
+    option, which the request's override_settings may change for itself."""
     count = req.batch_size * req.n_iter
     if count > MAX_BATCH:
         raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
@@ -163,6 +182,7 @@ def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> t
     seeds = [seed + i for i in range(count)]
     if seeds[-1] > MAX_SEED:  # refused now, not after the first images are made
         raise FieldError("seed", f"seed + images - 1 must be at most {MAX_SEED}, got {seeds[-1]}")
+    vae = vae_option(models.library, settings.get("sd_vae", vae), "override_settings.sd_vae")
     refiner = None
     if req.refiner_checkpoint not in NO_REFINER:
         refiner = find_model(models, req.refiner_checkpoint, "refiner_checkpoint").name
@@ -186,7 +206,7 @@ def make_job(req: Txt2Img, models: Models, clip_skip: int, max_pixels: int) -> t
                 if init.size not in masks:
                     masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
                 call["mask"] = masks[init.size]
-    return Job(model, calls, refiner), seeds
+    return Job(model, calls, refiner, None if vae in MODEL_VAE else models.library.vaes.find(vae)), seeds
 
 
 # generate()'s arguments as its error messages name them -> the A1111 request field
@@ -207,11 +227,15 @@ def error_loc(error: ValueError) -> tuple[str, ...]:
     return ("body", *GENERATE_FIELDS[match.group(1)].split(".")) if match else ("body",)
 
 
-def refiner_params(made: dict[str, str]) -> dict[str, Any]:
-    """The refiner's entries of A1111's extra_generation_params, from the infotext of what was made."""
-    if "Refiner" not in made:
-        return {}
-    return {"Refiner": made["Refiner"], "Refiner switch at": float(made["Refiner switch at"])}
+def extra_params(made: dict[str, str]) -> dict[str, Any]:
+    """A1111's extra_generation_params (the refiner's, the LoRAs' hashes), from the infotext of what was made."""
+    extra: dict[str, Any] = {}
+    if "Refiner" in made:
+        extra |= {"Refiner": made["Refiner"], "Refiner switch at": float(made["Refiner switch at"])}
+    for key in ("Lora hashes", "TI hashes"):
+        if key in made:
+            extra[key] = made[key]
+    return extra
 
 
 def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> dict[str, Any]:
@@ -230,9 +254,9 @@ def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> di
         "sampler_name": used("Sampler", str, req.sampler_name), "scheduler": used("Schedule type", str, req.scheduler),
         "cfg_scale": used("CFG scale", float, req.cfg_scale), "steps": used("Steps", int, req.steps),
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": result.model.name, "sd_model_hash": result.model.hash, "sd_vae_name": None,
-        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": refiner_params(made),
+        "sd_model_name": result.model.name, "sd_model_hash": result.model.hash, "sd_vae_name": made.get("VAE"),
+        "sd_vae_hash": made.get("VAE hash"), "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": extra_params(made),
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": used("Clip skip", int, clip_skip),
         "is_using_inpainting_conditioning": result.inpainting and isinstance(req, Img2Img),

@@ -20,9 +20,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__, images, infotext, pngfiles
+from ..adapters.library import Library, lora_listing
 from ..pipeline import Pipeline, load
 from ..samplers import SPECS
-from .a1111 import FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload
+from .a1111 import (
+    FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload, vae_option,
+)  # fmt: skip
 from .guard import Guard, is_loopback
 from .jobs import ModelError, Models, QueueFull, Worker
 
@@ -45,17 +48,27 @@ class Settings:
     dtype: str = "auto"
     device: str = "auto"
     vae_tiling: bool = False  # Pipeline.vae_tiling for every model: large images decoded in tiles
+    lora_dirs: list[str] = field(default_factory=list)  # folders of LoRA files, named by <lora:NAME:W> in prompts
+    embedding_dirs: list[str] = field(default_factory=list)  # folders of textual-inversion embeddings
+    vae_dirs: list[str] = field(default_factory=list)  # folders of VAE files, chosen by the sd_vae option
 
 
-def configured_models(settings: Settings) -> Models:
-    """The models named by the settings, loaded with their dtype, device and VAE tiling when first used."""
+def configured_models(settings: Settings, library: Library | None = None) -> Models:
+    """The models named by the settings, loaded with their dtype, device, VAE tiling and the add-on folders
+    (one Library shared by all) when first used."""
+    library = library or settings_library(settings)
 
     def loader(path: Path) -> Pipeline:
         pipe = load(path, dtype=settings.dtype, device=settings.device)
         pipe.vae_tiling = settings.vae_tiling
+        pipe.library = library
         return pipe
 
     return Models(settings.models, settings.keep_loaded, loader)
+
+
+def settings_library(settings: Settings) -> Library:
+    return Library.from_dirs(settings.lora_dirs, settings.embedding_dirs, settings.vae_dirs)
 
 
 STATIC = {
@@ -71,9 +84,13 @@ PAGE_HEADERS = {
 
 def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     """The ASGI app: the API under /sdapi/v1 and the web page at /. Its worker runs while the app does."""
-    models = models or configured_models(settings)
+    library = settings_library(settings)
+    models = models or configured_models(settings, library)
+    for pipe in models.loaded.values():  # models loaded before the app (serve loads the first) share it too
+        pipe.library = library
+    models.library = library
     worker = Worker(models, settings.max_queue)
-    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1}
+    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,7 +124,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     async def generate(request: Request, req: Txt2Img) -> Any:
         clip_skip = options["CLIP_stop_at_last_layers"]
-        job, seeds = await run_in_threadpool(make_job, req, models, clip_skip, settings.max_image_pixels)
+        job, seeds = await run_in_threadpool(make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"])
         waiting = asyncio.wrap_future(worker.submit(job))
         while not waiting.done():
             await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
@@ -161,6 +178,22 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
             for e in models.entries.values()
         ]
 
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        return lora_listing(library.loras)
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> None:
+        library.loras.refresh()
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return [{"model_name": path.name, "filename": str(path)} for path in library.vaes.files().values()]
+
+    @app.post("/sdapi/v1/refresh-vae")
+    def refresh_vae() -> None:
+        library.vaes.refresh()
+
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
         entry = models.entries[models.current]
@@ -173,16 +206,18 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     def set_options(changes: dict[str, Any]) -> None:
-        """sd_model_checkpoint and CLIP_stop_at_last_layers are used; other options are accepted and ignored.
+        """sd_model_checkpoint, CLIP_stop_at_last_layers and sd_vae are used; other options are accepted and ignored.
         A model is loaded before it becomes current: one that cannot be loaded is a 500 and changes nothing."""
         clip_skip = changes.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
             raise FieldError(
                 "CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}"
             )
+        vae = vae_option(library, changes.get("sd_vae", options["sd_vae"]), "sd_vae")
         if "sd_model_checkpoint" in changes:
             models.select(find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name)
         options["CLIP_stop_at_last_layers"] = clip_skip
+        options["sd_vae"] = vae
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]) -> dict[str, Any]:

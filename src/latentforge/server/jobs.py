@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .. import pngfiles
+from ..adapters.library import Library
 from ..pipeline import Pipeline, Step, default_model_path, load
 
 PREVIEW_EVERY_S = 0.25  # at most this often a step preview is decoded ...
@@ -64,6 +65,7 @@ class Models:
         self.loader = loader
         self.loaded: collections.OrderedDict[str, Pipeline] = collections.OrderedDict()
         self.lock = threading.Lock()
+        self.library = Library()  # the add-on folders every loaded model uses (the app sets its own)
 
     def find(self, name: object) -> ModelEntry | None:
         """A model by A1111's title ("model.safetensors", also with " [hash]" after it) or its name."""
@@ -104,6 +106,7 @@ class Job:
     model: str
     calls: list[dict[str, Any]]
     refiner: str | None = None  # the configured model that takes over (passed to every call as `refiner`)
+    vae: Path | None = None  # a VAE file to decode with instead of the model's own (the sd_vae option)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     interrupted: bool = False
@@ -191,6 +194,8 @@ class Worker:
     def _generate(self, job: Job) -> Result:
         job.started = time.monotonic()
         pipe = self.models.get(job.model)
+        if pipe.vae_file != job.vae:
+            pipe.load_vae(job.vae)
         refiner = {"refiner": self.models.get(job.refiner)} if job.refiner is not None else {}
         done: list[Image.Image] = []
         on_step = functools.partial(self._on_step, job, pipe)
