@@ -3,6 +3,7 @@ load_textual_inversion does (prompt vectors and a whole image, tiny random SD 1.
 hold (name matched by its token ids, emphasis, whole at a chunk boundary); bad files and misfits are one line."""
 
 import dataclasses
+import json
 import os
 
 import diffusers
@@ -332,3 +333,61 @@ def test_read_pickle_keeps_the_nesting_and_refuses_the_same(tmp_path):
 def test_embedding_is_a_frozen_record():
     with pytest.raises(dataclasses.FrozenInstanceError):
         embedding("x", 1).name = "y"
+
+
+# --------------------------------------------------------------------------- through the pipeline's folders
+
+
+def test_embeddings_folder_in_generate_infotext_and_refusals(sd1_folder, tmp_path, monkeypatch, capsys):
+    """The pipeline finds the folder's embeddings by file name in either prompt, writes A1111's "TI hashes",
+    and refuses (one line, no image) a prompt naming one made for another width; the CLI does the same."""
+    from latentforge.adapters.library import Library
+    from latentforge.cli import main
+    from latentforge.infotext import parse_infotext
+    from latentforge.modelhash import file_sha256
+
+    pipe = latentforge.load(sd1_folder, dtype="float32", device="cpu")
+    good = a1111_pt(tmp_path / f"{ONE}.pt", vectors(2, CONTEXT, 1))
+    a1111_safetensors(tmp_path / "widevec.safetensors", vectors(1, 2 * CONTEXT, 2))
+    plain = pipe.generate(TEXT.format("x"), NEGATIVE.format("y"), steps=3, seed=4)[0]
+    pipe.library = Library.from_dirs(embedding_dirs=[tmp_path])
+    usable, skipped = pipe.embeddings()
+    assert list(usable) == [ONE] and list(skipped) == ["widevec"] and "256-wide" in skipped["widevec"]
+
+    image = pipe.generate(TEXT.format("x"), NEGATIVE.format(ONE), steps=3, seed=4)[0]
+    assert np.abs(np.asarray(image).astype(int) - np.asarray(plain).astype(int)).max() > 0
+    assert parse_infotext(image.info["parameters"])["TI hashes"] == f"{ONE}: {file_sha256(good)[:12]}"
+    direct = latentforge.load(sd1_folder, dtype="float32", device="cpu")
+    direct.conditioner.embeddings = {ONE: read_embedding(good)}
+    assert np.array_equal(np.asarray(direct.generate(TEXT.format("x"), NEGATIVE.format(ONE), steps=3, seed=4)[0]),
+                          np.asarray(image))  # fmt: skip
+    with pytest.raises(ValueError, match="embedding 'widevec', which this model cannot: .*256-wide") as info:
+        pipe.generate(TEXT.format("widevec"), steps=3, seed=4)
+    assert "\n" not in str(info.value)
+
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", TEXT.format(ONE), "--model", str(sd1_folder), "--steps", "2", "--seed", "1",
+            "--dtype", "float32", "--embeddings-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert main([*args[:1], TEXT.format("widevec"), *args[2:]]) == 2
+    assert "widevec" in capsys.readouterr().err
+
+
+def test_server_lists_and_refreshes_embeddings(sd1_folder, tmp_path):
+    import requests
+
+    from latentforge.server import ServerThread, Settings, create_app
+
+    a1111_pt(tmp_path / f"{ONE}.pt", vectors(3, CONTEXT, 1))
+    settings = Settings(models=[str(sd1_folder)], embedding_dirs=[str(tmp_path)], dtype="float32")
+    with ServerThread(create_app(settings)) as url:
+        listed = requests.get(f"{url}/sdapi/v1/embeddings", timeout=60).json()
+        assert listed["loaded"][ONE] | {} == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                              "shape": CONTEXT, "vectors": 3}  # fmt: skip
+        assert listed["skipped"] == {}
+        a1111_safetensors(tmp_path / "widevec.safetensors", vectors(1, 2 * CONTEXT, 2))
+        assert requests.post(f"{url}/sdapi/v1/refresh-embeddings", timeout=60).status_code == 200
+        skipped = requests.get(f"{url}/sdapi/v1/embeddings", timeout=60).json()["skipped"]
+        assert list(skipped) == ["widevec"] and "256-wide" in skipped["widevec"]["reason"]
+        response = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": TEXT.format(ONE), "steps": 2}, timeout=60)
+        assert json.loads(response.json()["info"])["extra_generation_params"]["TI hashes"].startswith(f"{ONE}: ")

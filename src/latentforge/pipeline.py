@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoints
+from .adapters.embeddings import Embedding, embedding_problem, read_embedding
 from .adapters.library import LORA_SUFFIXES, Library, split_tags
 from .adapters.lora import Merger, Placed, Use, place, read_lora
 from .adapters.vae_file import VAEState, apply_vae, restore_vae
@@ -27,6 +28,7 @@ from .images import tensor_to_images
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
+from .prompts import embeddings_in
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
@@ -81,6 +83,7 @@ class Pipeline:
     library: Library = field(default_factory=Library)
     merger: Merger = field(default_factory=Merger, repr=False)  # the networks merged into the weights now
     _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
+    _embedding_files: dict[tuple[str, int], Embedding | str] = field(default_factory=dict, repr=False)
     vae_file: Path | None = None  # a VAE file used instead of the model's own (see load_vae)
     _own_vae: VAEState | None = field(default=None, repr=False)
 
@@ -197,6 +200,9 @@ class Pipeline:
         )
         prompt, negative, tagged = self._without_tags(request.prompt, request.negative_prompt)
         uses = self.use_loras({**(loras or {}), **tagged})
+        words = self._use_embeddings(prompt, negative)
+        if request.refiner is not None:
+            request.refiner._use_embeddings(prompt, negative)
         # the negative prompt is only read by the unconditional pass, which scale 1 skips
         negative = negative if request.cfg_scale != 1 else None
         size = (request.height, request.width)
@@ -211,7 +217,7 @@ class Pipeline:
             self._check_finite(latents, f"the latents of image {i + 1}")
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
             image = (request.refiner or self).decode(latents)[0]
-            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses))
+            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses, words))
             images.append(image)
         return images
 
@@ -297,6 +303,48 @@ class Pipeline:
         self._own_vae = self._own_vae or replaced  # the model's own, kept for going back
         self.vae_file = Path(path)
 
+    def embeddings(self) -> tuple[dict[str, Embedding], dict[str, str]]:
+        """The embeddings in library.embeddings this model can use, by name, and those it cannot, with why
+        (another family's, damaged); files are read once while unchanged."""
+        usable, skipped = {}, {}
+        for name, path in self.library.embeddings.files().items():
+            item = self._embedding_file(path)
+            problem = item if isinstance(item, str) else embedding_problem(item, self.conditioner.models())
+            if problem is None:
+                usable[name] = item
+            else:
+                skipped[name] = problem
+        return usable, skipped
+
+    def _embedding_file(self, path: Path) -> Embedding | str:
+        """An embedding file as read, or the one line that says why it cannot be."""
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError as exc:
+            return f"{path}: cannot be read ({exc.strerror or exc})"
+        if key not in self._embedding_files:
+            try:
+                self._embedding_files[key] = read_embedding(path)
+            except ValueError as exc:
+                self._embedding_files[key] = str(exc)
+        return self._embedding_files[key]
+
+    def _use_embeddings(self, prompt: str, negative: str) -> list[Embedding]:
+        """Give the conditioner the library's usable embeddings (when it has an embeddings folder); return the
+        conditioner's embeddings that the prompts use (for the infotext).
+        A prompt naming one this model cannot use is an error saying why, not text encoded in its place."""
+        usable, skipped = self.embeddings()
+        tokenizer = self.conditioner.tokenizer
+        unusable = embeddings_in(tokenizer, prompt, skipped) + embeddings_in(tokenizer, negative, skipped)
+        if unusable:
+            name = unusable[0]
+            raise ValueError(f"the prompt uses embedding {name!r}, which this model cannot: {skipped[name]}")
+        if self.library.embeddings.roots:  # else the conditioner keeps what the caller gave it
+            self.conditioner.embeddings = usable
+        known = self.conditioner.embeddings
+        used = dict.fromkeys(embeddings_in(tokenizer, prompt, known) + embeddings_in(tokenizer, negative, known))
+        return [known[name] for name in used]
+
     def _without_tags(self, prompt: str, negative: str) -> tuple[str, str, dict[Path, tuple[float, float]]]:
         """The prompts without their `<lora:...>` tags, and the tags' files in library.loras {path: (te, unet)}
         (both prompts' tags are applied, as A1111 does; a later tag of the same name wins). A tag's name is
@@ -359,9 +407,11 @@ class Pipeline:
             return f"its weights are finite, so the model overflowed in {name}: run it in float32 (--dtype float32)"
         return "its weights are finite and it ran in float32, so the settings drove it out of range: lower cfg_scale"
 
-    def _info(self, request, spec, seed: int, uses: list[Use]) -> GenerationInfo:
+    def _info(self, request, spec, seed: int, uses: list[Use], words: list[Embedding]) -> GenerationInfo:
         refiner = request.refiner
         extra = {}
+        if words:  # A1111: TI hashes: "name: 12 digits of the file's sha256, ..."
+            extra["TI hashes"] = ", ".join(f"{e.name}: {cached_hash(e.path, 'sha256')[:12]}" for e in words)
         if uses:  # A1111: Lora hashes: "name: 12 digits of its addnet hash, ..."
             extra["Lora hashes"] = ", ".join(f"{u.placed.file.name}: {cached_hash(u.placed.file.path, 'addnet')[:12]}" for u in uses)
         return GenerationInfo(

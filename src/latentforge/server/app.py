@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__, images, infotext, pngfiles
+from ..adapters.embeddings import Embedding
 from ..adapters.library import Library, lora_listing
 from ..pipeline import Pipeline, load
 from ..samplers import SPECS
@@ -186,6 +187,20 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     def refresh_loras() -> None:
         library.loras.refresh()
 
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, dict[str, Any]]:
+        """A1111's listing for the current model: those it can use ("loaded") and the others ("skipped")."""
+        usable, skipped = models.get(models.current).embeddings()
+        return {
+            "loaded": {name: embedding_entry(e) for name, e in usable.items()},
+            "skipped": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                               "vectors": None, "reason": why} for name, why in skipped.items()},
+        }  # fmt: skip
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    def refresh_embeddings() -> None:
+        library.embeddings.refresh()
+
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
         return [{"model_name": path.name, "filename": str(path)} for path in library.vaes.files().values()]
@@ -231,6 +246,13 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     for route, (name, media_type) in STATIC.items():
         app.add_api_route(route, static_page(name, media_type), methods=["GET"], include_in_schema=False)
     return app
+
+
+def embedding_entry(embedding: Embedding) -> dict[str, Any]:
+    """A1111's fields of an embedding: its width (the first text encoder's) and vector count."""
+    first = next(iter(embedding.vectors.values()))
+    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": first.shape[1],
+            "vectors": first.shape[0]}  # fmt: skip
 
 
 def static_page(name: str, media_type: str) -> Callable[[], Response]:
