@@ -21,11 +21,11 @@ from typing import Any
 from ..text_encoder import TextEncoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
-from .world import check_fraction
+from .world import ALL_KINDS, check_fraction, check_kinds
 
 KINDS = ("vae", "clip", "unet")
 CONFIG_FILE = "config.json"  # the config a run was started with, in its run folder
-RUN_RELATIVE = ("vae", "text_encoder", "init")  # path fields that a run's config.json keeps relative to the run folder
+RUN_RELATIVE = ("vae", "text_encoder", "init", "base")  # path fields that a run's config.json keeps relative to the run folder
 
 
 @dataclass
@@ -175,7 +175,45 @@ class UNetTrainConfig(TrainConfig):
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAETrainConfig, "clip": CLIPTrainConfig, "unet": UNetTrainConfig}
+@dataclass
+class LoraTrainConfig(TrainConfig):
+    """A LoRA (training/lora.py) on a frozen model. Default: the star on the shipped model, the shapes world
+    with stars mixed in (docs/lora-training.md)."""
+
+    base: str = ""  # the model to adapt: a single file or diffusers folder ("" = the shipped model; --base)
+    rank: int = 8  # the low-rank width of every LoRA layer (--rank)
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    train_text_encoder: bool = True  # LoRA on the text encoder's attention and MLP too, not only the UNet's
+    kinds: tuple[str, ...] = ALL_KINDS  # shapes world: the kinds objects are drawn from (stars among the old ones)
+    output_name: str = "star"  # the file is RUN/<output_name>.safetensors; also its ss_output_name
+    uncond_prob: float = 0.1  # captions replaced by "" this often, as the base was trained (guidance)
+    lr: float = 1e-3
+    steps: int = 1500
+    warmup_steps: int = 50
+    sample_every: int = 500
+    sample_kind: str = "star"  # sample prompts ask for this kind; reports the share judged as one ("" = none)
+    sample_count: int = 8  # sample prompts
+    started_at: float = 0.0  # when the run began (unix time; set by the trainer, kept on resume)
+
+    def __post_init__(self) -> None:
+        """Check the LoRA-specific fields too."""
+        super().__post_init__()
+        _check_int("rank", self.rank, 1)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        self.kinds = check_kinds(self.kinds)
+        if not 0.0 <= self.uncond_prob <= 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
+        if self.sample_kind and self.sample_kind not in ALL_KINDS:
+            raise ValueError(f"sample_kind must be one of {', '.join(ALL_KINDS)} or '', got {self.sample_kind!r}")
+        _check_int("sample_count", self.sample_count, 1)
+        if not self.output_name or any(c in self.output_name for c in '/\\:'):
+            raise ValueError(f"output_name must be a plain file name (no folders), got {self.output_name!r}")
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {
+    "vae": VAETrainConfig, "clip": CLIPTrainConfig, "unet": UNetTrainConfig, "lora": LoraTrainConfig,
+}  # fmt: skip
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -192,7 +230,7 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 def config_from_dict(kind: str, values: dict[str, Any]) -> TrainConfig:
     """Build the `kind` trainer's config from JSON values; missing keys keep their defaults, unknown ones fail."""
     if kind not in CONFIGS:
-        raise ValueError(f"unknown trainer {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown trainer {kind!r}; expected one of {', '.join(CONFIGS)}")
     return _build(CONFIGS[kind], values, kind)
 
 

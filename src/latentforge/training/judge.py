@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .world import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES, Scene
+from .world import ALL_KINDS, BACKGROUNDS, COLOURS, POSITIONS, SIZES, Scene, star_mask
 
 JUDGE_SIZE = 64  # images are read at this size (area-averaged down, or resized up)
 COLOUR_THRESHOLD = 60.0  # RGB distance within which a pixel counts as a palette colour
@@ -139,7 +139,9 @@ def ideal_mask(kind: str, height: int, width: int) -> np.ndarray:
         return np.ones((height, width), dtype=bool)
     if kind == "triangle":  # apex up at the top centre, base along the bottom
         return np.abs(x - 0.5) <= y / 2
-    raise ValueError(f"unknown shape kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind == "star":  # five points, one straight up, touching the four sides of the box
+        return star_mask(x, y)
+    raise ValueError(f"unknown shape kind {kind!r}; expected one of {', '.join(ALL_KINDS)}")
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,15 +155,15 @@ def _nearest(point: tuple[float, float], anchors: dict[str, tuple[float, float]]
     return min(anchors, key=lambda name: (anchors[name][0] - point[0]) ** 2 + (anchors[name][1] - point[1]) ** 2)
 
 
-def read_object(pixels: np.ndarray, component: np.ndarray) -> ObjectReading:
-    """Colour, shape, size and position of one component (a boolean mask of the image)."""
+def read_object(pixels: np.ndarray, component: np.ndarray, kinds: tuple[str, ...] = ALL_KINDS) -> ObjectReading:
+    """Colour, shape (the best of `kinds`), size and position of one component (a boolean mask of the image)."""
     n = pixels.shape[0]
     median = np.median(pixels[component], axis=0)
     colour = _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - median, axis=-1)))]
     rows, cols = np.nonzero(component)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     crop = component[top:bottom, left:right]
-    ious = tuple((kind, float(_iou(crop, ideal_mask(kind, *crop.shape)))) for kind in KINDS)
+    ious = tuple((kind, float(_iou(crop, ideal_mask(kind, *crop.shape)))) for kind in kinds)
     kind = max(ious, key=lambda pair: pair[1])[0]
     box = (float(left) / n, float(top) / n, float(right) / n, float(bottom) / n)
     center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
@@ -170,13 +172,14 @@ def read_object(pixels: np.ndarray, component: np.ndarray) -> ObjectReading:
     return ObjectReading(colour, kind, size, center, _nearest(center, POSITIONS), box, area, ious)
 
 
-def judge_image(image: Image.Image) -> Reading:
-    """Read an image: background, then each palette-coloured region of MIN_AREA pixels or more."""
+def judge_image(image: Image.Image, kinds: tuple[str, ...] = ALL_KINDS) -> Reading:
+    """Read an image: background, then each palette-coloured region of MIN_AREA pixels or more, its shape the
+    best fit among `kinds` (default: every kind the world can draw, the extra ones included)."""
     pixels = _pixels(image)
     background = read_background(pixels)
     labels, count = connected_components(palette_mask(pixels, background))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    objects = [read_object(pixels, labels == k) for k in range(1, count + 1) if sizes[k] >= MIN_AREA]
+    objects = [read_object(pixels, labels == k, kinds) for k in range(1, count + 1) if sizes[k] >= MIN_AREA]
     return Reading(background, tuple(sorted(objects, key=lambda o: -o.area)))
 
 

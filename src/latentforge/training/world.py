@@ -34,7 +34,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190),
     "orange": (245, 140, 30),
 }
-KINDS: tuple[str, ...] = ("circle", "square", "triangle")
+KINDS: tuple[str, ...] = ("circle", "square", "triangle")  # what scenes hold by default (the shipped model's world)
+# kinds that are drawn, captioned and judged like the others but only sampled when asked for (`kinds=`), so that
+# the default world, and every recipe and test built on it, stays what it was: the concepts taught as add-ons
+EXTRA_KINDS: tuple[str, ...] = ("star",)
+ALL_KINDS: tuple[str, ...] = KINDS + EXTRA_KINDS
+STAR_POINTS = 5
+STAR_INNER = 0.5  # inner / outer radius (a regular pentagram's is 0.38: its points are too thin to survive 8x8 latents)
 SIZES: dict[str, float] = {"small": 0.22, "large": 0.44}  # side as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {
     "on the left": (0.25, 0.5),
@@ -92,6 +98,17 @@ def check_fraction(fraction: object) -> float:
     return float(fraction)
 
 
+def check_kinds(kinds: object) -> tuple[str, ...]:
+    """A non-empty tuple of distinct known shape kinds (any sequence of them), or a ValueError."""
+    if isinstance(kinds, str) or not isinstance(kinds, (tuple, list)) or not kinds:
+        raise ValueError(f"kinds must be a non-empty list of shape kinds from {', '.join(ALL_KINDS)}, got {kinds!r}")
+    for kind in kinds:
+        _check_choice("shape kind", kind, ALL_KINDS)
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds lists a shape twice: {list(kinds)}")
+    return tuple(kinds)
+
+
 def _check_choice(name: str, value: object, allowed) -> None:
     """Raise a ValueError naming the allowed values when `value` is not one of them."""
     if value not in allowed:
@@ -109,7 +126,7 @@ class Shape:
     side: float
 
     def __post_init__(self) -> None:
-        _check_choice("shape kind", self.kind, KINDS)
+        _check_choice("shape kind", self.kind, ALL_KINDS)
         _check_choice("colour", self.colour, tuple(COLOURS))
         _check_choice("size", self.size, tuple(SIZES))
         if not 0.0 < self.side <= 1.0:
@@ -162,33 +179,34 @@ def _place(rng: random.Random, anchor: tuple[float, float], side: float) -> tupl
     return tuple(min(max(a + rng.uniform(-PLACE_JITTER, PLACE_JITTER), low), high) for a in anchor)
 
 
-def _sample_one(rng: random.Random, background: str) -> Scene:
-    """One object of any kind, colour and size at one of the five positions."""
-    kind, colour, size = rng.choice(KINDS), rng.choice(tuple(COLOURS)), rng.choice(tuple(SIZES))
+def _sample_one(rng: random.Random, background: str, kinds: tuple[str, ...]) -> Scene:
+    """One object of any of `kinds`, any colour and size, at one of the five positions."""
+    kind, colour, size = rng.choice(kinds), rng.choice(tuple(COLOURS)), rng.choice(tuple(SIZES))
     position = rng.choice(tuple(POSITIONS))
     side = _jittered_side(rng, size)
     shape = Shape(kind, colour, size, _place(rng, POSITIONS[position], side), side)
     return Scene(background, (shape,), position=position)
 
 
-def _sample_pair(rng: random.Random, background: str) -> Scene:
+def _sample_pair(rng: random.Random, background: str, kinds: tuple[str, ...]) -> Scene:
     """Two small objects of different colours at the quarter points of the relation's axis."""
     relation = rng.choice(tuple(RELATIONS))
     colours = rng.sample(tuple(COLOURS), 2)
     objects = []
     for colour, anchor in zip(colours, RELATIONS[relation]):
         side = _jittered_side(rng, "small")
-        objects.append(Shape(rng.choice(KINDS), colour, "small", _place(rng, anchor, side), side))
+        objects.append(Shape(rng.choice(kinds), colour, "small", _place(rng, anchor, side), side))
     return Scene(background, tuple(objects), relation=relation)
 
 
-def sample_scene(rng: random.Random, two_objects_fraction: float = 0.3) -> Scene:
-    """A random scene: two objects with probability `two_objects_fraction`, else one."""
-    two_objects_fraction = check_fraction(two_objects_fraction)
+def sample_scene(rng: random.Random, two_objects_fraction: float = 0.3, kinds: tuple[str, ...] = KINDS) -> Scene:
+    """A random scene: two objects with probability `two_objects_fraction`, else one; each object's kind drawn
+    uniformly from `kinds` (the default KINDS draws exactly what it always drew)."""
+    two_objects_fraction, kinds = check_fraction(two_objects_fraction), check_kinds(kinds)
     background = rng.choice(tuple(BACKGROUNDS))
     if rng.random() < two_objects_fraction:
-        return _sample_pair(rng, background)
-    return _sample_one(rng, background)
+        return _sample_pair(rng, background, kinds)
+    return _sample_one(rng, background, kinds)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -204,10 +222,34 @@ def _coverage(shape: Shape, size: int) -> np.ndarray:
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
     elif shape.kind == "square":
         inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
-    else:  # triangle, apex up: base = height = side, the box centred on `center`
+    elif shape.kind == "triangle":  # apex up: base = height = side, the box centred on `center`
         top = cy - half
         inside = (y <= cy + half) & (np.abs(x - cx) <= (y - top) / 2)
+    else:  # star: the five-pointed star filling the box
+        inside = star_mask((x - cx) / shape.side + 0.5, (y - cy) / shape.side + 0.5)
     return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def star_polygon(points: int = STAR_POINTS, inner: float = STAR_INNER) -> np.ndarray:
+    """The star's corners (2 * points, 2) as (x, y) in the unit box: one point straight up, the star stretched
+    to touch all four sides of the box (as the triangle fills its box, base = height)."""
+    angles = -np.pi / 2 + np.arange(2 * points) * np.pi / points
+    radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    corners = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    return (corners - low) / (high - low)
+
+
+def star_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which points (x, y: broadcastable arrays of unit-box coordinates) lie inside the star (even-odd rule)."""
+    corners = star_polygon()
+    inside = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(corners, np.roll(corners, -1, axis=0)):
+        if y0 == y1:
+            continue  # a horizontal edge never crosses a horizontal ray
+        crosses = (y0 > y) != (y1 > y)
+        inside ^= crosses & (x < x0 + (y - y0) * (x1 - x0) / (y1 - y0))
+    return inside
 
 
 def draw(scene: Scene, size: int = 64) -> Image.Image:
@@ -275,9 +317,11 @@ def twin(scene: Scene, rng: random.Random) -> Scene:
     return Scene(scene.background, (moved,), position=position)
 
 
-def grammar_prompts(rng: random.Random, two_objects_fraction: float = 0.3) -> tuple[str, Scene]:
+def grammar_prompts(
+    rng: random.Random, two_objects_fraction: float = 0.3, kinds: tuple[str, ...] = KINDS
+) -> tuple[str, Scene]:
     """An evaluation prompt in one of the two canonical forms, with the scene it asks for."""
-    scene = sample_scene(rng, two_objects_fraction)
+    scene = sample_scene(rng, two_objects_fraction, kinds)
     return canonical_caption(scene), scene
 
 
@@ -300,13 +344,18 @@ class ShapesWorld(IterableDataset):
     """Endless (image tensor (3, size, size) in [-1, 1], caption) pairs; item i depends only on (seed, i).
 
     With `twins`, items come in hard-negative pairs: item 2k + 1 is the twin of item 2k (see `twin`),
-    captioned in the same template, so a contrastive batch must tell "above" from "below"."""
+    captioned in the same template, so a contrastive batch must tell "above" from "below". `kinds` are the
+    shapes objects are drawn from (default KINDS; e.g. ALL_KINDS to mix stars into the ordinary scenes)."""
 
-    def __init__(self, seed: int, size: int = 64, two_objects_fraction: float = 0.3, twins: bool = False) -> None:
+    def __init__(
+        self, seed: int, size: int = 64, two_objects_fraction: float = 0.3, twins: bool = False,
+        kinds: tuple[str, ...] = KINDS,
+    ) -> None:  # fmt: skip
         self.seed = _check_seed(seed)
         self.size = _check_size(size)
         self.two_objects_fraction = check_fraction(two_objects_fraction)
         self.twins = bool(twins)
+        self.kinds = check_kinds(kinds)
 
     def paired(self) -> ShapesWorld:
         """A copy (of the same class) whose items come in scene / twin pairs."""
@@ -324,7 +373,7 @@ class ShapesWorld(IterableDataset):
         """Item `index` as its scene and caption."""
         base, second = divmod(index, 2) if self.twins else (index, 0)
         rng = self.rng_at(base)
-        scene = sample_scene(rng, self.two_objects_fraction)
+        scene = sample_scene(rng, self.two_objects_fraction, self.kinds)
         template = _pick_template(scene, rng)
         if second:
             scene = twin(scene, rng)
