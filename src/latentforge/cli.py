@@ -232,6 +232,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .training import configs, loop
     from .training.clip import train_clip
+    from .training.lora import train_lora
     from .training.unet import train_all, train_unet
     from .training.vae import train_vae
 
@@ -242,6 +243,10 @@ def cmd_train(args: argparse.Namespace) -> None:
              "cooldown_steps": args.cooldown_steps}
     if args.what == "unet":
         given |= {"vae": args.vae, "text_encoder": args.text_encoder}
+    if args.what != "lora" and (args.base or args.rank is not None):
+        raise ValueError("--base and --rank are for `train lora`")
+    if args.what == "lora":
+        given |= {"base": args.base, "rank": args.rank}
     dist = loop.setup_distributed()
     try:
         if args.what == "all":
@@ -252,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             train_all(run, stages, dist, args.resume)
         else:
             config = configs.resolve_config(args.what, run, args.config, args.resume, **given)
-            trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[args.what]
+            trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "lora": train_lora}[args.what]
             trainer(config, run, dist, args.resume)
     finally:
         loop.teardown_distributed()
@@ -381,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`all` trains vae, clip and unet in RUN/vae, RUN/clip, RUN/unet; `export` writes a finished "
         "run as one .safetensors model that `latentforge generate --model` loads.",
     )
-    p.add_argument("what", choices=["vae", "clip", "unet", "all", "export"])
+    p.add_argument("what", choices=["vae", "clip", "unet", "lora", "all", "export"])
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="the run folder (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)")
     p.add_argument("--config", help="JSON of config fields to change (for `all`: sections vae, clip, unet)")
@@ -396,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="unet: the VAE, as its run folder or vae.safetensors; export: a VAE with the "
                    "UNet's encoder and a fine-tuned decoder (train vae with train_encoder false)")  # fmt: skip
     p.add_argument("--text-encoder", help="unet: the text encoder, as a CLIP run folder or text_encoder.safetensors")
+    p.add_argument("--base", help="lora: the model to adapt, a checkpoint file or diffusers folder (default: the shipped "
+                   "model); the LoRA is written as RUN/<output_name>.safetensors in kohya's format")  # fmt: skip
+    p.add_argument("--rank", type=int, help="lora: the rank of every LoRA layer (default: the config's, 8)")
     p.add_argument("--out", help="export: the .safetensors file to write")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="export: store weights as")
     p.add_argument("--default-sampler", help="export: the model's default sampler (default: the run's sample_sampler)")
