@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import saved_folder
 from safetensors import safe_open
 
 import latentforge
-from conftest import saved_folder
 from latentforge import cli
 from latentforge.training import loop
 from latentforge.training.configs import LoraTrainConfig, config_from_dict
@@ -66,7 +66,7 @@ def tiny(**changes) -> LoraTrainConfig:
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open is no dict)
 
 
 # --------------------------------------------------------------------------- the world and the judge
@@ -107,7 +107,8 @@ def test_judge_reads_stars(size, background):
         reading = judge_image(draw(scene))
         assert reading.objects[0].kind == "star" and score(reading, scene)["all"], (position, reading)
     pair = Scene(background, tuple(
-        Shape(k, c, "small", p, SIZES["small"]) for k, c, p in (("star", "red", (0.25, 0.5)), ("circle", "blue", (0.75, 0.5)))
+        Shape(k, c, "small", p, SIZES["small"])
+        for k, c, p in (("star", "red", (0.25, 0.5)), ("circle", "blue", (0.75, 0.5)))
     ), relation="to the left of")  # fmt: skip
     assert score(judge_image(draw(pair)), pair)["all"]
 
@@ -159,7 +160,8 @@ def test_the_file_is_a_kohya_lora(shipped_run):
     assert "lora_te_text_model_encoder_layers_0_mlp_fc2" in text
     assert len(tensors) == 3 * len(modules)
     conv = tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
-    assert conv.shape == (4, 64, 1, 1) and tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].shape == (64, 4, 1, 1)
+    assert conv.shape == (4, 64, 1, 1)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].shape == (64, 4, 1, 1)
     q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert tensors[f"{q}.lora_down.weight"].shape == (4, 192) and tensors[f"{q}.lora_up.weight"].shape == (192, 4)
     assert tensors[f"{q}.alpha"].shape == () and float(tensors[f"{q}.alpha"]) == 2.0
@@ -186,21 +188,22 @@ def test_unet_only_targets_no_text_encoder(tmp_path):
 
 
 def test_loaders_give_the_training_time_model(shipped_run):
-    """The lead's loader (Pipeline.generate(loras=)) and merged weights draw the same image; the training-time
+    """latentforge's loader (Pipeline.generate(loras=)) and merged weights draw the same image; the training-time
     hooks compute the same UNet output as the merged weights."""
     path = shipped_run / "tiny.safetensors"
     prompt = "a large red star in the center, white background"
     pipe = latentforge.load(dtype="float32", device="cpu")
     base_image = np.asarray(pipe.generate(prompt, seed=3)[0], dtype=np.int16)
     loaded = np.asarray(pipe.generate(prompt, seed=3, loras={path: 1.0})[0], dtype=np.int16)
-    network = LoRANetwork(lora_targets(load_base().unet, load_base().text_encoder), 4, 2.0)
+    base = load_base()
+    targets = lora_targets(base.unet, base.text_encoder)
+    network = LoRANetwork(targets, 4, 2.0)
     network.load_state_dict(read_file(path)[0], strict=True)
-    merged = np.asarray(merged_pipeline(pipe.source, network, torch.device("cpu"), torch.float32).generate(prompt, seed=3)[0], dtype=np.int16)
+    merged_pipe = merged_pipeline(pipe.source, network, torch.device("cpu"), torch.float32)
+    merged = np.asarray(merged_pipe.generate(prompt, seed=3)[0], dtype=np.int16)
     assert np.abs(loaded - merged).max() <= 2
     assert np.abs(loaded - base_image).max() > 10  # the LoRA changed the image
 
-    base = load_base()
-    targets = lora_targets(base.unet, base.text_encoder)
     live = LoRANetwork(targets, 4, 2.0)
     live.load_state_dict(network.state_dict())
     live.attach({name: module for name, (_, _, module) in targets.items()})
@@ -208,9 +211,7 @@ def test_loaders_give_the_training_time_model(shipped_run):
     x, t, ids = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), base.tokenizer(["a red star", ""])
     with torch.no_grad():
         hooked = base.unet(x, t, base.text_encoder(ids))
-        merged_unet = merged_pipeline(pipe.source, network, torch.device("cpu"), torch.float32)
-        context = merged_unet.conditioner.text_encoder(ids)
-        plain = merged_unet.unet(x, t, context)
+        plain = merged_pipe.unet(x, t, merged_pipe.conditioner.text_encoder(ids))
     assert torch.allclose(hooked, plain, atol=1e-4), float((hooked - plain).abs().max())
 
 
@@ -315,7 +316,8 @@ class Float64World:
 
 
 def test_two_processes_equal_one(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "ddp")), nprocs=2, join=True)
+    args = (2, str(tmp_path / "store"), str(tmp_path / "ddp"))
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = _train_float64(tmp_path / "one", loop.Dist())
     ups = [k for k in single if k.endswith("lora_up.weight")]
@@ -340,7 +342,8 @@ def test_diffusers_loads_the_file_with_the_same_image(tmp_path_factory, tmp_path
     prompt, steps, seed = "a small red star on the left, white background", 4, 1234
     ours = latentforge.load(folder, dtype="float32", device="cpu")
     plain = np.asarray(ours.generate(prompt, "blurry", steps=steps, sampler="Euler", seed=seed)[0], dtype=np.int16)
-    mine = np.asarray(ours.generate(prompt, "blurry", steps=steps, sampler="Euler", seed=seed, loras={path: 1.0})[0], dtype=np.int16)
+    mine = ours.generate(prompt, "blurry", steps=steps, sampler="Euler", seed=seed, loras={path: 1.0})[0]
+    mine = np.asarray(mine, dtype=np.int16)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -368,7 +371,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     assert "--base and --rank are for `train lora`" in capsys.readouterr().err
     with pytest.raises(ValueError, match="alpha"):
         tiny(alpha=0)
-    assert kind_prompts("star", 3, 0)[0][0].startswith("a ") and all(s.objects[0].kind == "star" for _, s, _ in kind_prompts("star", 3, 0))
+    prompts = kind_prompts("star", 3, 0, "large")
+    assert all(p.startswith("a large ") and s.objects[0].kind == "star" for p, s, _ in prompts)
 
 
 def not_a_model(tmp_path: Path) -> Path:

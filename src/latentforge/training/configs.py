@@ -25,7 +25,8 @@ from .world import ALL_KINDS, check_fraction, check_kinds
 
 KINDS = ("vae", "clip", "unet")
 CONFIG_FILE = "config.json"  # the config a run was started with, in its run folder
-RUN_RELATIVE = ("vae", "text_encoder", "init", "base")  # path fields that a run's config.json keeps relative to the run folder
+# path fields that a run's config.json keeps relative to the run folder
+RUN_RELATIVE = ("vae", "text_encoder", "init", "base")
 
 
 @dataclass

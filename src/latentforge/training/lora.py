@@ -39,7 +39,7 @@ from ..pipeline import Pipeline, build, default_model_path, from_parts, load_tok
 from ..schedules import SD_DEFAULT
 from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
-from ..unet import UNet, SpatialTransformer
+from ..unet import SpatialTransformer, UNet
 from ..vae import AutoencoderKL
 from ..weightfiles import write_safetensors
 from .configs import CONFIG_FILE, LoraTrainConfig, run_relative
@@ -86,7 +86,8 @@ class LoRAModule(nn.Module):
         return self.lora_up(self.lora_down(x)) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
-        """The same change as a weight (out, in) or (out, in, 1, 1): merged into the layer, it does what forward does."""
+        """The same change as a weight (out, in) or (out, in, 1, 1): merged into the layer, it does what forward
+        does."""
         up, down = self.lora_up.weight, self.lora_down.weight
         return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], *down.shape[2:]) * self.scale
 
@@ -147,18 +148,19 @@ class Base:
     tokenizer: Tokenizer
 
 
-def load_base(
-    path: str | Path = "", device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
-) -> Base:
+def load_base(path: str | Path = "", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Base:
     """The model at `path` ("" = the shipped one) for LoRA training, in `dtype`; SD 1.x / 2.x only."""
     path = Path(path) if path else default_model_path()
     if not path.exists():
         raise ValueError(f"--base {path}: no such file or folder; give a checkpoint file or diffusers folder")
     config, parts = checkpoints.read_checkpoint(path)
     if config.version not in BASE_MODEL_VERSIONS or config.inpainting:
-        raise ValueError(f"{path}: a {config.describe()} model; LoRA training supports SD 1.x / 2.x text-to-image models")
+        raise ValueError(
+            f"{path}: a {config.describe()} model; LoRA training supports SD 1.x / 2.x text-to-image models"
+        )
     unet = set_inference(build(UNet, config.unet, parts.pop("unet"), device, dtype), False)
-    text_encoder = set_inference(build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype), False)
+    text_encoder = build(TextEncoder, config.text_encoder, parts.pop("text_encoder"), device, dtype)
+    text_encoder = set_inference(text_encoder, False)
     vae = build(AutoencoderKL, config.vae, parts.pop("vae"), device, dtype)  # only encodes, under no_grad
     return Base(path, config, unet, vae, text_encoder, load_tokenizer(path, config))
 
@@ -282,7 +284,7 @@ def concept_share(pipe: Pipeline, prompts: list[tuple[str, Scene, int]], cfg_sca
 def open_lora_datasets(config: LoraTrainConfig) -> tuple[Any, Any]:
     """(training data, held-out data): the shapes world with config.kinds, or a caption folder (its own held-out)."""
     if config.data == "shapes":
-        world = dict(size=config.image_size, two_objects_fraction=config.two_objects_fraction, kinds=config.kinds)
+        world = {"size": config.image_size, "two_objects_fraction": config.two_objects_fraction, "kinds": config.kinds}
         return ShapesWorld(config.seed, **world), ShapesWorld(config.seed + HELDOUT_SEED_OFFSET, **world)
     folder = CaptionFolder(config.data, config.image_size)
     return folder, folder
@@ -297,7 +299,8 @@ def lora_task(config: LoraTrainConfig, base: Base) -> Task:
     for model in (base.unet, base.vae, base.text_encoder):
         model.requires_grad_(False)
     objective = LoRAObjective(network, base)
-    latent = (base.config.unet.out_channels, config.image_size // base.vae.downscale, config.image_size // base.vae.downscale)
+    side = config.image_size // base.vae.downscale
+    latent = (base.config.unet.out_channels, side, side)
 
     def inputs(images: torch.Tensor, captions: list[str], draws: StepRandom) -> dict[str, torch.Tensor]:
         dropped = draws.uniform() < config.uncond_prob
@@ -320,10 +323,12 @@ def lora_task(config: LoraTrainConfig, base: Base) -> Task:
         images = [pipe.generate(p, seed=s)[0] for p, _, s in prompts]
         big = [image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST) for image in images]
         write_png(image_strip(big, [p for p, _, _ in prompts]), path)
-        return {f"{config.sample_kind}_share": concept_share(pipe, prompts)["kind"]}
+        kinds = [judge_image(image).objects[0].kind if judge_image(image).objects else "" for image in images]
+        return {f"{config.sample_kind}_share": kinds.count(config.sample_kind) / len(kinds)}
 
     def finish(trained: nn.Module, run_dir: Path) -> None:
-        write_lora(trained, run_dir / f"{config.output_name}.safetensors", kohya_metadata(config, base, config.steps, time.time()))
+        metadata = kohya_metadata(config, base, config.steps, time.time())
+        write_lora(trained, run_dir / f"{config.output_name}.safetensors", metadata)
 
     return Task(name="lora", model=network, objective=objective, inputs=inputs, report=report, finish=finish)
 
@@ -337,10 +342,12 @@ def train_lora(
     run_dir = Path(run_dir)
     base = load_base(config.base, dist.device, dtype)
     if config.image_size % base.vae.downscale:
-        raise ValueError(f"image_size {config.image_size} is not a multiple of the VAE's downscale {base.vae.downscale}")
-    stored = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) if resume and (run_dir / CONFIG_FILE).is_file() else {}
-    started = stored.get("started_at") or config.started_at or time.time()
-    config = dataclasses.replace(config, started_at=started, base=run_relative(config.base, run_dir) if config.base else "")
+        raise ValueError(f"image_size {config.image_size} is not a multiple of the VAE's {base.vae.downscale}")
+    stored = run_dir / CONFIG_FILE
+    earlier = json.loads(stored.read_text(encoding="utf-8")).get("started_at") if resume and stored.is_file() else None
+    started = earlier or config.started_at or time.time()  # kept on resume: when the run began
+    base_path = run_relative(config.base, run_dir) if config.base else ""  # config.json keeps it run-relative
+    config = dataclasses.replace(config, started_at=started, base=base_path)
     if dataset is None:
         dataset = open_lora_datasets(config)[0]
     return train(lora_task(config, base), config, run_dir, dataset, dist, resume)
