@@ -18,13 +18,18 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
+def playwright_or_fail():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the browser test needs Playwright: pip install playwright (in the test extras)")
     if CHROMIUM is None:
         pytest.fail("the browser test needs Chromium: apt-get install -y chromium (or set LATENTFORGE_CHROMIUM)")
+    return sync_playwright
+
+
+def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
+    sync_playwright = playwright_or_fail()
     app = create_app(Settings(models=[str(sd1_folder)]))
     errors = []
     with ServerThread(app) as url, sync_playwright() as playwright:
@@ -49,6 +54,46 @@ def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
             assert caption.startswith("a red circle") and "Seed: 7," in caption and "Sampler: Euler," in caption
             assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 64
             assert page.inner_text("#status") == "done" and page.is_enabled("#generate")
+        finally:
+            browser.close()
+    assert errors == []
+
+
+def test_the_page_lists_loras_and_embeddings_and_inserts_them(sd1_folder, tmp_path):
+    """Names from the folders become buttons (as text, never markup) that insert `<lora:NAME:1>` or the
+    embedding's name at the cursor; the image made from that prompt names the LoRA in its infotext."""
+    import torch
+
+    import latentforge
+    from latentforge.weightfiles import write_safetensors
+    from test_lora import kohya_lora
+
+    sync_playwright = playwright_or_fail()
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    pipe = latentforge.load(sd1_folder, dtype="float32", device="cpu")
+    write_safetensors(kohya_lora(pipe, seed=1), loras / "ink&amp;.safetensors")
+    write_safetensors({"emb_params": torch.randn(2, pipe.config.text_encoder.width) * 0.05}, embeddings / "zorblax.safetensors")
+    app = create_app(Settings(models=[str(sd1_folder)], lora_dirs=[str(loras)], embedding_dirs=[str(embeddings)]))
+    errors = []
+    with ServerThread(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.wait_for_selector("#loras .chip", state="attached")
+            page.click("#networks summary")
+            assert page.inner_text("#loras .chip") == "ink&amp;" and page.inner_text("#embeddings .chip") == "zorblax"
+            page.fill("#prompt", "a red circle")
+            page.click("#loras .chip")
+            page.click("#embeddings .chip")
+            assert page.input_value("#prompt") == "a red circle <lora:ink&amp;:1> zorblax"
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure img", timeout=120_000)
+            assert 'Lora hashes: "ink&amp;: ' in page.inner_text("#gallery figcaption")
+            assert "TI hashes" in page.inner_text("#gallery figcaption")
         finally:
             browser.close()
     assert errors == []

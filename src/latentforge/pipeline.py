@@ -189,7 +189,7 @@ class Pipeline:
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
-            mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at,
+            mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
         )  # fmt: skip
         spec = get_sampler(request.sampler)
         schedule = NoiseSchedule.from_config(self.config.scheduler or {})
@@ -199,7 +199,7 @@ class Pipeline:
             else img2img_sigmas(spec, schedule, request.steps, request.strength)
         )
         prompt, negative, tagged = self._without_tags(request.prompt, request.negative_prompt)
-        uses = self.use_loras({**(loras or {}), **tagged})
+        uses = self.use_loras({**request.loras, **tagged})
         words = self._use_embeddings(prompt, negative)
         if request.refiner is not None:
             request.refiner._use_embeddings(prompt, negative)

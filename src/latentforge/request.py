@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +56,25 @@ class Request:
     mask_tensor: torch.Tensor | None  # (1, 1, H, W), 1 = repaint
     refiner: Pipeline | None = None  # the model that takes over at refiner_switch_at (SDXL's refiner)
     refiner_switch_at: float = 0.8
+    loras: dict = field(default_factory=dict)  # {file path or library name: (text-encoder weight, UNet weight)}
+
+
+def _loras(value: object) -> dict:
+    """generate()'s loras: {path or name: weight or (te, unet)} -> {key: (te, unet)}, weights finite numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"loras must be a dict of {{file or name: weight}}, got {type(value).__name__}")
+    checked = {}
+    for key, weight in value.items():
+        if not isinstance(key, (str, os.PathLike)):
+            raise ValueError(f"loras: a key must be a file path or a LoRA's name, got {key!r}")
+        pair = weight if isinstance(weight, tuple) and len(weight) == 2 else (weight, weight)
+        for number in pair:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ValueError(f"loras[{os.fspath(key)!r}] must be a weight or (te weight, unet weight), got {weight!r}")
+        checked[key] = (float(pair[0]), float(pair[1]))
+    return checked
 
 
 def _int(name: str, value, low: int, high: int) -> int:
@@ -131,6 +152,7 @@ def check_request(
     clip_skip: int,
     refiner: Pipeline | None = None,
     refiner_switch_at: float = 0.8,
+    loras: Mapping | None = None,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -207,6 +229,7 @@ def check_request(
         mask_tensor=mask_tensor,
         refiner=refiner,
         refiner_switch_at=float(refiner_switch_at),
+        loras=_loras(loras),
     )
 
 

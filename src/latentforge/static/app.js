@@ -107,12 +107,42 @@ async function generate(event) {
   }
 }
 
+function insertIntoPrompt(text) {
+  const box = $("prompt");
+  const start = box.selectionStart, end = box.selectionEnd;
+  const before = box.value.slice(0, start), after = box.value.slice(end);
+  const inserted = (before && !/\s$/.test(before) ? " " : "") + text;
+  box.value = before + inserted + after;
+  box.focus();
+  box.selectionStart = box.selectionEnd = before.length + inserted.length;
+}
+
+function addChips(id, names, text) {
+  for (const name of names) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip";
+    chip.textContent = name;
+    chip.addEventListener("click", () => insertIntoPrompt(text(name)));
+    $(id).append(chip);
+  }
+}
+
+async function showNetworks() {
+  const loras = (await api("loras")).map((lora) => lora.name);
+  const embeddings = Object.keys((await api("embeddings")).loaded);
+  addChips("loras", loras, (name) => `<lora:${name}:1>`);
+  addChips("embeddings", embeddings, (name) => name);
+  $("networks").hidden = loras.length + embeddings.length === 0;
+}
+
 async function init() {
   $("form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", () => api("interrupt", { method: "POST" }).catch(() => {}));
   try {
     for (const sampler of await api("samplers")) $("sampler").add(new Option(sampler.name, sampler.name));
     $("model").textContent = (await api("options")).sd_model_checkpoint;
+    await showNetworks();
   } catch (error) {
     showError(error.message);
   }
