@@ -335,3 +335,30 @@ def test_cli_lora_and_dir(sd1, tmp_path, monkeypatch, capsys):
     assert np.array_equal(pixels(Image.open(a[0])), pixels(Image.open(b[0])))
     assert main([*common, "--lora", str(tmp_path / "nope.safetensors"), "--out", "c"]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_pt_file_and_older_diffusers_spellings_are_the_same_network(sd1):
+    """A kohya dict saved with torch.save (.pt), and diffusers' older `lora.down` / `lora.up` and attention-
+    processor (`processor.to_q_lora`) spellings, give the image of the kohya .safetensors file."""
+    ours, _, folder = sd1
+    kohya = kohya_lora(ours, seed=12, alpha=None)
+    want = ours_image(ours, {save(kohya, folder, "spell_ref"): 1.0})
+    torch.save(kohya, folder / "spell.pt")
+    assert np.array_equal(pixels(ours_image(ours, {folder / "spell.pt": 1.0})), pixels(want))
+    older = {}
+    for part in ("text_encoder", "unet"):
+        for name in targets(ours, part, False):
+            key = kohya_name(part, name, ours.config.unet)
+            path = (
+                next(iter(unet_to_diffusers({name + ".weight": 0}, ours.config.unet))).removesuffix(".weight")
+                if part == "unet"
+                else "text_model." + name
+            )
+            for ours_suffix, theirs in (("lora_down", "down"), ("lora_up", "up")):
+                spelled = f"{part}.{path}.lora.{theirs}.weight"
+                for proj in ("to_q", "to_k", "to_v"):  # the attention-processor form for these
+                    if path.endswith(f".{proj}") and part == "unet":
+                        spelled = f"unet.{path.removesuffix('.' + proj)}.processor.{proj}_lora.{theirs}.weight"
+                older[spelled] = kohya[f"{key}.{ours_suffix}.weight"]
+    assert any(".processor.to_q_lora." in k for k in older)
+    assert np.array_equal(pixels(ours_image(ours, {save(older, folder, "older"): 1.0})), pixels(want))
