@@ -362,3 +362,16 @@ def test_pt_file_and_older_diffusers_spellings_are_the_same_network(sd1):
                 older[spelled] = kohya[f"{key}.{ours_suffix}.weight"]
     assert any(".processor.to_q_lora." in k for k in older)
     assert np.array_equal(pixels(ours_image(ours, {save(older, folder, "older"): 1.0})), pixels(want))
+
+
+def test_text_encoders_on_demand_get_the_lora_again(sd1, tmp_path_factory):
+    """Text encoders read again from the file for each prompt get the merged network's changes again."""
+    ours, _, folder = sd1
+    path = save(kohya_lora(ours, seed=13, parts=("text_encoder",)), folder, "on_demand")
+    want = ours_image(ours, {path: 0.9})
+    lean = latentforge.load(ours.source, dtype="float32", device="cpu")
+    lean.text_encoders_on_demand = True
+    for _ in range(2):  # the second prompt is encoded by text encoders read again
+        assert np.array_equal(pixels(ours_image(lean, {path: 0.9})), pixels(want))
+    lean.use_loras({})
+    assert np.array_equal(pixels(ours_image(lean, {})), pixels(ours_image(ours, {})))
