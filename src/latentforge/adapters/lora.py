@@ -77,6 +77,23 @@ class NetworkModule:
             return 1.0
         return float(alpha) / rank
 
+    def add_to(self, merged: torch.Tensor, original: torch.Tensor, multiplier: float) -> torch.Tensor | None:
+        """merged (float32, contiguous, the weight's shape) += multiplier * this module's change, in place;
+        returns the bias's change times the multiplier, or None. A plain LoRA is one fused matrix product
+        into `merged` (no delta is allocated)."""
+        f = self.factors
+        if self.kind == "lora" and "mid" not in f and "dora_scale" not in f:
+            rows = merged.view(merged.shape[0], -1)
+            rows.addmm_(_matrix(f["up"]), _matrix(f["down"]), alpha=self.scale * multiplier)
+            return None
+        base = original.float()
+        delta, bias = self.delta(base)
+        if "dora_scale" in f:
+            merged += dora(base, delta, f["dora_scale"], multiplier)
+        else:
+            merged.add_(delta, alpha=multiplier)
+        return None if bias is None else bias * multiplier
+
     def delta(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The change of `weight` (out, in[, kh, kw]) and of its bias (or None) at multiplier 1, float32."""
         f = self.factors
@@ -412,22 +429,18 @@ class Merger:
             self._merge(models[part], part, name, modules)
 
     def _merge(self, model: nn.Module, part: str, name: str, modules: list[tuple[NetworkModule, float]]) -> None:
+        """One weight (and bias) <- original + each module's change times its multiplier, summed in float32."""
         layer = model.get_submodule(name)
         weight = layer.weight
         original = weight.detach().clone()
         self.originals[(part, f"{name}.weight")] = original
-        base = original.float()
-        total = torch.zeros_like(base)
+        merged = original.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         bias_total = None
         for module, multiplier in modules:
-            delta, bias = module.delta(base)
-            if "dora_scale" in module.factors:
-                total += dora(base, delta, module.factors["dora_scale"], multiplier)
-            else:
-                total += delta * multiplier
+            bias = module.add_to(merged, original, multiplier)
             if bias is not None:
-                bias_total = bias * multiplier if bias_total is None else bias_total + bias * multiplier
-        weight.copy_((base + total).to(weight.dtype))
+                bias_total = bias if bias_total is None else bias_total + bias
+        weight.copy_(merged)
         if bias_total is not None:
             if layer.bias is None:
                 raise CheckpointError(modules[0][0].key, "changes a bias this model's layer does not have")
