@@ -185,6 +185,11 @@ def test_switching_restores_the_weights_bit_for_bit(sd1, tmp_path_factory):
     fresh = latentforge.load(saved_folder("sd1", tmp_path_factory), dtype="float32", device="cpu")
     ours.use_loras({save(kohya_lora(ours, locon=True, seed=5), folder, "a"): 1.0})
     ours.use_loras({save(kohya_lora(ours, seed=6), folder, "b"): -2.0})
+    fresh.use_loras({folder / "b.safetensors": -2.0})  # switching a -> b is b alone
+    for part, model in fresh.models().items():
+        theirs = ours.models()[part].state_dict()
+        assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items()), part
+    fresh.use_loras({})
     ours.use_loras({})
     for part, model in fresh.models().items():
         theirs = ours.models()[part].state_dict()

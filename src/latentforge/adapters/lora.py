@@ -394,20 +394,21 @@ class Merger:
     @torch.no_grad()
     def restore(self, models: Mapping[str, nn.Module]) -> None:
         """Every changed parameter back to its original value, bit for bit."""
-        for (part, key), original in self.originals.items():
-            models[part].get_parameter(key).copy_(original)
-        self.originals.clear()
+        self._put_back(models, keep=set())
         self.applied, self.uses = (), []
 
     @torch.no_grad()
     def apply(self, models: Mapping[str, nn.Module], uses: list[Use]) -> None:
-        """Restore, then merge `uses` (W + sum of multiplier * delta, summed in float32, stored in the weight's
-        dtype). Merging the same uses as now does nothing."""
+        """Merge exactly `uses`: each weight they change <- its original + the sum of multiplier * delta (summed
+        in float32, stored in the weight's dtype); every other weight changed before goes back to its original.
+        Merging the same uses as now does nothing."""
         identity = tuple(_identity(use) for use in uses)
         if identity == self.applied:
             return
-        self.restore(models)
-        self._merge_parts(models, uses, set(models))
+        changes = _changes(uses, set(models))
+        self._put_back(models, keep={(part, f"{name}.weight") for part, name in changes})
+        for (part, name), modules in changes.items():
+            self._merge(models[part], part, name, modules)
         self.applied, self.uses = identity, list(uses)
 
     @torch.no_grad()
@@ -416,36 +417,48 @@ class Merger:
         kept originals belonged to the old modules)."""
         parts = set(parts)
         self.originals = {key: value for key, value in self.originals.items() if key[0] not in parts}
-        self._merge_parts(models, self.uses, parts)
-
-    def _merge_parts(self, models: Mapping[str, nn.Module], uses: list[Use], parts: set[str]) -> None:
-        """Each changed weight of `parts` once, with every use's delta summed."""
-        changes: dict[tuple[str, str], list[tuple[NetworkModule, float]]] = {}
-        for use in uses:
-            for (part, name), module in use.placed.modules.items():
-                if part in parts and use.multiplier(part) != 0:
-                    changes.setdefault((part, name), []).append((module, use.multiplier(part)))
-        for (part, name), modules in changes.items():
+        for (part, name), modules in _changes(self.uses, parts).items():
             self._merge(models[part], part, name, modules)
+
+    def _put_back(self, models: Mapping[str, nn.Module], keep: set[tuple[str, str]]) -> None:
+        """Copy each kept original back into its parameter and forget it, except those in `keep` (weights about
+        to be merged again from their original: their copy back would be overwritten)."""
+        for key in [key for key in self.originals if key not in keep]:
+            part, name = key
+            models[part].get_parameter(name).copy_(self.originals.pop(key))
 
     def _merge(self, model: nn.Module, part: str, name: str, modules: list[tuple[NetworkModule, float]]) -> None:
         """One weight (and bias) <- original + each module's change times its multiplier, summed in float32."""
         layer = model.get_submodule(name)
-        weight = layer.weight
-        original = weight.detach().clone()
-        self.originals[(part, f"{name}.weight")] = original
+        original = self._original(part, f"{name}.weight", layer.weight)
         merged = original.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         bias_total = None
         for module, multiplier in modules:
             bias = module.add_to(merged, original, multiplier)
             if bias is not None:
                 bias_total = bias if bias_total is None else bias_total + bias
-        weight.copy_(merged)
+        layer.weight.copy_(merged)
         if bias_total is not None:
             if layer.bias is None:
                 raise CheckpointError(modules[0][0].key, "changes a bias this model's layer does not have")
-            self.originals[(part, f"{name}.bias")] = layer.bias.detach().clone()
-            layer.bias.copy_((layer.bias.float() + bias_total).to(layer.bias.dtype))
+            bias = self._original(part, f"{name}.bias", layer.bias)
+            layer.bias.copy_((bias.float() + bias_total).to(layer.bias.dtype))
+
+    def _original(self, part: str, key: str, parameter: torch.Tensor) -> torch.Tensor:
+        """The parameter's original value: kept from before the first merge that changed it."""
+        if (part, key) not in self.originals:
+            self.originals[(part, key)] = parameter.detach().clone()
+        return self.originals[(part, key)]
+
+
+def _changes(uses: list[Use], parts: set[str]) -> dict[tuple[str, str], list[tuple[NetworkModule, float]]]:
+    """(part, module name) -> the network modules that change it, with their multipliers, for `parts`."""
+    changes: dict[tuple[str, str], list[tuple[NetworkModule, float]]] = {}
+    for use in uses:
+        for (part, name), module in use.placed.modules.items():
+            if part in parts and use.multiplier(part) != 0:
+                changes.setdefault((part, name), []).append((module, use.multiplier(part)))
+    return changes
 
 
 def _identity(use: Use) -> tuple:
