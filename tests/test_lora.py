@@ -15,7 +15,7 @@ from latentforge.adapters.library import Library, split_tags
 from latentforge.adapters.names import kohya_name, patchable_modules
 from latentforge.cli import main
 from latentforge.layouts import unet_to_diffusers
-from latentforge.weightfiles import CheckpointError, write_safetensors
+from latentforge.weightfiles import CheckpointError, read_state_dict, write_safetensors
 from test_sdxl import saved_sdxl
 
 PROMPT, NEGATIVE = "a small red circle on the left, white background", "blurry"
@@ -380,3 +380,32 @@ def test_text_encoders_on_demand_get_the_lora_again(sd1, tmp_path_factory):
         assert np.array_equal(pixels(ours_image(lean, {path: 0.9})), pixels(want))
     lean.use_loras({})
     assert np.array_equal(pixels(ours_image(lean, {})), pixels(ours_image(ours, {})))
+
+
+def test_lora_saved_by_diffusers_keeps_its_alpha(sd1, tmp_path):
+    """A LoRA that diffusers loads and saves again (PEFT keys, its LoraConfig in the file's metadata: lora_alpha
+    2 over rank 4, per part) is the same network as the kohya file it came from; broken metadata is one line."""
+    from peft.utils import get_peft_model_state_dict
+
+    ours, ref, folder = sd1
+    kohya = save(kohya_lora(ours, alpha=2.0, seed=14), folder, "to_resave")
+    ref.load_lora_weights(str(kohya), adapter_name="k")
+    try:
+        ref.save_lora_weights(
+            tmp_path, unet_lora_layers=get_peft_model_state_dict(ref.unet, adapter_name="k"),
+            text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder, adapter_name="k"),
+            unet_lora_adapter_metadata=ref.unet.peft_config["k"].to_dict(),
+            text_encoder_lora_adapter_metadata=ref.text_encoder.peft_config["k"].to_dict(),
+        )  # fmt: skip
+    finally:
+        ref.unload_lora_weights()
+        ref.delete_adapters(["k"])
+    resaved = tmp_path / "pytorch_lora_weights.safetensors"
+    want = ours_image(ours, {kohya: 1.0})
+    assert differ(want, ours_image(ours, {}))
+    assert np.array_equal(pixels(ours_image(ours, {resaved: 1.0})), pixels(want))
+    tensors, _ = read_state_dict(resaved)
+    broken = tmp_path / "broken.safetensors"
+    write_safetensors(dict(tensors), broken, metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(CheckpointError, match="lora_adapter_metadata metadata is not a JSON object"):
+        ours.use_loras({broken: 1.0})

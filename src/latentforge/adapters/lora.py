@@ -22,7 +22,9 @@ A weight multiplier m (the prompt's `<lora:name:m>`) gives W + m * delta (DoRA: 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ KINDS = {
 UNSUPPORTED = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "a1.weight": "LyCORIS GLoRA", "w_norm": "LyCORIS norm"}
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata: the PEFT config (lora_alpha, r)
+PEFT_PARTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 MAX_LISTED = 5
 
 
@@ -220,11 +223,13 @@ def read_lora(path: PathLike) -> LoraFile:
         if any(key.startswith(CHECKPOINT_PREFIXES) for key in unknown):
             raise CheckpointError(path, "is a model checkpoint, not a LoRA: load it as the model (--model)")
         raise CheckpointError(path, f"is not a LoRA / LyCORIS file: keys such as {_few(unknown)} are no network weights")
-    peft_alpha = _peft_alpha(metadata)
+    configs = _peft_configs(path, metadata)
     modules = {}
     for module, factors in groups.items():
-        if peft_alpha is not None and "alpha" not in factors and "down" in factors:
-            factors["alpha"] = torch.tensor(peft_alpha)
+        if configs and "alpha" not in factors and "down" in factors:
+            alpha = _peft_alpha(path, configs, module, factors["down"].shape[0])
+            if alpha is not None:
+                factors["alpha"] = torch.tensor(alpha)
         modules[module] = _module(path, module, factors)
     return LoraFile(path.stem, path, modules, metadata)
 
@@ -247,24 +252,46 @@ def _older_diffusers(key: str) -> str:
     return key
 
 
-def _peft_alpha(metadata: Mapping[str, object]) -> float | None:
-    """lora_alpha from diffusers' adapter metadata (when it has a single value for every module)."""
+def _peft_configs(path: Path, metadata: Mapping[str, object]) -> dict[str, dict]:
+    """diffusers' adapter metadata (the PEFT LoraConfig of each part) by part prefix ("unet", "text_encoder",
+    ..., "" for a file of one part). diffusers writes it flat ("unet.lora_alpha": 8, ...)."""
     raw = metadata.get(PEFT_METADATA)
-    if not isinstance(raw, str):
-        return None
+    if raw is None:
+        return {}
     try:
-        config = json.loads(raw)
+        config = json.loads(raw) if isinstance(raw, str) else None
     except ValueError:
-        return None
+        config = None
     if not isinstance(config, dict):
+        raise CheckpointError(path, f"its {PEFT_METADATA} metadata is not a JSON object; re-export the LoRA")
+    parts: dict[str, dict] = {}
+    for key, value in config.items():
+        head, dot, rest = key.partition(".")
+        if head in PEFT_PARTS and isinstance(value, dict) and not dot:
+            parts.setdefault(head, {}).update(value)
+        elif head in PEFT_PARTS and dot:
+            parts.setdefault(head, {})[rest] = value
+        else:
+            parts.setdefault("", {})[key] = value
+    return parts
+
+
+def _peft_alpha(path: Path, configs: Mapping[str, dict], module: str, rank: int) -> float | None:
+    """The alpha a PEFT config gives a module (its alpha_pattern, else lora_alpha; rsLoRA's alpha / sqrt(r)
+    as an alpha over r), or None without a config."""
+    part, _, name = module.partition(".")
+    config = configs.get(part) if part in configs else configs.get("")
+    if config is None:
         return None
-    for key in ("unet", "transformer", "text_encoder"):  # diffusers nests one config per part in some versions
-        if isinstance(config.get(key), dict):
-            config = config[key]
-    alpha, rank = config.get("lora_alpha"), config.get("r")
-    if config.get("alpha_pattern") or config.get("rank_pattern") or not isinstance(alpha, (int, float)):
-        return None
-    return float(alpha) if isinstance(rank, int) else None
+    if part not in configs:
+        name = module
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name):
+            alpha = value
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(path, f"its PEFT config gives {module!r} no usable lora_alpha ({alpha!r}); re-export the LoRA")
+    return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
 
 
 def _module(path: Path, key: str, factors: dict[str, torch.Tensor]) -> NetworkModule:
