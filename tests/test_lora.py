@@ -409,3 +409,23 @@ def test_lora_saved_by_diffusers_keeps_its_alpha(sd1, tmp_path):
     write_safetensors(dict(tensors), broken, metadata={"lora_adapter_metadata": "{not json"})
     with pytest.raises(CheckpointError, match="lora_adapter_metadata metadata is not a JSON object"):
         ours.use_loras({broken: 1.0})
+
+
+def test_inspect_says_which_add_on_a_file_is(sd1, tmp_path, capsys):
+    ours, _, folder = sd1
+    path = save(kohya_lora(ours, locon=True, rank=3), folder, "inspected")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a LoRA / LyCORIS network" in out and "rank up to 3" in out and "text_encoder, unet" in out
+    embedding = tmp_path / "emb.safetensors"
+    write_safetensors({"emb_params": torch.zeros(2, 128)}, embedding)
+    assert main(["inspect", str(embedding)]) == 0
+    assert "textual-inversion embedding 'emb': text_encoder (2, 128)" in capsys.readouterr().out
+    vae = tmp_path / "vae.safetensors"
+    write_safetensors({f"first_stage_model.{k}": v for k, v in ours.vae.state_dict().items()}, vae)
+    assert main(["inspect", str(vae)]) == 0
+    assert "a VAE: 4 latent channels" in capsys.readouterr().out
+    junk = tmp_path / "junk.safetensors"
+    write_safetensors({"x.y": torch.zeros(2), "x.z": torch.zeros(2)}, junk)
+    assert main(["inspect", str(junk)]) == 2
+    assert "not a Stable Diffusion" in capsys.readouterr().err

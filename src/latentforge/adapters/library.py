@@ -163,3 +163,44 @@ def file_metadata(path: Path) -> dict[str, str]:
             return dict(file.metadata() or {})
     except (OSError, safetensors.SafetensorError):
         return {}
+
+
+def describe_addon(path: PathLike) -> str | None:
+    """One line saying which add-on a file is (a LoRA and its kinds and parts, an embedding and its vectors,
+    a VAE), or None if it is none of them."""
+    from ..weightfiles import CheckpointError
+    from .embeddings import read_embedding
+    from .lora import effective_rank, read_lora
+    from .names import split_part
+    from .vae_file import read_vae
+
+    try:
+        lora = read_lora(path)
+    except CheckpointError:
+        pass
+    else:
+        kinds: dict[str, int] = {}
+        for module in lora.modules.values():
+            kinds[module.kind] = kinds.get(module.kind, 0) + 1
+        parts = sorted({split[0] for key in lora.modules if (split := split_part(key)) is not None})
+        rank = effective_rank(lora)
+        described = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        base = lora.metadata.get("ss_base_model_version")
+        return (
+            f"a LoRA / LyCORIS network: {len(lora.modules)} modules ({described})"
+            + (f", rank up to {rank}" if rank else "") + f", parts: {', '.join(parts)}"
+            + (f", trained on {base}" if base else "")
+        )
+    try:
+        embedding = read_embedding(path)
+    except CheckpointError:
+        pass
+    else:
+        shapes = ", ".join(f"{part} {tuple(v.shape)}" for part, v in embedding.vectors.items())
+        return f"a textual-inversion embedding '{embedding.name}': {shapes}"
+    try:
+        config, tensors = read_vae(path)
+    except CheckpointError:
+        return None
+    count = sum(t.numel() for t in tensors.values())
+    return f"a VAE: {config.latent_channels} latent channels, {count / 1e6:.1f}M parameters"
