@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -24,7 +25,8 @@ from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner
 from .config import ModelConfig
 from .errors import GenerationError
 from .guidance import Denoiser, Guidance, make_denoiser
-from .images import tensor_to_images
+from .hires import LATENT_MODES, Hires, upscale_image, upscale_latents
+from .images import image_to_tensor, tensor_to_images
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
@@ -36,6 +38,7 @@ from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 from .unet import SDXL_SIZE_EMBED_DIM, UNet
 from .vae import AutoencoderKL, sample_latents
+from .upscalers import Upscalers
 from .weightfiles import CheckpointError
 
 DTYPES = {
@@ -81,6 +84,8 @@ class Pipeline:
     text_encoders_on_demand: bool = False
     # the add-on folders: `<lora:NAME:W>` in a prompt and `loras={"NAME": W}` are looked up in library.loras
     library: Library = field(default_factory=Library)
+    # the hires fix's upscalers: the built-ins and the model files of upscalers.folder, by name
+    upscalers: Upscalers = field(default_factory=Upscalers)
     merger: Merger = field(default_factory=Merger, repr=False)  # the networks merged into the weights now
     _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
     _embedding_files: dict[tuple[str, int], Embedding | str] = field(default_factory=dict, repr=False)
@@ -172,6 +177,7 @@ class Pipeline:
         refiner: Pipeline | None = None,
         refiner_switch_at: float = 0.8,
         loras: Mapping[str | os.PathLike, float | tuple[float, float]] | None = None,
+        hires: Hires | None = None,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -184,12 +190,16 @@ class Pipeline:
         prompts' `<lora:NAME:W>` tags are merged into the weights for this call and the next ones until
         another set is asked for (see `use_loras`); the tags are not encoded as text.
 
+        `hires` (txt2img only) adds A1111's hires fix: each image upscaled (its latents, or the decoded image)
+        and refined by an img2img pass at the larger size with the same seed (see hires.py).
+
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
+            hires=hires,
         )  # fmt: skip
         spec = get_sampler(request.sampler)
         schedule = NoiseSchedule.from_config(self.config.scheduler or {})
@@ -211,25 +221,63 @@ class Pipeline:
         if request.refiner is not None:
             split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
             refine = (split, request.refiner.encode_prompt(prompt, negative, request.clip_skip, size))
+        second = None if request.hires is None else self._second_pass(request, schedule, prompt, negative)
         images = []
         for i in range(request.batch_size):
             latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback, refine)
             self._check_finite(latents, f"the latents of image {i + 1}")
+            if second is not None:
+                latents = self._refine_larger(second, latents, schedule, request.seed + i, i, callback)
+                self._check_finite(latents, f"the hires pass's latents of image {i + 1}")
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
             image = (request.refiner or self).decode(latents)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses, words))
             images.append(image)
         return images
 
-    def _sample(self, request, spec, schedule, sigmas, conds, seed, index, callback, refine=None) -> torch.Tensor:
+    def _second_pass(self, request, schedule: NoiseSchedule, prompt: str, negative: str | None):
+        """The hires fix's img2img request (the larger size, its own steps, sampler, guidance and prompts), its
+        sampler, sigmas, conditioning and upscaler: made once for every image of the batch."""
+        hires = request.hires
+        width, height = hires.size(request.width, request.height, self.config.vae.downscale)
+        larger = dataclasses.replace(
+            request, width=width, height=height, steps=hires.steps or request.steps,
+            sampler=hires.sampler or request.sampler, cfg_scale=request.cfg_scale if hires.cfg_scale is None else hires.cfg_scale,
+            strength=hires.denoising_strength, hires=None,
+        )  # fmt: skip
+        spec = get_sampler(larger.sampler)
+        sigmas = img2img_sigmas(spec, schedule, larger.steps, larger.strength)
+        hr_prompt = prompt if hires.prompt is None else split_tags(hires.prompt)[0]
+        hr_negative = negative if hires.negative_prompt is None else split_tags(hires.negative_prompt)[0]
+        conds = self.encode_prompt(hr_prompt, hr_negative if larger.cfg_scale != 1 else None, larger.clip_skip, (height, width))
+        return larger, spec, sigmas, conds, hires.upscaler
+
+    def _refine_larger(self, second, latents: torch.Tensor, schedule, seed: int, index: int, callback) -> torch.Tensor:
+        """The hires fix for one image: its latents upscaled (latent modes), or decoded, upscaled and encoded
+        again, then the img2img pass from them with the image's seed -> the larger image's latents."""
+        larger, spec, sigmas, conds, upscaler = second
+        if upscaler in LATENT_MODES:
+            size = (larger.height // self.config.vae.downscale, larger.width // self.config.vae.downscale)
+            init = upscale_latents(latents, upscaler, size)
+            return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback, init_latents=init)
+        image = upscale_image(self.decode(latents)[0], upscaler, (larger.width, larger.height), self.upscalers)
+        larger = dataclasses.replace(larger, init_image=image, image_tensor=image_to_tensor(image))
+        return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback)
+
+    def _sample(
+        self, request, spec, schedule, sigmas, conds, seed, index, callback, refine=None, init_latents=None
+    ) -> torch.Tensor:
         """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents;
-        with `refine` = (split, the refiner's conds), the refiner's guided UNet runs the steps from `split` on."""
+        with `refine` = (split, the refiner's conds), the refiner's guided UNet runs the steps from `split` on.
+        `init_latents` (scaled latents of the image's size) start an img2img from latents, not an image."""
         g = torch.Generator().manual_seed(seed)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
         # the inpainting UNet at full strength starts from pure noise, like txt2img
-        from_noise = request.init_image is None or (self.config.inpainting and request.strength == 1.0)
-        init_latents = extra = blend = None
-        if not from_noise:
+        from_noise = init_latents is None and (
+            request.init_image is None or (self.config.inpainting and request.strength == 1.0)
+        )
+        extra = blend = None
+        if not from_noise and init_latents is None:
             # drawn first, as diffusers does: the posterior sample of the image, then the noise
             init_latents = self.encode_image(request.image_tensor, g)
         noise = torch.randn((1, self.config.unet.out_channels, h, w), generator=g).to(self.device)
@@ -412,6 +460,8 @@ class Pipeline:
         extra = {}
         if words:  # A1111: TI hashes: "name: 12 digits of the file's sha256, ..."
             extra["TI hashes"] = ", ".join(f"{e.name}: {cached_hash(e.path, 'sha256')[:12]}" for e in words)
+        if request.hires is not None:
+            extra |= request.hires.infotext(request.steps, spec.a1111_name, request.cfg_scale, request.prompt, request.negative_prompt)
         if uses:  # A1111: Lora hashes: "name: 12 digits of its addnet hash, ..."
             extra["Lora hashes"] = ", ".join(f"{u.placed.file.name}: {cached_hash(u.placed.file.path, 'addnet')[:12]}" for u in uses)
         return GenerationInfo(
@@ -428,7 +478,9 @@ class Pipeline:
             model_name=self.name,
             vae_name=None if self.vae_file is None else self.vae_file.name,
             vae_hash=None if self.vae_file is None else cached_model_hash(self.vae_file),
-            denoising_strength=request.strength if request.init_image is not None else None,
+            denoising_strength=(
+                request.hires.denoising_strength if request.hires else request.strength if request.init_image else None
+            ),
             clip_skip=request.clip_skip,
             refiner_name=None if refiner is None else refiner.name,
             refiner_hash=None if refiner is None else refiner.model_hash,

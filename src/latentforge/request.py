@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from .hires import Hires, check_upscaler
 from .images import image_to_tensor, mask_to_tensor
 from .samplers import get_sampler
 
@@ -57,6 +58,7 @@ class Request:
     refiner: Pipeline | None = None  # the model that takes over at refiner_switch_at (SDXL's refiner)
     refiner_switch_at: float = 0.8
     loras: dict = field(default_factory=dict)  # {file path or library name: (text-encoder weight, UNet weight)}
+    hires: Hires | None = None  # the hires fix's second pass (txt2img only)
 
 
 def _loras(value: object) -> dict:
@@ -153,6 +155,7 @@ def check_request(
     refiner: Pipeline | None = None,
     refiner_switch_at: float = 0.8,
     loras: Mapping | None = None,
+    hires: Hires | None = None,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -204,6 +207,8 @@ def check_request(
             f"strength {strength} with {steps} steps runs no denoising step (steps x strength < 1); "
             "raise the strength or the steps"
         )
+    if hires is not None:
+        _check_hires(pipe, hires, width, height, steps, init, refiner)
     image_tensor = mask_tensor = None
     if init is not None:
         # an explicit width/height different from the image's asks for the image at that size
@@ -230,7 +235,38 @@ def check_request(
         refiner=refiner,
         refiner_switch_at=float(refiner_switch_at),
         loras=_loras(loras),
+        hires=hires,
     )
+
+
+def _check_hires(pipe, hires: object, width: int, height: int, steps: int, init: object, refiner: object) -> None:
+    """The hires fix is a txt2img second pass that fits the limits, runs at least one step, and has an
+    upscaler that exists."""
+    if not isinstance(hires, Hires):
+        raise ValueError(f"hires must be a latentforge.hires.Hires, got {type(hires).__name__}")
+    if init is not None:
+        raise ValueError("the hires fix is for txt2img; for img2img give the larger size and the image directly")
+    if refiner is not None:
+        raise ValueError("the hires fix with a refiner is not supported yet; use one or the other")
+    larger = hires.size(width, height, pipe.config.vae.downscale)
+    for name, side in zip(("hires width", "hires height"), larger, strict=True):
+        if side > MAX_SIDE:
+            raise ValueError(f"{name} {side} is too large: at most {MAX_SIDE} pixels a side; lower hr_scale")
+    _check_pixels(*larger, pipe.device)
+    hr_steps = hires.steps or steps
+    _int("hr_second_pass_steps", hr_steps, 1, MAX_STEPS)
+    if int(hr_steps * hires.denoising_strength) < 1:
+        raise ValueError(
+            f"denoising_strength {hires.denoising_strength} with {hr_steps} hires steps runs no step; raise either"
+        )
+    if hires.sampler is not None:
+        get_sampler(hires.sampler)
+    if hires.cfg_scale is not None:
+        _cfg_scale(hires.cfg_scale)
+    for name, text in (("hr_prompt", hires.prompt), ("hr_negative_prompt", hires.negative_prompt)):
+        if text is not None:
+            _prompt(name, text)
+    check_upscaler(hires.upscaler, pipe.upscalers)
 
 
 def _check_refiner(pipe, refiner, switch_at: object, mask: object) -> None:
