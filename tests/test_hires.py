@@ -129,3 +129,19 @@ def test_an_upscaler_model_file_by_name(pipe, tmp_path):
         assert parse_infotext(image.info["parameters"])["Hires upscaler"] == "2x-Tiny"
     finally:
         pipe.upscalers = Upscalers()
+
+
+def test_a_second_pass_beyond_twice_the_native_size_is_decoded_in_tiles(pipe, monkeypatch):
+    """Hires passes above 2x the native side decode tile by tile (bounded memory), smaller ones whole."""
+    calls = []
+    tiled = pipe.vae.decode_tiled
+
+    def spy(z, *args):
+        calls.append(tuple(z.shape[-2:]))
+        return tiled(z, *args)
+
+    monkeypatch.setattr(pipe.vae, "decode_tiled", spy)
+    pipe.generate(PROMPT, seed=1, steps=2, hires=Hires(scale=2, denoising_strength=0.5))
+    assert calls == []
+    image = pipe.generate(PROMPT, seed=1, steps=2, hires=Hires(scale=2.5, denoising_strength=0.5))[0]
+    assert calls == [(20, 20)] and image.size == (160, 160)

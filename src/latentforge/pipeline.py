@@ -48,6 +48,7 @@ DTYPES = {
 }  # fmt: skip
 
 CPUINFO = "/proc/cpuinfo"  # read by native_bfloat16
+HIRES_TILED = 2  # hires passes larger than this times the native size (a side) are decoded in tiles
 
 # trained by this project on the shapes world (docs/default-model.md has the recipe and the command)
 DEFAULT_MODEL = Path(__file__).parent / "data" / "latentforge-shapes.safetensors"
@@ -120,16 +121,17 @@ class Pipeline:
         self.merger.remerge(self.models(), released)  # the fresh weights get the merged networks again
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (B, 4, h, w) as the sampler leaves them -> PIL images (8h x 8w)."""
-        (x,) = self._run_vae(lambda z: (self._decode(z),), latents / self.config.vae.scaling_factor)
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
+        """Latents (B, 4, h, w) as the sampler leaves them -> PIL images (8h x 8w); `tiled` decodes latents
+        larger than the native size in tiles even when vae_tiling is off."""
+        (x,) = self._run_vae(lambda z: (self._decode(z, tiled),), latents / self.config.vae.scaling_factor)
         self._check_finite(x, "the decoded image")
         return tensor_to_images(x.float().cpu())
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """VAE decode, tiled when vae_tiling is on: tiles of the native latent size, a quarter overlapping."""
         tile = self.config.unet.sample_size
-        if self.vae_tiling and max(z.shape[-2:]) > tile:
+        if (self.vae_tiling or tiled) and max(z.shape[-2:]) > tile:
             return self.vae.decode_tiled(z, tile, tile // 4)
         return self.vae.decode(z)
 
@@ -230,7 +232,10 @@ class Pipeline:
                 latents = self._refine_larger(second, latents, schedule, request.seed + i, i, callback)
                 self._check_finite(latents, f"the hires pass's latents of image {i + 1}")
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
-            image = (request.refiner or self).decode(latents)[0]
+            # a hires pass beyond twice the native size is decoded in tiles (its whole decode's memory grows
+            # with the pixels: 2048 x 2048 in SD 1.5 would need some 16 GB)
+            tiled = second is not None and max(latents.shape[-2:]) > HIRES_TILED * self.config.unet.sample_size
+            image = (request.refiner or self).decode(latents, tiled)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses, words))
             images.append(image)
         return images
