@@ -182,8 +182,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
             lora_dirs=args.lora_dir,
             embedding_dirs=args.embeddings_dir,
             vae_dirs=args.vae_dir,
+            upscaler_dirs=args.upscaler_dir,
         )
     )
+
+
+def cmd_upscale(args: argparse.Namespace) -> None:
+    """Upscale images with an ESRGAN / Real-ESRGAN model file or a built-in resize; writes PNGs, keeping each
+    input's infotext, and prints their paths."""
+    from . import images, pngfiles
+    from .pipeline import DTYPES, resolve_device
+    from .upscalers import BUILT_IN, Upscalers, upscale
+
+    out = pngfiles.check_output_folder(args.out)  # before any work: a bad --out fails at once
+    if args.scale is not None and not 0 < args.scale <= 16:
+        raise ValueError(f"--scale must be above 0 and at most 16, got {args.scale}")
+    if args.tile < 32:
+        raise ValueError(f"--tile must be at least 32 pixels, got {args.tile}")
+    upscalers = Upscalers.from_dirs(args.upscaler_dir, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
+    name = args.upscaler
+    if name not in BUILT_IN and ("/" in name or os.sep in name or Path(name).is_file()):
+        model = upscalers.load(Path(name))  # a file given by path (local use; the server takes names only)
+    else:
+        model = upscalers.get(name)
+    inputs = [images.load_image(path) for path in args.images]  # all checked before the first is upscaled
+    for path, image in zip(args.images, inputs):
+        parameters = pngfiles.read_infotext(path)
+        result = upscale(image, model, args.scale, tile=args.tile, overlap=args.tile_overlap)
+        print(pngfiles.save_png(result, out, stem=Path(path).stem, parameters=parameters))
 
 
 def cmd_samplers(args: argparse.Namespace) -> None:
@@ -468,9 +494,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of textual-inversion embeddings (repeatable; /sdapi/v1/embeddings)")
     p.add_argument("--vae-dir", action="append", default=[], metavar="DIR",
                    help="folder of VAE files, chosen with the sd_vae option (repeatable; /sdapi/v1/sd-vae)")
+    p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
+                   help="folder of ESRGAN / Real-ESRGAN upscaler files (repeatable; /sdapi/v1/upscalers)")
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "upscale",
+        help="upscale images with an ESRGAN / Real-ESRGAN model file (.pth, .safetensors) or a plain resize",
+        description="Runs an RRDBNet upscaler (4x-UltraSharp, RealESRGAN_x4plus, RealESRGAN_x2plus, ...; both key "
+        "layouts, the architecture read from the file) in overlapping tiles, or resizes with Lanczos / Nearest. "
+        "A scale other than the model's own runs it again while the image is smaller (at most 3 times) and "
+        "resizes the result with Lanczos, as AUTOMATIC1111 does. Writes one PNG per image, with its infotext.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--upscaler", required=True, metavar="NAME_OR_FILE",
+                   help="a model file, the name of one in an --upscaler-dir, or None, Lanczos, Nearest")  # fmt: skip
+    p.add_argument("--scale", type=float, help="output size / input size (default: the model's own scale)")
+    p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
+                   help="folder of upscaler model files, named by their file name without extension (repeatable)")
+    p.add_argument("--tile", type=int, default=192, help="input pixels per tile side (default: 192)")
+    p.add_argument("--tile-overlap", type=int, default=16,
+                   help="input pixels neighbouring tiles share, blended across (default: 16)")  # fmt: skip
+    p.add_argument("--out", default="outputs", help="folder for the PNGs (default: ./outputs)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the model's float type (default: float32)")  # fmt: skip
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("samplers", help="list the samplers")
     p.set_defaults(func=cmd_samplers)

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 TILE = 192  # input pixels per tile side (A1111's ESRGAN_tile default)
-TILE_OVERLAP = 16  # input pixels two neighbouring tiles share; their outputs are blended across it
+TILE_OVERLAP = 16  # pixels two neighbouring tiles share (at the network's resolution); blended across the middle
 MAX_PASSES = 3  # a model is applied at most this often to reach a scale above its own (as A1111)
 WRAPPERS = ("params_ema", "params", "state_dict")  # where BasicSR / Lightning files keep the weights
 RDB_CONVS = 5
@@ -304,38 +305,45 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def _ramps(starts: list[int], size: int, overlap: int, scale: int) -> list[torch.Tensor]:
-    """Each tile's blending weights along one side, in output pixels: 1 inside, and across the middle
-    `overlap * scale` pixels of what it shares with a neighbour a linear ramp whose complement is the
-    neighbour's, so that the weights of every output pixel add up to 1."""
-    ramp_len = overlap * scale
-    ramp = (torch.arange(ramp_len, dtype=torch.float32) + 0.5) / max(ramp_len, 1)
+    """Each tile's blending weights along one side, in output pixels. Where two tiles meet, the outer quarter
+    of what they share (at least `overlap`) is dropped from each (its pixels saw the tile's edge) and the
+    middle half is a linear ramp from one to the other; the weights of every pixel add up to 1."""
+    blend = overlap // 2 * scale
+    ramp = (torch.arange(blend, dtype=torch.float32) + 0.5) / max(blend, 1)
     weights = []
     for i, start in enumerate(starts):
-        w = torch.ones(size * scale)
-        if i > 0:  # shared with the tile before: [start, previous end)
-            skip = (starts[i - 1] + size - start - overlap) * scale // 2
-            w[:skip] = 0
-            w[skip : skip + ramp_len] = ramp
+        left, right = torch.ones(size * scale), torch.ones(size * scale)
+        if i > 0:  # shared with the tile before: [start, end of the previous one)
+            skip = ((starts[i - 1] + size - start) * scale - blend) // 2
+            left[:skip] = 0
+            left[skip : skip + blend] = ramp
         if i < len(starts) - 1:  # shared with the tile after
-            shared = (start + size - starts[i + 1] - overlap) * scale
+            shared = (start + size - starts[i + 1]) * scale - blend
             keep = size * scale - (shared - shared // 2)
-            w[keep - ramp_len : keep] = 1 - ramp
-            w[keep:] = 0
-        weights.append(w)
-    return weights
+            right[keep - blend : keep] = 1 - ramp
+            right[keep:] = 0
+        weights.append(left * right)
+    # where three tiles meet (an overlap above half the tile, or the last tile flush with the end) the ramps
+    # cross: dividing by the sum keeps the total at 1 everywhere
+    total = torch.zeros((starts[-1] + size) * scale)
+    for start, w in zip(starts, weights):
+        total[start * scale : (start + size) * scale] += w
+    return [w / total[start * scale : (start + size) * scale] for start, w in zip(starts, weights)]
 
 
 @torch.inference_mode()
 def run_tiled(model: RRDBNet, x: torch.Tensor, tile: int = TILE, overlap: int = TILE_OVERLAP) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1] -> (1, 3, H*s, W*s) float32 on the CPU, the model run on tiles of at most
-    tile x tile input pixels that overlap by `overlap` and are blended; one run when the image fits a tile.
+    tile x tile input pixels that overlap by `overlap` pixels of the network's own resolution (input pixels
+    times the unshuffle factor: the x2 models see half as many) and are blended; one run when the image fits.
 
-    H and W must be multiples of the model's unshuffle factor; tile and overlap are rounded up to one.
+    H and W must be multiples of the model's unshuffle factor; the tile is rounded up to one.
     """
     s, u = model.scale, model.config.unshuffle
-    tile, overlap = -(-tile // u) * u, -(-overlap // u) * u
+    tile, overlap = -(-tile // u) * u, overlap * u
     if not 0 <= overlap < tile:
-        raise ValueError(f"the tile overlap must be at least 0 and less than the tile ({tile}), got {overlap}")
+        raise ValueError(f"the tile overlap ({overlap} input pixels for this x{s} model) must be at least 0 and less "
+                         f"than the tile ({tile}); use a smaller overlap or a larger tile")  # fmt: skip
     param = next(model.parameters())
     _, channels, height, width = x.shape
     tile_h, tile_w = min(tile, height), min(tile, width)
@@ -441,17 +449,23 @@ class Upscalers:
     folder: Folder = field(default_factory=lambda: Folder(suffixes=UPSCALER_SUFFIXES, what="upscaler"))
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
+    keep: int = 2  # models kept loaded (A1111's extras may blend two)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _loaded: tuple[tuple[Path, int, int], RRDBNet] | None = field(default=None, repr=False)
+    _loaded: OrderedDict[tuple[Path, int, int], RRDBNet] = field(default_factory=OrderedDict, repr=False)
     _scales: dict[Path, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dirs(cls, dirs: list[PathLike] = (), **kwargs) -> Upscalers:
         return cls(Folder(tuple(Path(d) for d in dirs), UPSCALER_SUFFIXES, "upscaler"), **kwargs)
 
+    def models(self) -> dict[str, Path]:
+        """The model files by name, in case-blind order of name (a file named like a built-in is hidden by it)."""
+        files = self.folder.files()
+        return {name: files[name] for name in sorted(files, key=str.lower) if name not in BUILT_IN}
+
     def names(self) -> list[str]:
-        """The built-ins, then the model files' names (a file named like a built-in is hidden by it)."""
-        return [*BUILT_IN, *(name for name in self.folder.files() if name not in BUILT_IN)]
+        """The built-ins, then the model files' names."""
+        return [*BUILT_IN, *self.models()]
 
     def get(self, name: str) -> Upscaler:
         """A built-in's name as it is, or the model file of that name, loaded (the last one is reused while
@@ -461,15 +475,22 @@ class Upscalers:
         return self.load(self.folder.find(name))
 
     def load(self, path: Path) -> RRDBNet:
-        """A model file (by path: for local callers such as the CLI), kept loaded until another is asked for."""
-        stat = path.stat()
+        """A model file (by path: for local callers such as the CLI); the `keep` last used stay loaded while
+        their files are unchanged."""
+        try:
+            stat = path.stat()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot open the upscaler file ({e.strerror or e})") from None
         key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # the old model is freed before the new one is read
-            model = read_upscaler(path).to(self.device, self.dtype)
-            self._loaded = (key, model)
-            self._scales[path] = model.scale
-        return self._loaded[1]
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        while len(self._loaded) >= max(1, self.keep):
+            self._loaded.popitem(last=False)  # freed before the next one is read
+        model = read_upscaler(path).to(self.device, self.dtype)
+        self._loaded[key] = model
+        self._scales[path] = model.scale
+        return model
 
     def upscale(self, image: Image.Image, name: str, scale: float | None = None, **kwargs) -> Image.Image:
         """`upscale` with the upscaler of that name, one call at a time."""
@@ -481,8 +502,7 @@ class Upscalers:
         entries: list[dict[str, object]] = [
             {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in BUILT_IN
         ]  # A1111 gives its built-ins the default scale 4
-        for name, path in self.folder.files().items():
-            if name not in BUILT_IN:
-                entries.append({"name": name, "model_name": "ESRGAN", "model_path": str(path), "model_url": None,
-                                "scale": self._scales.get(path)})  # fmt: skip
+        for name, path in self.models().items():
+            entries.append({"name": name, "model_name": "ESRGAN", "model_path": str(path), "model_url": None,
+                            "scale": self._scales.get(path)})  # fmt: skip
         return entries

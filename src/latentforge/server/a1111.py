@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import html
 import json
 import re
 import secrets
@@ -21,6 +22,7 @@ from .. import __version__, images, infotext, pngfiles
 from ..adapters.library import Library
 from ..request import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED
 from ..samplers import SPECS, get_sampler
+from ..upscalers import Upscaler, Upscalers, passes, target_size, upscale
 from .jobs import Job, ModelEntry, Models, Result, png_base64
 
 T = TypeVar("T")
@@ -270,3 +272,132 @@ def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> di
         "parameters": parameters,
         "info": json.dumps(info),
     }
+
+
+# --------------------------------------------------------------------------- extras (upscaling)
+
+
+class Extras(BaseModel):
+    """AUTOMATIC1111's extras request, its upscaling part; face restoration fields are accepted and ignored
+    (there are no face restorers)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resize_mode: int = Field(0, ge=0, le=1)  # 0: by upscaling_resize; 1: to upscaling_resize_w x _h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    upscaling_resize: float = Field(2, gt=0, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True  # resize_mode 1: crop the upscaled image to exactly w x h (centred)
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)  # blend of upscaler_2's result over upscaler_1's
+    upscale_first: bool = False
+
+
+class ExtrasSingleImage(Extras):
+    image: str  # base64, maybe with a data: prefix
+
+
+class FileData(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImages(Extras):
+    imageList: list[FileData] = Field(min_length=1, max_length=MAX_BATCH)  # A1111's field name
+
+
+def _upscaler(upscalers: Upscalers, name: str, loc: str) -> Upscaler | None:
+    """A request's upscaler name -> the upscaler ("None": none); unknown names, paths and files that are no
+    RRDBNet are a FieldError naming the field."""
+    if name == "None":
+        return None
+    try:
+        return upscalers.get(name)
+    except ValueError as e:
+        raise FieldError(loc, f"{loc}: {e}") from None
+
+
+def _extras_plan(req: Extras, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The size to upscale to, and the size to crop that to (resize_mode 1 with upscaling_crop), as A1111."""
+    if req.resize_mode == 1:
+        want = (req.upscaling_resize_w, req.upscaling_resize_h)
+        scale = max(want[0] / size[0], want[1] / size[1])
+        return target_size(size, scale), want if req.upscaling_crop else None
+    return target_size(size, req.upscaling_resize), None
+
+
+def _check_pixels(loc: str, what: str, size: tuple[int, int], max_pixels: int) -> None:
+    if size[0] * size[1] > max_pixels:
+        raise FieldError(loc, f"{what} would be {size[0]}x{size[1]}, over the server's limit of {max_pixels} pixels; "
+                              "ask for a smaller scale or size")  # fmt: skip
+
+
+def _crop_centre(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    left, top = image.width // 2 - size[0] // 2, image.height // 2 - size[1] // 2
+    cropped = image.crop((left, top, left + size[0], top + size[1]))
+    cropped.info = dict(image.info)
+    return cropped
+
+
+def run_extras(
+    req: Extras, texts: dict[str, str], upscalers: Upscalers, max_pixels: int
+) -> tuple[list[Image.Image], str]:
+    """An extras request's images upscaled as A1111's postprocessing does (upscaler_1, then upscaler_2's result
+    blended over it by extras_upscaler_2_visibility; upscaler_1 "None": the images as they came), and the
+    infotext of what was done. Every image's size and every output size is checked before any work; the
+    images are decoded one at a time."""
+    uploads = {loc: decode_base64(text, loc) for loc, text in texts.items()}
+    sizes = {loc: read_upload(data, loc, functools.partial(images.declared_size, max_pixels=max_pixels))
+             for loc, data in uploads.items()}  # fmt: skip
+    with upscalers.lock:
+        first = _upscaler(upscalers, req.upscaler_1, "upscaler_1")
+        second = _upscaler(upscalers, req.upscaler_2, "upscaler_2") if first is not None else None
+        if second is not None and req.extras_upscaler_2_visibility == 0:
+            second = None
+        loc_of_scale = "upscaling_resize" if req.resize_mode == 0 else "upscaling_resize_w"
+        for loc, size in sizes.items():
+            if first is None:
+                continue
+            target, _ = _extras_plan(req, size)
+            _check_pixels(loc_of_scale, f"{loc} upscaled", target, max_pixels)
+            for name, upscaler in ((req.upscaler_1, first), (req.upscaler_2, second)):
+                for step in passes(upscaler, size, target) if upscaler is not None else []:
+                    _check_pixels(loc_of_scale, f"{loc} after {name}", step, max_pixels)
+        done = []
+        for loc, data in uploads.items():
+            image = read_upload(data, loc, functools.partial(images.load_image, max_pixels=max_pixels))
+            if first is not None:
+                target, crop = _extras_plan(req, image.size)
+                result = upscale(image, first, size=target)
+                if second is not None:
+                    blended = Image.blend(result, upscale(image, second, size=target), req.extras_upscaler_2_visibility)
+                    blended.info, result = dict(result.info), blended
+                image = _crop_centre(result, crop) if crop is not None else result
+            done.append(image)
+    return done, _extras_infotext(req, first is not None, second is not None)
+
+
+def _extras_infotext(req: Extras, upscaled: bool, blended: bool) -> str:
+    """A1111's postprocessing infotext ("Postprocess upscale by: 2, Postprocess upscaler: ...")."""
+    if not upscaled:
+        return ""
+    if req.resize_mode == 1:
+        items = {"Postprocess upscale to": f"{req.upscaling_resize_w}x{req.upscaling_resize_h}"}
+        if req.upscaling_crop:
+            items["Postprocess crop to"] = items["Postprocess upscale to"]
+    else:
+        items = {"Postprocess upscale by": f"{req.upscaling_resize:g}"}
+    items["Postprocess upscaler"] = req.upscaler_1
+    if blended:
+        items["Postprocess upscaler 2"] = req.upscaler_2
+    return ", ".join(f"{key}: {infotext.quote(value)}" for key, value in items.items())
+
+
+def html_info(text: str) -> str:
+    """A1111's plaintext_to_html: the infotext in a paragraph, lines joined by <br>."""
+    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"

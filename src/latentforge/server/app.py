@@ -22,13 +22,27 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__, images, infotext, pngfiles
 from ..adapters.embeddings import Embedding
 from ..adapters.library import Library, lora_listing
-from ..pipeline import Pipeline, load
+from ..pipeline import Pipeline, load, resolve_device
 from ..samplers import SPECS
+from ..upscalers import LATENT_UPSCALE_MODES, Upscalers
 from .a1111 import (
-    FieldError, Img2Img, Txt2Img, answer, decode_base64, error_loc, find_model, make_job, read_upload, vae_option,
+    ExtrasBatchImages,
+    ExtrasSingleImage,
+    FieldError,
+    Img2Img,
+    Txt2Img,
+    answer,
+    decode_base64,
+    error_loc,
+    find_model,
+    html_info,
+    make_job,
+    read_upload,
+    run_extras,
+    vae_option,
 )  # fmt: skip
 from .guard import Guard, is_loopback
-from .jobs import ModelError, Models, QueueFull, Worker
+from .jobs import ModelError, Models, QueueFull, Worker, png_base64
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
@@ -52,6 +66,7 @@ class Settings:
     lora_dirs: list[str] = field(default_factory=list)  # folders of LoRA files, named by <lora:NAME:W> in prompts
     embedding_dirs: list[str] = field(default_factory=list)  # folders of textual-inversion embeddings
     vae_dirs: list[str] = field(default_factory=list)  # folders of VAE files, chosen by the sd_vae option
+    upscaler_dirs: list[str] = field(default_factory=list)  # folders of ESRGAN / Real-ESRGAN upscaler files
 
 
 def configured_models(settings: Settings, library: Library | None = None) -> Models:
@@ -92,6 +107,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     models.library = library
     worker = Worker(models, settings.max_queue)
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+    upscalers = Upscalers.from_dirs(settings.upscaler_dirs, device=resolve_device(settings.device))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -208,6 +224,30 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     @app.post("/sdapi/v1/refresh-vae")
     def refresh_vae() -> None:
         library.vaes.refresh()
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscaler_list() -> list[dict[str, Any]]:
+        return upscalers.listing()
+
+    @app.post("/sdapi/v1/refresh-upscalers")
+    def refresh_upscalers() -> None:
+        upscalers.folder.refresh()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+    @app.post("/sdapi/v1/extra-single-image")
+    def extra_single_image(req: ExtrasSingleImage) -> dict[str, str]:
+        """Upscaling only (no face restorers); one upscale runs at a time, beside any generation."""
+        done, text = run_extras(req, {"image": req.image}, upscalers, settings.max_image_pixels)
+        return {"html_info": html_info(text), "image": png_base64(done[0])}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    def extra_batch_images(req: ExtrasBatchImages) -> dict[str, Any]:
+        texts = {f"imageList.{i}.data": item.data for i, item in enumerate(req.imageList)}
+        done, text = run_extras(req, texts, upscalers, settings.max_image_pixels)
+        return {"html_info": html_info(text), "images": [png_base64(image) for image in done]}
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
