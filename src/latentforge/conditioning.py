@@ -46,6 +46,11 @@ class Cond:
     def to(self, dtype: torch.dtype) -> Cond:
         return Cond(self.context.to(dtype), None if self.vector is None else self.vector.to(dtype))
 
+    def rows(self, indices: Sequence[int]) -> Cond:
+        """These rows of the batch, in this order (a row may repeat)."""
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.context.device)
+        return Cond(self.context[index], None if self.vector is None else self.vector[index])
+
 
 class Conditioner(Protocol):
     """A model family's prompt encoder: (prompt, negative prompt or None when not guiding) -> their Conds.
@@ -57,6 +62,14 @@ class Conditioner(Protocol):
     def __call__(
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
     ) -> tuple[Cond, Cond | None]: ...
+
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        """Several texts of each side in one text-encoder batch (all padded to the same chunk count): a Cond of
+        len(prompts) rows, and one of len(negatives) rows (None when `negatives` is None). Calling the
+        conditioner is this with one text each."""
+        ...
 
     def models(self) -> dict[str, nn.Module]:
         """Its networks by part name (e.g. "text_encoder"), as the checkpoint names them; each is also the
@@ -77,10 +90,17 @@ class ClipConditioner:
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
     ) -> tuple[Cond, Cond | None]:
         """Both prompts in one text-encoder batch, so they are padded to the same chunk count."""
-        prompts = [prompt] if negative is None else [prompt, negative]
+        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
         vectors = vectors_for(self.embeddings, self.models(), "text_encoder")
-        context = encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip, embeddings=vectors)
-        return Cond(context[:1]), (None if negative is None else Cond(context[1:]))
+        texts = [*prompts, *(negatives or [])]
+        context = encode_prompts(self.text_encoder, self.tokenizer, texts, clip_skip, embeddings=vectors)
+        n = len(prompts)
+        return Cond(context[:n]), (None if negatives is None else Cond(context[n:]))
 
     def models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder}
@@ -92,8 +112,9 @@ class SDXLConditioner:
     norm, their vectors joined (77 * k x 2048); the added vector is bigG's pooled text (its first chunk) and
     the image size conditioning: original size (h, w), crop top-left (0, 0), target size (h, w), each number
     a `size_embed_dim`-wide sinusoidal embedding (6 x 256 + 1280 = 2816). An empty negative prompt gives
-    zeros for its text vectors and pooled text (diffusers' `force_zeros_for_empty_prompt`, as A1111 does);
-    its size conditioning stays. `clip_skip` steps further back from the penultimate layer, as diffusers'."""
+    zeros for its text vectors and pooled text (diffusers' `force_zeros_for_empty_prompt`, as A1111 does; of
+    several negative texts, a prompt schedule's, only when all are empty, as A1111 decides per batch); its
+    size conditioning stays. `clip_skip` steps further back from the penultimate layer, as diffusers'."""
 
     tokenizer: Tokenizer  # ViT-L's: pads with the end token
     text_encoder: TextEncoder
@@ -102,11 +123,16 @@ class SDXLConditioner:
     size_embed_dim: int = SDXL_SIZE_EMBED_DIM
     embeddings: dict[str, Embedding] = field(default_factory=dict)
 
-    @torch.no_grad()
     def __call__(
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
     ) -> tuple[Cond, Cond | None]:
-        prompts = [prompt] if negative is None else [prompt, negative]
+        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        n, prompts = len(prompts), [*prompts, *(negatives or [])]
         models = self.models()
         first = encode_prompts_pooled(
             self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False,
@@ -117,11 +143,11 @@ class SDXLConditioner:
             embeddings=vectors_for(self.embeddings, models, "text_encoder_2"),
         )  # fmt: skip
         context = torch.cat([first, second.to(first.dtype)], dim=-1)
-        if negative == "":
-            context[1:], pooled[1:] = 0, 0
+        if negatives is not None and all(text == "" for text in negatives):
+            context[n:], pooled[n:] = 0, 0
         height, width = size
         numbers = [[height, width, 0, 0, height, width]] * len(prompts)  # original size, crop, target size
-        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), negative is not None)
+        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), n, negatives is not None)
 
     def models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
@@ -142,19 +168,24 @@ class RefinerConditioner:
     negative_aesthetic_score: float = 2.5
     embeddings: dict[str, Embedding] = field(default_factory=dict)
 
-    @torch.no_grad()
     def __call__(
         self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
     ) -> tuple[Cond, Cond | None]:
-        prompts = [prompt] if negative is None else [prompt, negative]
+        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None, *, clip_skip: int, size: tuple[int, int]
+    ) -> tuple[Cond, Cond | None]:
+        n, prompts = len(prompts), [*prompts, *(negatives or [])]
         context, pooled = encode_prompts_pooled(
             self.text_encoder, self.tokenizer, prompts, clip_skip + 1, final_norm=False, pooled=True,
             embeddings=vectors_for(self.embeddings, self.models(), "text_encoder"),
         )  # fmt: skip
         height, width = size
-        scores = [self.aesthetic_score, self.negative_aesthetic_score][: len(prompts)]
+        scores = [self.aesthetic_score] * n + [self.negative_aesthetic_score] * (len(prompts) - n)
         numbers = [[height, width, 0, 0, score] for score in scores]  # original size, crop, aesthetic score
-        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), negative is not None)
+        return _split(context, pooled, size_embedding(numbers, self.size_embed_dim), n, negatives is not None)
 
     def models(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder}
@@ -166,8 +197,11 @@ def size_embedding(numbers: list[list[float]], dim: int) -> torch.Tensor:
     return timestep_embedding(values.flatten(), dim).reshape(len(numbers), -1)
 
 
-def _split(context: torch.Tensor, pooled: torch.Tensor, sizes: torch.Tensor, guided: bool) -> tuple[Cond, Cond | None]:
-    """The prompt's Cond and, when guided, the negative prompt's: context, and pooled text + size embeddings."""
+def _split(
+    context: torch.Tensor, pooled: torch.Tensor, sizes: torch.Tensor, n: int, guided: bool
+) -> tuple[Cond, Cond | None]:
+    """The prompts' Cond (the first n rows) and, when guided, the negative prompts': context, and pooled text +
+    size embeddings."""
     vector = torch.cat([pooled.to(context.dtype), sizes.to(context)], dim=-1)
-    cond = Cond(context[:1], vector[:1])
-    return cond, (Cond(context[1:], vector[1:]) if guided else None)
+    cond = Cond(context[:n], vector[:n])
+    return cond, (Cond(context[n:], vector[n:]) if guided else None)

@@ -24,12 +24,13 @@ from .checkpoints import Parts
 from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
 from .config import ModelConfig
 from .errors import GenerationError
-from .guidance import Denoiser, Guidance, make_denoiser
+from .guidance import Denoiser, PromptConds, make_denoiser
 from .hires import LATENT_MODES, Hires, upscale_image, upscale_latents
 from .images import image_to_tensor, tensor_to_images
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
+from .prompt_schedule import PromptPlan, plan_prompts
 from .prompts import embeddings_in
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
@@ -98,10 +99,26 @@ class Pipeline:
     ) -> tuple[Cond, Cond | None]:
         """The prompt's conditioning, and the negative prompt's (None when `negative` is None), in the
         model's dtype; `size` (height, width) defaults to the native size (families that condition on it)."""
+        return self._encode_texts([prompt], None if negative is None else [negative], clip_skip, size)
+
+    def encode_plan(
+        self, plan: PromptPlan, guided: bool, clip_skip: int = 1, size: tuple[int, int] | None = None
+    ) -> PromptConds:
+        """The conditioning of each distinct text of a prompt plan (`prompt_schedule`), each encoded once, all in
+        one text-encoder batch; the negative texts only when `guided`. A plan that never changes is encoded
+        as `encode_prompt` encodes its one prompt."""
+        if plan.fixed:
+            cond, uncond = self.encode_prompt(plan.texts[0], plan.negatives[0] if guided else None, clip_skip, size)
+        else:
+            cond, uncond = self._encode_texts(plan.texts, plan.negatives if guided else None, clip_skip, size)
+        return PromptConds(plan, cond, uncond)
+
+    def _encode_texts(self, prompts, negatives, clip_skip: int, size: tuple[int, int] | None) -> tuple[Cond, Cond | None]:
+        """`Conditioner.encode` in the model's dtype, the text encoders read again first if they were freed."""
         native = self.config.native_size
         if self.text_encoders_on_demand:
             self._load_text_encoders()
-        cond, uncond = self.conditioner(prompt, negative, clip_skip=clip_skip, size=size or (native, native))
+        cond, uncond = self.conditioner.encode(prompts, negatives, clip_skip=clip_skip, size=size or (native, native))
         if self.text_encoders_on_demand:
             for encoder in self.conditioner.models().values():
                 encoder.to("meta")  # the weights' memory goes; the module keeps its shapes
@@ -215,14 +232,16 @@ class Pipeline:
         words = self._use_embeddings(prompt, negative)
         if request.refiner is not None:
             request.refiner._use_embeddings(prompt, negative)
-        # the negative prompt is only read by the unconditional pass, which scale 1 skips
-        negative = negative if request.cfg_scale != 1 else None
+        # A1111's prompt editing, alternation and AND: the texts each step is guided by (prompt_schedule)
+        plan = plan_prompts(prompt, negative, request.steps)
+        # the negative prompt is only read by the unconditional pass, which scale 1 skips (unless AND composes)
+        guided = request.cfg_scale != 1 or plan.composed
         size = (request.height, request.width)
-        conds = self.encode_prompt(prompt, negative, request.clip_skip, size)
+        conds = self.encode_plan(plan, guided, request.clip_skip, size)
         refine = None
         if request.refiner is not None:
             split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
-            refine = (split, request.refiner.encode_prompt(prompt, negative, request.clip_skip, size))
+            refine = (split, request.refiner.encode_plan(plan, guided, request.clip_skip, size))
         second = None if request.hires is None else self._second_pass(request, schedule, prompt, negative)
         images = []
         for i in range(request.batch_size):
@@ -240,7 +259,7 @@ class Pipeline:
             images.append(image)
         return images
 
-    def _second_pass(self, request, schedule: NoiseSchedule, prompt: str, negative: str | None):
+    def _second_pass(self, request, schedule: NoiseSchedule, prompt: str, negative: str):
         """The hires fix's img2img request (the larger size, its own steps, sampler, guidance and prompts), its
         sampler, sigmas, conditioning and upscaler: made once for every image of the batch."""
         hires = request.hires
@@ -254,7 +273,10 @@ class Pipeline:
         sigmas = img2img_sigmas(spec, schedule, larger.steps, larger.strength)
         hr_prompt = prompt if hires.prompt is None else split_tags(hires.prompt)[0]
         hr_negative = negative if hires.negative_prompt is None else split_tags(hires.negative_prompt)[0]
-        conds = self.encode_prompt(hr_prompt, hr_negative if larger.cfg_scale != 1 else None, larger.clip_skip, (height, width))
+        # A1111's hires schedule: a step `when` counts on from the first pass's steps, a fraction from 1.0
+        plan = plan_prompts(hr_prompt, hr_negative, request.steps, larger.steps)
+        guided = larger.cfg_scale != 1 or plan.composed
+        conds = self.encode_plan(plan, guided, larger.clip_skip, (height, width))
         return larger, spec, sigmas, conds, hires.upscaler
 
     def _refine_larger(self, second, latents: torch.Tensor, schedule, seed: int, index: int, callback) -> torch.Tensor:
@@ -273,8 +295,9 @@ class Pipeline:
         self, request, spec, schedule, sigmas, conds, seed, index, callback, refine=None, init_latents=None
     ) -> torch.Tensor:
         """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents;
-        with `refine` = (split, the refiner's conds), the refiner's guided UNet runs the steps from `split` on.
-        `init_latents` (scaled latents of the image's size) start an img2img from latents, not an image."""
+        with `refine` = (split, the refiner's PromptConds), the refiner's guided UNet runs the steps from `split`
+        on. `conds` (PromptConds) may change per step: step i is sigmas[i]'s. `init_latents` (scaled latents of
+        the image's size) start an img2img from latents, not an image."""
         g = torch.Generator().manual_seed(seed)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
         # the inpainting UNet at full strength starts from pure noise, like txt2img
@@ -295,9 +318,9 @@ class Pipeline:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
             x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
-        guidance = Guidance(cond=conds[0], uncond=conds[1], cfg_scale=request.cfg_scale, inpaint_extra=extra)
+        guidance = conds.guidance(request.cfg_scale, extra)
         timestep = functools.partial(spec.timestep, schedule)
-        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance)
+        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance, sigmas)
         if blend is not None:
             denoise = keep_unmasked(denoise, *blend)
 
@@ -327,10 +350,10 @@ class Pipeline:
         one); a part with no step is left out."""
         if refine is None:
             return [(self, denoise, sigmas)]
-        split, (cond, uncond) = refine
+        split, conds = refine
         refiner = request.refiner
-        guided = Guidance(cond=cond, uncond=uncond, cfg_scale=request.cfg_scale)
-        refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided)
+        guided = conds.guidance(request.cfg_scale)
+        refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided, sigmas)
         runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
         return [run for run in runs if len(run[2]) > 1]
 
