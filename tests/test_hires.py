@@ -95,7 +95,7 @@ def test_bad_settings(make, message):
     "kwargs, message",
     [
         (dict(hires=Hires(upscaler="4x-Nope")), "unknown hires upscaler '4x-Nope'; known: Latent"),
-        (dict(hires=Hires(steps=2, denoising_strength=0.4)), "runs no step"),
+        (dict(hires=Hires(steps=2, denoising_strength=0.4)), "runs no step of the hires pass"),
         (dict(hires=Hires(scale=8), width=512, height=512), "too large"),
         (dict(hires=Hires(), init_image=Image.new("RGB", (64, 64))), "hires fix is for txt2img"),
         (dict(hires="2x"), "hires must be a latentforge.hires.Hires"),

@@ -183,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             embedding_dirs=args.embeddings_dir,
             vae_dirs=args.vae_dir,
             upscaler_dirs=args.upscaler_dir,
+            styles_file=args.styles_file,
         )
     )
 
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of VAE files, chosen with the sd_vae option (repeatable; /sdapi/v1/sd-vae)")
     p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
                    help="folder of ESRGAN / Real-ESRGAN upscaler files (repeatable; /sdapi/v1/upscalers)")
+    p.add_argument("--styles-file", metavar="CSV",
+                   help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the styles requests may name")
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)

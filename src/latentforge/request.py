@@ -257,7 +257,8 @@ def _check_hires(pipe, hires: object, width: int, height: int, steps: int, init:
     _int("hr_second_pass_steps", hr_steps, 1, MAX_STEPS)
     if int(hr_steps * hires.denoising_strength) < 1:
         raise ValueError(
-            f"denoising_strength {hires.denoising_strength} with {hr_steps} hires steps runs no step; raise either"
+            f"hr_second_pass_steps {hr_steps} x denoising_strength {hires.denoising_strength} runs no step of the "
+            "hires pass; raise either"
         )
     if hires.sampler is not None:
         get_sampler(hires.sampler)

@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, images, infotext, pngfiles
 from ..adapters.library import Library
+from ..hires import Hires, check_upscaler
 from ..request import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED
 from ..samplers import SPECS, get_sampler
+from ..styles import Style, apply_styles
 from ..upscalers import Upscaler, Upscalers, passes, target_size, upscale
 from .jobs import Job, ModelEntry, Models, Result, png_base64
 
@@ -61,6 +63,20 @@ class Txt2Img(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
     refiner_checkpoint: str | None = None  # a configured model's title or name (SDXL's refiner); "" or "None": none
     refiner_switch_at: float | None = None  # None: generate()'s default (0.8)
+    styles: list[str] = Field(default_factory=list, max_length=64)  # prompt styles by name (--styles-file)
+    # the hires fix (txt2img): A1111's fields; hr_sampler_name / hr_prompt / hr_negative_prompt left empty and
+    # hr_cfg left out are the first pass's
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_cfg: float | None = None
+    denoising_strength: float | None = None  # the hires pass's (None: 0.7)
     send_images: bool = True
 
 
@@ -168,11 +184,43 @@ def vae_option(library: Library, value: object, loc: str) -> str:
     return value
 
 
+HIRES_STRENGTH = 0.7  # the hires pass's denoising strength when a request leaves it out (webuiapi's default)
+SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that keep the first pass's sampler
+
+
+def hires_fix(req: Txt2Img, upscalers: Upscalers) -> Hires:
+    """A txt2img request's hires fix settings; a bad value is a FieldError naming its field."""
+    upscaler = req.hr_upscaler or "Latent"
+    try:
+        check_upscaler(upscaler, upscalers)
+    except ValueError as e:
+        raise FieldError("hr_upscaler", str(e)) from None
+    sampler = None
+    if req.hr_sampler_name not in SAME_SAMPLER:
+        try:
+            sampler = get_sampler(req.hr_sampler_name).a1111_name
+        except ValueError as e:
+            raise FieldError("hr_sampler_name", str(e)) from None
+    resize = (req.hr_resize_x, req.hr_resize_y) if req.hr_resize_x or req.hr_resize_y else None
+    strength = HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength
+    try:
+        return Hires(
+            scale=req.hr_scale, resize=resize, upscaler=upscaler, steps=req.hr_second_pass_steps,
+            denoising_strength=strength, sampler=sampler, prompt=req.hr_prompt or None,
+            negative_prompt=req.hr_negative_prompt or None, cfg_scale=req.hr_cfg,
+        )  # fmt: skip
+    except ValueError as e:  # each message starts with the request field it is about
+        field = str(e).split()[0]
+        raise FieldError(field if field in Txt2Img.model_fields else "enable_hr", str(e)) from None
+
+
 def make_job(
-    req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic"
-) -> tuple[Job, list[int]]:
+    req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
+    styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None,
+) -> tuple[Job, list[int]]:  # fmt: skip
     """The job for a txt2img / img2img request, and its seeds (image i: seed + i); `vae` is the sd_vae
-    option, which the request's override_settings may change for itself."""
+    option, which the request's override_settings may change for itself; `styles` those the request may
+    name; `upscalers` those the hires fix may use."""
     count = req.batch_size * req.n_iter
     if count > MAX_BATCH:
         raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
@@ -188,13 +236,19 @@ def make_job(
     refiner = None
     if req.refiner_checkpoint not in NO_REFINER:
         refiner = find_model(models, req.refiner_checkpoint, "refiner_checkpoint").name
+    try:
+        prompt, negative = apply_styles(req.prompt, req.negative_prompt, styles or {}, req.styles)
+    except ValueError as e:
+        raise FieldError("styles", str(e)) from None
     common = {
-        "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+        "prompt": prompt, "negative_prompt": negative, "steps": req.steps,
         "sampler": resolve_sampler(req), "cfg_scale": req.cfg_scale, "width": req.width, "height": req.height,
         "clip_skip": settings.get("CLIP_stop_at_last_layers", clip_skip),
     }  # fmt: skip
     if refiner is not None and req.refiner_switch_at is not None:
         common["refiner_switch_at"] = req.refiner_switch_at
+    if req.enable_hr and not isinstance(req, Img2Img):  # A1111 ignores enable_hr in img2img too
+        common["hires"] = hires_fix(req, upscalers or Upscalers())
     calls = [common | {"seed": s} for s in seeds]
     if isinstance(req, Img2Img):
         texts = {f"init_images.{i}": text for i, text in enumerate(req.init_images)}
@@ -217,6 +271,7 @@ GENERATE_FIELDS = {
     "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
+    "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
 }  # fmt: skip
 _FIELD_WORD = re.compile(r"\b(" + "|".join(GENERATE_FIELDS) + r")\b")
 
@@ -234,9 +289,12 @@ def extra_params(made: dict[str, str]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if "Refiner" in made:
         extra |= {"Refiner": made["Refiner"], "Refiner switch at": float(made["Refiner switch at"])}
-    for key in ("Lora hashes", "TI hashes"):
+    for key in ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt",
+                "Hires negative prompt", "Hires CFG Scale", "Lora hashes", "TI hashes"):  # fmt: skip
         if key in made:
             extra[key] = made[key]
+    if "Hires resize-1" in made:  # the infotext reader splits a "WxH" value in two
+        extra["Hires resize"] = f"{made['Hires resize-1']}x{made['Hires resize-2']}"
     return extra
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import resource
 import socket
 import threading
 import time
@@ -13,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -24,6 +27,7 @@ from ..adapters.embeddings import Embedding
 from ..adapters.library import Library, lora_listing
 from ..pipeline import Pipeline, load, resolve_device
 from ..samplers import SPECS
+from ..styles import read_styles
 from ..upscalers import LATENT_UPSCALE_MODES, Upscalers
 from .a1111 import (
     ExtrasBatchImages,
@@ -67,17 +71,20 @@ class Settings:
     embedding_dirs: list[str] = field(default_factory=list)  # folders of textual-inversion embeddings
     vae_dirs: list[str] = field(default_factory=list)  # folders of VAE files, chosen by the sd_vae option
     upscaler_dirs: list[str] = field(default_factory=list)  # folders of ESRGAN / Real-ESRGAN upscaler files
+    styles_file: str | None = None  # A1111's styles.csv: the prompt styles requests may name
 
 
-def configured_models(settings: Settings, library: Library | None = None) -> Models:
-    """The models named by the settings, loaded with their dtype, device, VAE tiling and the add-on folders
-    (one Library shared by all) when first used."""
+def configured_models(settings: Settings, library: Library | None = None, upscalers: Upscalers | None = None) -> Models:
+    """The models named by the settings, loaded with their dtype, device, VAE tiling, the add-on folders and
+    the upscalers (one of each, shared by all) when first used."""
     library = library or settings_library(settings)
+    upscalers = upscalers or settings_upscalers(settings)
 
     def loader(path: Path) -> Pipeline:
         pipe = load(path, dtype=settings.dtype, device=settings.device)
         pipe.vae_tiling = settings.vae_tiling
         pipe.library = library
+        pipe.upscalers = upscalers
         return pipe
 
     return Models(settings.models, settings.keep_loaded, loader)
@@ -85,6 +92,35 @@ def configured_models(settings: Settings, library: Library | None = None) -> Mod
 
 def settings_library(settings: Settings) -> Library:
     return Library.from_dirs(settings.lora_dirs, settings.embedding_dirs, settings.vae_dirs)
+
+
+def settings_upscalers(settings: Settings) -> Upscalers:
+    return Upscalers.from_dirs(settings.upscaler_dirs, device=resolve_device(settings.device))
+
+
+def memory_report() -> dict[str, Any]:
+    """A1111's /memory: the machine's RAM (bytes, from /proc/meminfo) and this process's, and CUDA's."""
+    ram: dict[str, Any] = {}
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+        ram = {"free": free, "used": total - free, "total": total}
+    except (OSError, KeyError, ValueError):
+        ram = {"error": "no /proc/meminfo on this system"}
+    ram["process_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "no CUDA device"}}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+    cuda = {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
+        "allocated": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+        "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()},
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
+    return {"ram": ram, "cuda": cuda}
 
 
 STATIC = {
@@ -100,14 +136,14 @@ PAGE_HEADERS = {
 
 def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     """The ASGI app: the API under /sdapi/v1 and the web page at /. Its worker runs while the app does."""
-    library = settings_library(settings)
-    models = models or configured_models(settings, library)
-    for pipe in models.loaded.values():  # models loaded before the app (serve loads the first) share it too
-        pipe.library = library
+    library, upscalers = settings_library(settings), settings_upscalers(settings)
+    styles = read_styles(settings.styles_file) if settings.styles_file else {}
+    models = models or configured_models(settings, library, upscalers)
+    for pipe in models.loaded.values():  # models loaded before the app (serve loads the first) share them too
+        pipe.library, pipe.upscalers = library, upscalers
     models.library = library
     worker = Worker(models, settings.max_queue)
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
-    upscalers = Upscalers.from_dirs(settings.upscaler_dirs, device=resolve_device(settings.device))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -141,7 +177,9 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     async def generate(request: Request, req: Txt2Img) -> Any:
         clip_skip = options["CLIP_stop_at_last_layers"]
-        job, seeds = await run_in_threadpool(make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"])
+        job, seeds = await run_in_threadpool(
+            make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"], styles, upscalers
+        )
         waiting = asyncio.wrap_future(worker.submit(job))
         while not waiting.done():
             await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
@@ -166,6 +204,34 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     def interrupt() -> dict:
         worker.interrupt()
         return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict:
+        worker.skip()
+        return {}
+
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles() -> list[dict[str, str]]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()]
+
+    @app.get("/sdapi/v1/face-restorers")
+    def face_restorers() -> list:
+        return []  # latentforge has none
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        """The models are the ones `serve --model` names (no folder is scanned), so there is nothing to find."""
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        return memory_report()
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        """How the server was started (serve's flags), without the credentials."""
+        flags = dataclasses.asdict(settings)
+        flags["api_auth"] = settings.api_auth is not None
+        return flags
 
     @app.get("/sdapi/v1/samplers")
     def samplers() -> list[dict[str, Any]]:

@@ -26,6 +26,10 @@ PREVIEW_COST = 0.2  # ... and previews take at most this share of the time (slow
 PREVIEW_WANTED_S = 3.0  # previews are made only while someone asked /progress for one this recently
 
 
+class Skipped(Exception):
+    """The running image is skipped (A1111's /skip): the job goes on with its next image."""
+
+
 class Interrupted(Exception):
     """Raised from the step callback to stop the running job."""
 
@@ -110,6 +114,7 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     interrupted: bool = False
+    skipped: int | None = None  # the image /skip asked to drop
     started: float = 0.0
     image: int = 0  # the image being made
     step: int = 0  # sampler steps done of it
@@ -174,6 +179,12 @@ class Worker:
             if self.current is not None:
                 self.current.interrupted = True
 
+    def skip(self) -> None:
+        """Drop the image being made (A1111's /skip): the running job goes on with its next image."""
+        with self.cond:
+            if self.current is not None:
+                self.current.skipped = self.current.image
+
     def _run(self) -> None:
         while True:
             with self.cond:
@@ -202,7 +213,10 @@ class Worker:
         try:
             for i, call in enumerate(job.calls):
                 job.image, job.step = i, 0
-                done += pipe.generate(**call, **refiner, callback=on_step)
+                try:
+                    done += pipe.generate(**call, **refiner, callback=on_step)
+                except Skipped:
+                    continue
         except Interrupted:
             pass
         return Result(done, self.models.entries[job.model], pipe.config.inpainting)
@@ -210,6 +224,8 @@ class Worker:
     def _on_step(self, job: Job, pipe: Pipeline, step: Step) -> None:
         if job.interrupted:
             raise Interrupted
+        if job.skipped == job.image:
+            raise Skipped
         job.step, job.steps = step.step + 1, step.steps
         now = time.monotonic()
         wait = max(PREVIEW_EVERY_S, job.preview_cost / PREVIEW_COST)
@@ -234,7 +250,8 @@ class Worker:
         fraction = (job.image + (job.step / job.steps if job.steps else 0.0)) / count
         elapsed = time.monotonic() - job.started
         state |= {
-            "interrupted": job.interrupted, "job": f"image {job.image + 1}/{count}", "job_count": count,
+            "skipped": job.skipped == job.image, "interrupted": job.interrupted,
+            "job": f"image {job.image + 1}/{count}", "job_count": count,
             "job_timestamp": job.timestamp, "job_no": job.image, "sampling_step": job.step,
             "sampling_steps": job.steps,
         }  # fmt: skip
