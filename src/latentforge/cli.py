@@ -97,8 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
     from tqdm import tqdm
 
-    from . import images, load, pngfiles
+    from . import grid, images, load, pngfiles
     from .adapters.library import Library
+    from .styles import apply_styles, read_styles
+    from .upscalers import Upscalers
 
     out = pngfiles.check_output_folder(args.out)  # before any work: a bad --out fails at once
     if args.mask and not args.init_image:
@@ -108,10 +110,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     init = images.load_image(args.init_image) if args.init_image else None
     mask = images.load_mask(args.mask, init.size) if args.mask else None
     loras = dict(lora_argument(text) for text in args.lora)
+    hires = hires_argument(args)
+    axes = [grid.parse_axis(text) if text else None for text in (args.x, args.y, args.z)]
+    if axes[0] is None and any(axes):
+        raise ValueError("--y and --z need an --x axis")
+    if axes[0] is not None and args.batch_size != 1:
+        raise ValueError("--batch-size with --x: a plot makes one image per cell; vary the seed with --x seed=1-4")
+    prompt, negative = args.prompt, args.negative_prompt
+    if args.style:
+        prompt, negative = apply_styles(prompt, negative, read_styles(args.styles_file) if args.styles_file else {}, args.style)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     pipe.vae_tiling = args.vae_tiling
     pipe.text_encoders_on_demand = args.text_encoders_on_demand
     pipe.library = Library.from_dirs(args.lora_dir, args.embeddings_dir)
+    pipe.upscalers = Upscalers.from_dirs(args.upscaler_dir, device=pipe.device)
     if args.vae:
         pipe.load_vae(args.vae)
     refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
@@ -131,26 +143,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
             previews.setdefault(step.image_index, []).append((step.step + 1, pipe.decode(step.denoised)[0]))
         if step.step + 1 == step.steps:
             bar.close()
+            del bars[step.image_index]  # a hires pass reports its steps under the same image again
 
-    results = pipe.generate(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        sampler=args.sampler,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch_size,
-        init_image=init,
-        strength=args.strength,
-        mask=mask,
-        callback=on_step,
-        clip_skip=args.clip_skip,
-        refiner=refiner,
-        refiner_switch_at=args.refiner_switch_at,
-        loras=loras,
-    )
+    call = dict(
+        prompt=prompt, negative_prompt=negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+        seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, init_image=init,
+        strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
+        refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires,
+    )  # fmt: skip
+    if axes[0] is not None:
+        save_plot(pipe, call, axes, out)
+        return
+    results = pipe.generate(**call)
     for i, image in enumerate(results):
         path = pngfiles.save_png(image, out)
         print(path)
@@ -158,6 +162,50 @@ def cmd_generate(args: argparse.Namespace) -> None:
             steps, frames = zip(*previews[i])
             strip = images.image_strip(list(frames), [f"step {n}" for n in steps])
             print(pngfiles.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
+
+
+def hires_argument(args: argparse.Namespace):
+    """The hires fix the --hires-* options ask for (--hires-scale or --hires-resize turns it on), or None."""
+    from .hires import Hires
+
+    if args.hires_scale is None and args.hires_resize is None:
+        others = [name for name in ("hires_upscaler", "hires_steps", "hires_sampler", "hires_prompt",
+                                    "hires_negative_prompt", "hires_cfg_scale", "hires_denoise")
+                  if getattr(args, name) is not None]  # fmt: skip
+        if others:
+            raise ValueError(f"--{others[0].replace('_', '-')} needs --hires-scale or --hires-resize (the hires fix)")
+        return None
+    resize = None
+    if args.hires_resize is not None:
+        width, sep, height = args.hires_resize.lower().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit():
+            raise ValueError(f"--hires-resize {args.hires_resize}: write WIDTHxHEIGHT, e.g. 1024x768 (0 keeps the ratio)")
+        resize = (int(width), int(height))
+    return Hires(
+        scale=2.0 if args.hires_scale is None else args.hires_scale, resize=resize,
+        upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps or 0,
+        denoising_strength=0.7 if args.hires_denoise is None else args.hires_denoise, sampler=args.hires_sampler,
+        prompt=args.hires_prompt, negative_prompt=args.hires_negative_prompt, cfg_scale=args.hires_cfg_scale,
+    )  # fmt: skip
+
+
+def save_plot(pipe, call: dict, axes: list, out: Path) -> None:
+    """An X/Y/Z plot: each cell as its own PNG (its infotext), then the grid PNG, whose infotext is the first
+    cell's with the axes added (as A1111's script writes it)."""
+    import secrets
+
+    from . import grid, pngfiles
+    from .request import MAX_SEED
+
+    def one(**cell):
+        image = pipe.generate(**cell)[0]
+        print(pngfiles.save_png(image, out))
+        return [image]
+
+    seed = secrets.randbelow(MAX_SEED + 1) if call["seed"] is None else call["seed"]  # one seed for every cell
+    plot = grid.xyz_plot(one, {**call, "batch_size": 1, "seed": seed}, *axes)
+    first = plot.cells[0][0][0].info["parameters"]
+    print(pngfiles.save_png(plot.grid, out, stem="grid", parameters=f"{first}, Script: X/Y/Z plot, {grid.axis_names(axes)}"))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -398,6 +446,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
                    help="fraction of the schedule after which the refiner takes over, as A1111's "
                    "\"Refiner switch at\" (default: 0.8)")  # fmt: skip
+    hires = p.add_argument_group("hires fix (txt2img: upscale, then refine at the larger size)")
+    hires.add_argument("--hires-scale", type=float, metavar="F", help="second pass at this times the size (turns it on)")
+    hires.add_argument("--hires-resize", metavar="WxH", help="second pass at this size instead (turns it on)")
+    hires.add_argument("--hires-upscaler", metavar="NAME",
+                       help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), "
+                       "None, Lanczos, Nearest, or an upscaler model's name in --upscaler-dir")  # fmt: skip
+    hires.add_argument("--hires-denoise", type=float, metavar="F", help="the second pass's denoising strength (0.7)")
+    hires.add_argument("--hires-steps", type=int, metavar="N", help="the second pass's steps (default: the first's)")
+    hires.add_argument("--hires-sampler", metavar="NAME", help="the second pass's sampler (default: the first's)")
+    hires.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")
+    hires.add_argument("--hires-negative-prompt", help="the second pass's negative prompt (default: the first's)")
+    hires.add_argument("--hires-cfg-scale", type=float, help="the second pass's guidance (default: the first's)")
+    p.add_argument("--upscaler-dir", action="append", default=[], metavar="DIR",
+                   help="folder of ESRGAN / Real-ESRGAN upscaler files, by name for --hires-upscaler (repeatable)")
+    plot = p.add_argument_group("X/Y/Z plot (one image per combination, and a labelled grid)")
+    plot.add_argument("--x", metavar="KIND=V1,V2", help="an axis: seed, steps, cfg, sampler, prompt_sr (the first "
+                      "value is replaced by each), lora=NAME:W1,W2; ranges as in A1111: 10-30 (+10), 1-2 [5]")
+    plot.add_argument("--y", metavar="KIND=V1,V2", help="a second axis (rows)")
+    plot.add_argument("--z", metavar="KIND=V1,V2", help="a third axis (one grid per value, side by side)")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply this prompt style of --styles-file (repeatable, in order)")
+    p.add_argument("--styles-file", metavar="CSV", help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt)")
     p.add_argument("--vae", metavar="FILE", help="decode with this VAE file (or diffusers VAE folder) instead of "
                    "the model's own")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
