@@ -380,3 +380,17 @@ def not_a_model(tmp_path: Path) -> Path:
     path = tmp_path / "notes.safetensors"
     path.write_bytes(b"not a checkpoint")
     return path
+
+
+def test_the_shipped_star_lora():
+    """src/latentforge/data/lora/star.safetensors: a rank-8 kohya LoRA of the shipped model that changes its image."""
+    path = Path(latentforge.__file__).parent / "data" / "lora" / "star.safetensors"
+    tensors, metadata = read_file(path)
+    assert metadata["ss_output_name"] == "star" and metadata["ss_network_dim"] == "8"
+    assert metadata["ss_sd_model_name"] == "latentforge-shapes.safetensors" and metadata["ss_steps"] == "1200"
+    assert all(v.shape[0] == 8 for k, v in tensors.items() if k.endswith("lora_down.weight"))
+    pipe = latentforge.load(dtype="float32", device="cpu")
+    prompt = "a large red star in the center, white background"
+    plain = np.asarray(pipe.generate(prompt, seed=1)[0], dtype=np.int16)
+    starred = np.asarray(pipe.generate(prompt, seed=1, loras={path: 1.0})[0], dtype=np.int16)
+    assert np.abs(plain - starred).max() > 10

@@ -204,7 +204,7 @@ class LoRAObjective(nn.Module):
 # --------------------------------------------------------------------------- the file
 
 
-def kohya_metadata(config: LoraTrainConfig, base: Base, steps: int, finished: float) -> dict[str, str]:
+def kohya_metadata(config: LoraTrainConfig, base: Base, steps: int, finished: float, ranks: int = 1) -> dict[str, str]:
     """The ss_* fields kohya's trainer writes, which A1111 and ComfyUI show (and read the base version from)."""
     metadata = {
         "ss_network_module": "networks.lora",
@@ -222,7 +222,7 @@ def kohya_metadata(config: LoraTrainConfig, base: Base, steps: int, finished: fl
         "ss_unet_lr": f"{config.lr:g}",
         "ss_text_encoder_lr": f"{config.lr:g}" if config.train_text_encoder else "0",
         "ss_resolution": f"({config.image_size}, {config.image_size})",
-        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_batch_size_per_device": str(config.batch_size // ranks),
         "ss_total_batch_size": str(config.batch_size),
         "ss_seed": str(config.seed),
         "ss_lr_warmup_steps": str(config.warmup_steps),
@@ -290,8 +290,9 @@ def open_lora_datasets(config: LoraTrainConfig) -> tuple[Any, Any]:
     return folder, folder
 
 
-def lora_task(config: LoraTrainConfig, base: Base) -> Task:
-    """The LoRA trainer as a Task for the shared loop: the network's weights are trained, the base frozen."""
+def lora_task(config: LoraTrainConfig, base: Base, ranks: int = 1) -> Task:
+    """The LoRA trainer as a Task for the shared loop (over `ranks` processes): the network's weights are
+    trained, the base frozen."""
     torch.manual_seed(config.seed)
     targets = lora_targets(base.unet, base.text_encoder if config.train_text_encoder else None)
     network = LoRANetwork(targets, config.rank, config.alpha)
@@ -327,7 +328,7 @@ def lora_task(config: LoraTrainConfig, base: Base) -> Task:
         return {f"{config.sample_kind}_share": kinds.count(config.sample_kind) / len(kinds)}
 
     def finish(trained: nn.Module, run_dir: Path) -> None:
-        metadata = kohya_metadata(config, base, config.steps, time.time())
+        metadata = kohya_metadata(config, base, config.steps, time.time(), ranks)
         write_lora(trained, run_dir / f"{config.output_name}.safetensors", metadata)
 
     return Task(name="lora", model=network, objective=objective, inputs=inputs, report=report, finish=finish)
@@ -350,4 +351,4 @@ def train_lora(
     config = dataclasses.replace(config, started_at=started, base=base_path)
     if dataset is None:
         dataset = open_lora_datasets(config)[0]
-    return train(lora_task(config, base), config, run_dir, dataset, dist, resume)
+    return train(lora_task(config, base, dist.world), config, run_dir, dataset, dist, resume)
