@@ -99,7 +99,7 @@ class Pipeline:
     ) -> tuple[Cond, Cond | None]:
         """The prompt's conditioning, and the negative prompt's (None when `negative` is None), in the
         model's dtype; `size` (height, width) defaults to the native size (families that condition on it)."""
-        return self._encode_texts([prompt], None if negative is None else [negative], clip_skip, size)
+        return self._encode_texts(prompt, negative, clip_skip, size)
 
     def encode_plan(
         self, plan: PromptPlan, guided: bool, clip_skip: int = 1, size: tuple[int, int] | None = None
@@ -114,11 +114,13 @@ class Pipeline:
         return PromptConds(plan, cond, uncond)
 
     def _encode_texts(self, prompts, negatives, clip_skip: int, size: tuple[int, int] | None) -> tuple[Cond, Cond | None]:
-        """`Conditioner.encode` in the model's dtype, the text encoders read again first if they were freed."""
+        """One prompt and negative prompt (str) through the conditioner, or several of each (sequences) through
+        `Conditioner.encode`; in the model's dtype, the text encoders read again first if they were freed."""
         native = self.config.native_size
         if self.text_encoders_on_demand:
             self._load_text_encoders()
-        cond, uncond = self.conditioner.encode(prompts, negatives, clip_skip=clip_skip, size=size or (native, native))
+        encode = self.conditioner if isinstance(prompts, str) else self.conditioner.encode
+        cond, uncond = encode(prompts, negatives, clip_skip=clip_skip, size=size or (native, native))
         if self.text_encoders_on_demand:
             for encoder in self.conditioner.models().values():
                 encoder.to("meta")  # the weights' memory goes; the module keeps its shapes
@@ -296,8 +298,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """One image: initial latents from its own seed, the sampler over the guided UNet -> VP latents;
         with `refine` = (split, the refiner's PromptConds), the refiner's guided UNet runs the steps from `split`
-        on. `conds` (PromptConds) may change per step: step i is sigmas[i]'s. `init_latents` (scaled latents of
-        the image's size) start an img2img from latents, not an image."""
+        on. `conds` (PromptConds, or (cond, uncond) for every step) may change per step: step i is sigmas[i]'s.
+        `init_latents` (scaled latents of the image's size) start an img2img from latents, not an image."""
         g = torch.Generator().manual_seed(seed)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
         # the inpainting UNet at full strength starts from pure noise, like txt2img
@@ -318,6 +320,8 @@ class Pipeline:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
             x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
+        if not isinstance(conds, PromptConds):
+            conds = PromptConds(plan_prompts("", "", 1), *conds)  # one fixed conditioning
         guidance = conds.guidance(request.cfg_scale, extra)
         timestep = functools.partial(spec.timestep, schedule)
         denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance, sigmas)

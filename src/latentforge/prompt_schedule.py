@@ -19,6 +19,9 @@ of the same language, checked against a transcription of that grammar on random 
   or closing bracket out of place -- stays literal text, as in A1111. A ``|`` outside any ``[...]``
   alternation, or a backslash at the end of the prompt or before a line break, makes A1111's grammar
   reject the whole prompt: then all of it is literal text, editing included, as A1111 does.
+  Where the grammar can be read two ways (a construct followed by stray brackets, e.g. ``[a:2]][``),
+  A1111's lark parser picks one by Python's string hash seed, so A1111 itself varies from run to run;
+  here a bracket that can open a construct always does (A1111's usual pick).
 * ``AND`` (capitals, a word of its own) splits the prompt into sub-prompts, before anything else is read
   (so an ``AND`` inside brackets splits too); each guides on its own (composable diffusion). A
   sub-prompt ending in ``:number`` has that weight, else 1 -- also when there is no ``AND``: A1111 reads
@@ -42,7 +45,7 @@ _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\
 _SPACE = re.compile(r"\s*")
 _AND = re.compile(r"\bAND\b")
 # a sub-prompt's weight: ":" and a number at its very end (A1111's re_weight number form)
-_WEIGHT = re.compile(r"\s*:\s*([+-]?(?:\d+\.?|\d*\.\d+))")
+_WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?|\d*\.\d+))")
 _STOP = frozenset("[]():|\\")  # characters that end a run of plain text
 
 
@@ -50,8 +53,8 @@ _STOP = frozenset("[]():|\\")  # characters that end a run of plain text
 class Scheduled:
     """``[before:after:when]``: `when` as written (its decimal point decides how it is read)."""
 
-    before: tuple  # of Node
-    after: tuple  # of Node
+    before: tuple  # pieces: str, Scheduled or Alternate
+    after: tuple
     when: str
 
 
@@ -59,7 +62,7 @@ class Scheduled:
 class Alternate:
     """``[a|b|...]``: one option per step, in turn."""
 
-    options: tuple  # of tuple of Node
+    options: tuple  # of tuples of pieces
 
 
 class _Reject(Exception):

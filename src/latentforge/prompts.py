@@ -29,10 +29,10 @@ ids are ``tokenizer.vocab_size`` + the row of its first vector in the table of a
 embedding that the comma rule moves to the next chunk keeps its vectors there (A1111 leaves them behind
 and encodes token id 0).
 
-Not handled here (A1111 resolves them before this step): prompt editing ``[a:b:0.5]`` and
-alternation ``[a|b]``, ``AND`` and extra networks ``<lora:...>``.
-Written in those forms they are read as plain text and brackets (``[a:b:0.5]`` is ``a:b:0.5``
-at weight 1/1.1).
+Not handled here (resolved before this step, as A1111 does): prompt editing ``[a:b:0.5]``,
+alternation ``[a|b]`` and ``AND`` (`prompt_schedule` picks each step's text), and extra networks
+``<lora:...>`` (`adapters.library.split_tags`). Given here, they are read as plain text and brackets
+(``[a:b:0.5]`` is ``a:b:0.5`` at weight 1/1.1).
 
 Behaviour that follows A1111 even where it surprises:
 
