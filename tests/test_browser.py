@@ -97,3 +97,32 @@ def test_the_page_lists_loras_and_embeddings_and_inserts_them(sd1_folder, tmp_pa
         finally:
             browser.close()
     assert errors == []
+
+
+def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
+    """The hires panel's settings reach txt2img: the image comes back at the larger size, with A1111's hires
+    entries in its infotext."""
+    sync_playwright = playwright_or_fail()
+    app = create_app(Settings(models=[str(sd1_folder)]))
+    errors = []
+    with ServerThread(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.wait_for_selector("#hr_upscaler option[value='Lanczos']", state="attached")
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "4")
+            page.click("#hires summary")
+            page.check("#enable_hr")
+            page.fill("#hr_scale", "1.5")
+            page.select_option("#hr_upscaler", "Latent (bicubic)")
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure img", timeout=120_000)
+            caption = page.inner_text("#gallery figcaption")
+            assert "Hires upscale: 1.5" in caption and "Hires upscaler: Latent (bicubic)" in caption
+            assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
+        finally:
+            browser.close()
+    assert errors == []

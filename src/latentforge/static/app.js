@@ -30,6 +30,11 @@ function request() {
   for (const id of ["steps", "cfg_scale", "width", "height"]) {
     if ($(id).value !== "") body[id] = Number($(id).value);
   }
+  if ($("enable_hr").checked) {
+    body.enable_hr = true;
+    body.hr_upscaler = $("hr_upscaler").value;
+    for (const id of ["hr_scale", "denoising_strength", "hr_second_pass_steps"]) body[id] = Number($(id).value);
+  }
   return body;
 }
 
@@ -143,6 +148,9 @@ async function init() {
     for (const sampler of await api("samplers")) $("sampler").add(new Option(sampler.name, sampler.name));
     $("model").textContent = (await api("options")).sd_model_checkpoint;
     await showNetworks();
+    const modes = (await api("latent-upscale-modes")).map((mode) => mode.name);
+    const upscalers = (await api("upscalers")).map((upscaler) => upscaler.name);
+    for (const name of [...modes, ...upscalers]) $("hr_upscaler").add(new Option(name, name));
   } catch (error) {
     showError(error.message);
   }
