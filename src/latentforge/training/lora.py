@@ -43,7 +43,6 @@ from ..unet import SpatialTransformer, UNet
 from ..vae import AutoencoderKL
 from ..weightfiles import write_safetensors
 from .configs import CONFIG_FILE, LoraTrainConfig, run_relative
-from .data import HELDOUT_SEED_OFFSET
 from .judge import judge_image, score
 from .loop import SINGLE_PROCESS, Dist, Result, StepRandom, Task, train, write_png
 from .vae import reparameterise
@@ -281,13 +280,11 @@ def concept_share(pipe: Pipeline, prompts: list[tuple[str, Scene, int]], cfg_sca
 # --------------------------------------------------------------------------- the task
 
 
-def open_lora_datasets(config: LoraTrainConfig) -> tuple[Any, Any]:
-    """(training data, held-out data): the shapes world with config.kinds, or a caption folder (its own held-out)."""
+def open_lora_dataset(config: LoraTrainConfig) -> Any:
+    """The training data: the shapes world with config.kinds, or a folder of captioned images."""
     if config.data == "shapes":
-        world = {"size": config.image_size, "two_objects_fraction": config.two_objects_fraction, "kinds": config.kinds}
-        return ShapesWorld(config.seed, **world), ShapesWorld(config.seed + HELDOUT_SEED_OFFSET, **world)
-    folder = CaptionFolder(config.data, config.image_size)
-    return folder, folder
+        return ShapesWorld(config.seed, config.image_size, config.two_objects_fraction, kinds=config.kinds)
+    return CaptionFolder(config.data, config.image_size)
 
 
 def lora_task(config: LoraTrainConfig, base: Base, ranks: int = 1) -> Task:
@@ -318,13 +315,15 @@ def lora_task(config: LoraTrainConfig, base: Base, ranks: int = 1) -> Task:
 
     @torch.no_grad()
     def report(shown: nn.Module, path: Path) -> dict[str, float]:
+        """The sample prompts drawn with the network merged into the base; the share judged as sample_kind."""
         if not prompts:
             return {}
         pipe = merged_pipeline(base.path, shown, torch.device("cpu"), torch.float32)
         images = [pipe.generate(p, seed=s)[0] for p, _, s in prompts]
         big = [image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST) for image in images]
         write_png(image_strip(big, [p for p, _, _ in prompts]), path)
-        kinds = [judge_image(image).objects[0].kind if judge_image(image).objects else "" for image in images]
+        readings = [judge_image(image).objects for image in images]
+        kinds = [objects[0].kind if objects else "" for objects in readings]
         return {f"{config.sample_kind}_share": kinds.count(config.sample_kind) / len(kinds)}
 
     def finish(trained: nn.Module, run_dir: Path) -> None:
@@ -350,5 +349,5 @@ def train_lora(
     base_path = run_relative(config.base, run_dir) if config.base else ""  # config.json keeps it run-relative
     config = dataclasses.replace(config, started_at=started, base=base_path)
     if dataset is None:
-        dataset = open_lora_datasets(config)[0]
+        dataset = open_lora_dataset(config)
     return train(lora_task(config, base, dist.world), config, run_dir, dataset, dist, resume)
