@@ -82,6 +82,8 @@ def test_generate_asks_the_conditioner_with_the_image_size_and_no_negative_at_sc
     real = shipped.conditioner
 
     class Recording:
+        embeddings = {}  # the Conditioner protocol's: none given
+
         def __call__(self, prompt, negative, *, clip_skip, size):
             calls.append((prompt, negative, clip_skip, size))
             return real(prompt, negative, clip_skip=clip_skip, size=size)

@@ -22,15 +22,13 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Print what a checkpoint is: layout, version, prediction type, part sizes (or which add-on a file is)."""
     from .adapters.library import describe_addon
-    from .checkpoints import NOT_SD, UNET_PREFIX, read_checkpoint
+    from .checkpoints import read_checkpoint
     from .weightfiles import CheckpointError
 
     try:
         config, parts = read_checkpoint(args.path, args.prediction_type)
     except CheckpointError as error:
-        # an add-on is no SD file, or has no UNet (a VAE file in a checkpoint's names)
-        no_unet = f"no unet weights ({UNET_PREFIX}*)" in str(error)
-        addon = describe_addon(args.path) if NOT_SD in str(error) or no_unet else None
+        addon = describe_addon(args.path)  # None for anything with a UNet: a checkpoint's own error stands
         if addon is None:
             raise
         print(f"{args.path}: {addon}")

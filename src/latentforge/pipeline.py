@@ -413,6 +413,8 @@ class Pipeline:
         """Give the conditioner the library's usable embeddings (when it has an embeddings folder); return the
         conditioner's embeddings that the prompts use (for the infotext).
         A prompt naming one this model cannot use is an error saying why, not text encoded in its place."""
+        if not self.library.embeddings.roots and not self.conditioner.embeddings:
+            return []  # nothing to find (and no tokenizer needed)
         usable, skipped = self.embeddings()
         tokenizer = self.conditioner.tokenizer
         unusable = embeddings_in(tokenizer, prompt, skipped) + embeddings_in(tokenizer, negative, skipped)

@@ -167,8 +167,15 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 def describe_addon(path: PathLike) -> str | None:
     """One line saying which add-on a file is (a LoRA and its kinds and parts, an embedding and its vectors,
-    a VAE), or None if it is none of them."""
-    from ..weightfiles import CheckpointError
+    a VAE), or None if it is none of them (a file with a UNet is a checkpoint, however damaged)."""
+    from ..checkpoints import UNET_PREFIX
+    from ..weightfiles import CheckpointError, read_state_dict
+
+    try:
+        if any(key.startswith(UNET_PREFIX) for key in read_state_dict(path)[0]):
+            return None
+    except CheckpointError:
+        return None
     from .embeddings import read_embedding
     from .lora import effective_rank, read_lora
     from .names import split_part
