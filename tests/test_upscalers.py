@@ -248,6 +248,27 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
         up.load_rrdbnet(old, "x.pth")
 
 
+def test_keys_and_shapes_are_checked_before_the_network_is_made():
+    config = up.RRDBConfig(16, 2, 8, upsamples=3, unshuffle=2)
+    assert {k: tuple(v.shape) for k, v in up.RRDBNet(config).state_dict().items()} == up.expected_shapes(config)
+    state = state_of(randomised(RefBasicSR(4, **TINY), seed=6))
+    # a file claiming a huge network with small tensors is refused from its names and shapes alone
+    huge = state | {"conv_first.weight": torch.zeros(100_000, 3, 1, 1)}
+    with pytest.raises(ValueError, match=r"x\.pth: conv_first\.weight is \(100000, 3, 1, 1\), a x4 RRDBNet \(2 blocks, 100000 channels"):
+        up.load_rrdbnet(huge, "x.pth")
+    many = state | {"body.99999999.rdb1.conv1.weight": torch.zeros(8, 16, 3, 3)}
+    with pytest.raises(ValueError, match=r"x\.pth: it lacks key body\.2\.rdb1\.conv1\.weight \(blocks go up to 99999999\)"):
+        up.load_rrdbnet(many, "x.pth")
+    deep = up.to_old_layout(state) | {"model.99999999.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"x\.pth: the last conv is model\.99999999, which no x1 to x16 ESRGAN layout has"):
+        up.load_rrdbnet(deep, "x.pth")
+    for key, value in [("conv_last.weight", None), ("conv_first.weight", torch.zeros(16))]:
+        broken = {k: v for k, v in state.items() if k != key} | ({key: value} if value is not None else {})
+        with pytest.raises(ValueError, match=r"x\.pth: not a complete BasicSR-layout RRDBNet") as e:
+            up.load_rrdbnet(broken, "x.pth")
+        one_line(e)
+
+
 def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
     class Boom:
         def __reduce__(self):

@@ -56,6 +56,7 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
 }
 TILE = 192  # input pixels per tile side (A1111's ESRGAN_tile default)
 TILE_OVERLAP = 16  # pixels two neighbouring tiles share (at the network's resolution); blended across the middle
+MAX_UPSAMPLES = 4  # x2 stages an RRDBNet may have (x16 without unshuffle): more is no upscaler file
 MAX_PASSES = 3  # a model is applied at most this often to reach a scale above its own (as A1111)
 WRAPPERS = ("params_ema", "params", "state_dict")  # where BasicSR / Lightning files keep the weights
 RDB_CONVS = 5
@@ -151,7 +152,6 @@ class RRDBNet(nn.Module):
 _OLD_RDB = re.compile(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)")
 _NEW_RDB = re.compile(r"body\.(\d+)\.rdb(\d)\.conv(\d)\.(weight|bias)")
 _OLD_CONV = re.compile(r"model\.(\d+)\.(weight|bias)")
-_OLD_BODY = re.compile(r"model\.1\.sub\.(\d+)\.(weight|bias)")
 _UP = re.compile(r"conv_up(\d+)\.weight")
 
 
@@ -203,11 +203,11 @@ def is_rrdbnet(state: Mapping[str, torch.Tensor]) -> bool:
 def _old_config(state: Mapping[str, torch.Tensor]) -> RRDBConfig:
     """The config of an original-layout state dict: its highest `model.N` is the last conv, 4 after the last
     upsampling stage's LeakyReLU at 3 * upsamples."""
-    blocks = 1 + max(int(m.group(1)) for key in state if (m := _OLD_RDB.fullmatch(key)))
+    blocks = _count_blocks(state, _OLD_RDB, "model.1.sub.{}.RDB1.conv1.0.weight")
     top = max(int(m.group(1)) for key in state if (m := _OLD_CONV.fullmatch(key)))
     upsamples, rest = divmod(top - 4, 3)
-    if rest or upsamples < 0:
-        raise ValueError(f"the last conv is model.{top}, which no x1/x2/x4/x8 ESRGAN layout has")
+    if rest or not 0 <= upsamples <= MAX_UPSAMPLES:
+        raise ValueError(f"the last conv is model.{top}, which no x1 to x16 ESRGAN layout has")
     return _shape(state["model.0.weight"], state[f"model.{top}.weight"], state["model.1.sub.0.RDB1.conv1.0.weight"],
                   blocks, upsamples)  # fmt: skip
 
@@ -216,10 +216,22 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> RRDBConfig:
     """The RRDBNet config of a state dict in either layout, from its tensors' names and shapes."""
     if "conv_first.weight" not in state:
         return _old_config(state)
-    blocks = 1 + max(int(m.group(1)) for key in state if (m := _NEW_RDB.fullmatch(key)))
+    blocks = _count_blocks(state, _NEW_RDB, "body.{}.rdb1.conv1.weight")
     upsamples = sum(1 for key in state if _UP.fullmatch(key))
+    if upsamples > MAX_UPSAMPLES:
+        raise ValueError(f"{upsamples} upsampling convs (conv_upN): no ESRGAN upscaler has more than {MAX_UPSAMPLES}")
     return _shape(state["conv_first.weight"], state["conv_last.weight"], state["body.0.rdb1.conv1.weight"],
                   blocks, upsamples)  # fmt: skip
+
+
+def _count_blocks(state: Mapping[str, torch.Tensor], pattern: re.Pattern[str], key: str) -> int:
+    """The number of RRDBs, whose indices must be 0, 1, ... without a gap (checked from the keys there are, so
+    that a file cannot make us list the keys of a billion blocks)."""
+    found = {int(m.group(1)) for name in state if (m := pattern.fullmatch(name))}
+    gap = next(i for i in range(len(found) + 1) if i not in found)
+    if gap != len(found):
+        raise ValueError(f"it lacks key {key.format(gap)} (blocks go up to {max(found)}); the file is damaged")
+    return len(found)
 
 
 def _shape(first: torch.Tensor, last: torch.Tensor, dense: torch.Tensor, blocks: int, upsamples: int) -> RRDBConfig:
@@ -253,32 +265,50 @@ def read_upscaler_state(path: PathLike) -> dict[str, torch.Tensor]:
     return {key: value.detach() for key, value in loaded.items()}
 
 
+def expected_shapes(config: RRDBConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an RRDBNet of this config (our names) and its tensor's shape."""
+    c, g = config.channels, config.growth
+    convs = {"conv_first": (c, config.image_channels * config.unshuffle**2)}
+    for b in range(config.blocks):
+        for r in range(1, 4):
+            for k in range(1, RDB_CONVS + 1):
+                convs[f"body.{b}.rdb{r}.conv{k}"] = (c if k == RDB_CONVS else g, c + (k - 1) * g)
+    convs |= {name: (c, c) for name in ("conv_body", *(f"conv_up{i + 1}" for i in range(config.upsamples)), "conv_hr")}
+    convs["conv_last"] = (config.image_channels, c)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (out, inputs) in convs.items():
+        shapes |= {f"{name}.weight": (out, inputs, 3, 3), f"{name}.bias": (out,)}
+    return shapes
+
+
 def load_rrdbnet(state: Mapping[str, torch.Tensor], name: str = "the weights") -> RRDBNet:
     """An RRDBNet built from a state dict in either layout; strict: a missing, unexpected or misshapen key is
-    a one-line ValueError naming it."""
+    a one-line ValueError naming it. Keys and shapes are checked before the network is made, so what it
+    allocates is what the file holds."""
     if not is_rrdbnet(state):
         sample = ", ".join(list(state)[:4]) or "none"
         raise ValueError(f"{name} is not an ESRGAN/RRDBNet upscaler (keys such as {sample})")
+    layout = "BasicSR" if "conv_first.weight" in state else "ESRGAN"
+    fix = "the file is damaged or another architecture"
     try:
         config = infer_config(state)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+    except (KeyError, IndexError) as e:  # a key the layout always has, or a tensor of too few dimensions
+        raise ValueError(f"{name}: not a complete {layout}-layout RRDBNet ({type(e).__name__}: {e}); {fix}") from None
     ours = to_new_layout(state)
-    model = RRDBNet(config)
-    expected = model.state_dict()
+    expected = expected_shapes(config)
     missing = [key for key in expected if key not in ours]
     unexpected = [key for key in ours if key not in expected]
-    layout = "BasicSR" if "conv_first.weight" in state else "ESRGAN"
     for problem, keys in (("lacks", missing), ("has unexpected", unexpected)):
         if keys:
             theirs = keys if layout == "BasicSR" else [_old_key(key, config) for key in keys]
-            raise ValueError(f"{name}: as a {config.describe()} ({layout} layout) it {problem} key "
-                             f"{theirs[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}; "
-                             "the file is damaged or another architecture")  # fmt: skip
-    for key, tensor in expected.items():
-        if ours[key].shape != tensor.shape:
-            raise ValueError(f"{name}: {key} is {tuple(ours[key].shape)}, a {config.describe()} needs "
-                             f"{tuple(tensor.shape)}; the file is damaged or another architecture")  # fmt: skip
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise ValueError(f"{name}: as a {config.describe()} ({layout} layout) it {problem} key {theirs[0]}{more}; {fix}")
+    for key, shape in expected.items():
+        if tuple(ours[key].shape) != shape:
+            raise ValueError(f"{name}: {key} is {tuple(ours[key].shape)}, a {config.describe()} needs {shape}; {fix}")
+    model = RRDBNet(config)
     model.load_state_dict({key: value.float() for key, value in ours.items()})
     return model.eval().requires_grad_(False)
 
