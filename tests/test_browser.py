@@ -4,6 +4,7 @@ download): type a prompt, press Generate, watch the progress and the step previe
 Without Playwright or Chromium this test fails, saying what to install: it is never skipped.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -26,6 +27,23 @@ def playwright_or_fail():
     if CHROMIUM is None:
         pytest.fail("the browser test needs Chromium: apt-get install -y chromium (or set LATENTFORGE_CHROMIUM)")
     return sync_playwright
+
+
+@contextlib.contextmanager
+def opened_page(settings: Settings):
+    """The page of a server with these settings, in headless Chromium; no page error may happen meanwhile."""
+    sync_playwright = playwright_or_fail()
+    errors = []
+    with ServerThread(create_app(settings)) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+    assert errors == []
 
 
 def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
@@ -68,61 +86,40 @@ def test_the_page_lists_loras_and_embeddings_and_inserts_them(sd1_folder, tmp_pa
     from latentforge.weightfiles import write_safetensors
     from test_lora import kohya_lora
 
-    sync_playwright = playwright_or_fail()
     loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
     loras.mkdir(), embeddings.mkdir()
     pipe = latentforge.load(sd1_folder, dtype="float32", device="cpu")
     write_safetensors(kohya_lora(pipe, seed=1), loras / "ink&amp;.safetensors")
     write_safetensors({"emb_params": torch.randn(2, pipe.config.text_encoder.width) * 0.05}, embeddings / "zorblax.safetensors")
-    app = create_app(Settings(models=[str(sd1_folder)], lora_dirs=[str(loras)], embedding_dirs=[str(embeddings)]))
-    errors = []
-    with ServerThread(app) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
-            page.wait_for_selector("#loras .chip", state="attached")
-            page.click("#networks summary")
-            assert page.inner_text("#loras .chip") == "ink&amp;" and page.inner_text("#embeddings .chip") == "zorblax"
-            page.fill("#prompt", "a red circle")
-            page.click("#loras .chip")
-            page.click("#embeddings .chip")
-            assert page.input_value("#prompt") == "a red circle <lora:ink&amp;:1> zorblax"
-            page.fill("#steps", "2")
-            page.click("#generate")
-            page.wait_for_selector("#gallery figure img", timeout=120_000)
-            assert 'Lora hashes: "ink&amp;: ' in page.inner_text("#gallery figcaption")
-            assert "TI hashes" in page.inner_text("#gallery figcaption")
-        finally:
-            browser.close()
-    assert errors == []
+    settings = Settings(models=[str(sd1_folder)], lora_dirs=[str(loras)], embedding_dirs=[str(embeddings)])
+    with opened_page(settings) as page:
+        page.wait_for_selector("#loras .chip", state="attached")
+        page.click("#networks summary")
+        assert page.inner_text("#loras .chip") == "ink&amp;" and page.inner_text("#embeddings .chip") == "zorblax"
+        page.fill("#prompt", "a red circle")
+        page.click("#loras .chip")
+        page.click("#embeddings .chip")
+        assert page.input_value("#prompt") == "a red circle <lora:ink&amp;:1> zorblax"
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        assert 'Lora hashes: "ink&amp;: ' in page.inner_text("#gallery figcaption")
+        assert "TI hashes" in page.inner_text("#gallery figcaption")
 
 
 def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
     """The hires panel's settings reach txt2img: the image comes back at the larger size, with A1111's hires
     entries in its infotext."""
-    sync_playwright = playwright_or_fail()
-    app = create_app(Settings(models=[str(sd1_folder)]))
-    errors = []
-    with ServerThread(app) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
-            page.wait_for_selector("#hr_upscaler option[value='Lanczos']", state="attached")
-            page.fill("#prompt", "a red circle")
-            page.fill("#steps", "4")
-            page.click("#hires summary")
-            page.check("#enable_hr")
-            page.fill("#hr_scale", "1.5")
-            page.select_option("#hr_upscaler", "Latent (bicubic)")
-            page.click("#generate")
-            page.wait_for_selector("#gallery figure img", timeout=120_000)
-            caption = page.inner_text("#gallery figcaption")
-            assert "Hires upscale: 1.5" in caption and "Hires upscaler: Latent (bicubic)" in caption
-            assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
-        finally:
-            browser.close()
-    assert errors == []
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.wait_for_selector("#hr_upscaler option[value='Lanczos']", state="attached")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "4")
+        page.click("#hires summary")
+        page.check("#enable_hr")
+        page.fill("#hr_scale", "1.5")
+        page.select_option("#hr_upscaler", "Latent (bicubic)")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        caption = page.inner_text("#gallery figcaption")
+        assert "Hires upscale: 1.5" in caption and "Hires upscaler: Latent (bicubic)" in caption
+        assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
