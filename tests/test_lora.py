@@ -429,3 +429,26 @@ def test_inspect_says_which_add_on_a_file_is(sd1, tmp_path, capsys):
     write_safetensors({"x.y": torch.zeros(2), "x.z": torch.zeros(2)}, junk)
     assert main(["inspect", str(junk)]) == 2
     assert "not a Stable Diffusion" in capsys.readouterr().err
+
+
+def test_the_shipped_star_lora_loads_in_diffusers_with_the_same_image(tmp_path):
+    """The LoRA the package ships (trained here, see docs/lora-training.md) is a kohya file that diffusers'
+    load_lora_weights reads into the shipped model (written as a diffusers folder) with latentforge's image."""
+    from latentforge.checkpoints import read_checkpoint, write_diffusers
+    from latentforge.pipeline import DEFAULT_MODEL, shipped_tokenizer
+
+    star = DEFAULT_MODEL.parent / "lora" / "star.safetensors"
+    _, metadata = read_state_dict(star)
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    config, parts = read_checkpoint(DEFAULT_MODEL)
+    write_diffusers(config, dict(parts), tmp_path / "shipped", shipped_tokenizer(config))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "shipped", safety_checker=None, local_files_only=True)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ours = latentforge.load(dtype="float32", device="cpu")
+    prompt = "a large red star on the left, white background"
+    image = ours.generate(prompt, steps=8, sampler="Euler", cfg_scale=3, seed=5, loras={star: 1.0})[0]
+    assert differ(image, ours.generate(prompt, steps=8, sampler="Euler", cfg_scale=3, seed=5)[0])
+    ref.load_lora_weights(str(star))
+    want = ref(prompt, num_inference_steps=8, guidance_scale=3.0, generator=torch.Generator().manual_seed(5)).images[0]
+    assert_same_image(image, want)
