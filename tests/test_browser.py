@@ -123,3 +123,22 @@ def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
         caption = page.inner_text("#gallery figcaption")
         assert "Hires upscale: 1.5" in caption and "Hires upscaler: Latent (bicubic)" in caption
         assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
+
+
+def test_the_page_hands_the_last_steps_to_a_refiner(sd1_folder, tmp_path):
+    """The refiner panel lists the configured models; choosing one sends refiner_checkpoint and
+    refiner_switch_at, and the image's infotext names the refiner as A1111 writes it."""
+    for name in ("base", "finisher"):
+        (tmp_path / name).symlink_to(sd1_folder, target_is_directory=True)
+    settings = Settings(models=[str(tmp_path / "base"), str(tmp_path / "finisher")])
+    with opened_page(settings) as page:
+        page.wait_for_selector("#refiner_checkpoint option[value='finisher']", state="attached")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "4")
+        page.click("#refiner summary")
+        page.select_option("#refiner_checkpoint", "finisher")
+        page.fill("#refiner_switch_at", "0.5")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        caption = page.inner_text("#gallery figcaption")
+        assert "Refiner: finisher [" in caption and "Refiner switch at: 0.5" in caption

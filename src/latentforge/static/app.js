@@ -30,6 +30,10 @@ function request() {
   for (const id of ["steps", "cfg_scale", "width", "height"]) {
     if ($(id).value !== "") body[id] = Number($(id).value);
   }
+  if ($("refiner_checkpoint").value) {
+    body.refiner_checkpoint = $("refiner_checkpoint").value;
+    body.refiner_switch_at = Number($("refiner_switch_at").value);
+  }
   if ($("enable_hr").checked) {
     body.enable_hr = true;
     body.hr_upscaler = $("hr_upscaler").value;
@@ -148,6 +152,7 @@ async function init() {
     for (const sampler of await api("samplers")) $("sampler").add(new Option(sampler.name, sampler.name));
     $("model").textContent = (await api("options")).sd_model_checkpoint;
     await showNetworks();
+    for (const model of await api("sd-models")) $("refiner_checkpoint").add(new Option(model.title, model.title));
     const modes = (await api("latent-upscale-modes")).map((mode) => mode.name);
     const upscalers = (await api("upscalers")).map((upscaler) => upscaler.name);
     for (const name of [...modes, ...upscalers]) $("hr_upscaler").add(new Option(name, name));
