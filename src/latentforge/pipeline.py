@@ -49,6 +49,7 @@ DTYPES = {
 }  # fmt: skip
 
 CPUINFO = "/proc/cpuinfo"  # read by native_bfloat16
+KEEP_PLACED = 8  # LoRA files kept read and placed (each some MB to 100s of MB), the least recently used dropped
 HIRES_TILED = 2  # hires passes larger than this times the native size (a side) are decoded in tiles
 
 # trained by this project on the shapes world (docs/default-model.md has the recipe and the command)
@@ -455,15 +456,18 @@ class Pipeline:
         return self.library.loras.find(text)
 
     def _placed_lora(self, path: Path) -> Placed:
-        """A network file read and placed in this model (kept while the file is unchanged)."""
+        """A network file read and placed in this model (the last KEEP_PLACED kept while their files are unchanged)."""
         try:
             stamp = path.stat().st_mtime_ns
         except OSError as exc:
             raise CheckpointError(path, f"cannot be read ({exc.strerror or exc}); check the LoRA's path") from None
-        placed = self._placed.get((str(path), stamp))
+        key = (str(path), stamp)
+        placed = self._placed.pop(key, None)
         if placed is None:
             placed = place(read_lora(path), self.models(), self.config.unet)
-            self._placed[(str(path), stamp)] = placed
+        self._placed[key] = placed  # the most recently used last; the least recently used beyond the bound go
+        while len(self._placed) > KEEP_PLACED:
+            del self._placed[next(iter(self._placed))]
         return placed
 
     def models(self) -> dict[str, nn.Module]:
