@@ -234,6 +234,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Write the page that illustrates how the model makes the prompt's image, from a real run."""
+    from . import images, load
+    from .explain import write_page
+
+    image = images.load_image(args.image) if args.image else None
+    pipe = load(args.model, dtype=args.dtype, device=args.device)
+    write_page(pipe, args.prompt, args.out, seed=args.seed, steps=args.steps, image=image)
+    print(args.out)
+
+
 def cmd_upscale(args: argparse.Namespace) -> None:
     """Upscale images with an ESRGAN / Real-ESRGAN model file or a built-in resize; writes PNGs, keeping each
     input's infotext, and prints their paths."""
@@ -570,6 +581,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "explain",
+        help="write an HTML page that illustrates, from a real run, how the model makes the prompt's image",
+        description="Generates the prompt once with probes and writes one self-contained page (images embedded, "
+        "readable offline): tokens and text vectors, the steps, guidance, cross-attention maps, forward diffusion, "
+        "the latent space and CLIP's text side. Needs matplotlib: pip install 'latentforge[explain]'.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--model", metavar="PATH", help="a checkpoint file or diffusers folder (default: the shipped model)")
+    p.add_argument("--seed", type=int, default=0, help="the seed (default: 0)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--image", metavar="FILE", help="an image for the forward-diffusion and latent-space figures "
+                   "(default: the generated one)")  # fmt: skip
+    p.add_argument("--out", default="explain.html", help="the page to write (default: ./explain.html)")
+    add_device_options(p)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
         "upscale",

@@ -8,7 +8,7 @@ Module attribute names follow the original CompVis/LDM layout (`input_blocks`, `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +205,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; keys and values come from `context` (text vectors) or from x itself."""
 
+    # a callable given the attention probabilities (B, heads, N, M) at each call; None (off): nothing extra runs
+    probe: Callable[[torch.Tensor], None] | None = None
+
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
@@ -224,6 +227,8 @@ class Attention(nn.Module):
             for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
         out = attention(q, k, v)
+        if self.probe is not None:  # the probabilities, computed only for a probe (latentforge explain)
+            self.probe((q.float() @ k.float().transpose(-1, -2) * (dim // self.heads) ** -0.5).softmax(-1))
         return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
 
 

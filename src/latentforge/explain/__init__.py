@@ -1,0 +1,441 @@
+"""`latentforge explain`: the figures of "The Illustrated Stable Diffusion", drawn from a real run of the model.
+
+`explain(pipe, prompt)` runs one generation with probes on it (the sampler's callback, cross-attention probes),
+a handful of extra UNet and VAE calls, and returns the `Run`: every number the page shows. `render(run)` turns
+it into one self-contained HTML page (matplotlib figures as PNG data URIs; no network needed to read it).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..guidance import Guidance, make_denoiser
+from ..images import image_to_tensor
+from ..pipeline import Pipeline, Step
+from ..samplers import get_sampler
+from ..schedules import NoiseSchedule
+from ..unet import Attention
+
+SHOWN_STEPS = 8  # at most this many steps are decoded and drawn (evenly spaced, the last one always)
+ATTENTION_STEPS = 3  # steps whose cross-attention maps are drawn: first, middle, last
+GUIDANCE_STEPS = 3  # steps whose conditional and unconditional predictions are drawn
+NOISE_LEVELS = 5  # forward diffusion: level 0 is the clean latents, level k the training step k/(n-1) of the way
+TRAINING_LEVEL = 2  # the level of the training example
+HIGH_GUIDANCE = 7.5  # the "high" guidance of the comparison (twice the default when that is higher)
+MISSING = "latentforge explain draws with matplotlib: pip install 'latentforge[explain]'"
+
+
+@dataclass
+class AttentionMaps:
+    """Cross-attention probabilities of the conditional pass, averaged over heads and layers, per step."""
+
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (77, h, w) at latent size
+    layers: dict[int, int] = field(default_factory=dict)  # step -> attention calls averaged
+    sum_error: float = 0.0  # the largest |sum over tokens - 1| of any pixel of any head, before averaging
+
+
+@dataclass
+class Run:
+    """Everything the page shows, from one run."""
+
+    prompt: str
+    model: str
+    seed: int
+    sampler: str
+    cfg_scale: float
+    ids: list[int]  # the 77 token ids
+    tokens: list[str]  # their strings
+    special: dict[str, int]  # "start", "end", "pad" -> id
+    context: torch.Tensor  # (77, width) the prompt's text vectors
+    parameters: dict[str, int]  # part -> parameter count
+    image: Image.Image
+    latents: torch.Tensor  # (1, 4, h, w) the final latents
+    steps: list[Step]  # every sampler step, from the callback
+    shown: list[int]  # the steps drawn
+    step_images: list[Image.Image]  # the current latents of each shown step, decoded
+    denoised_images: list[Image.Image]  # the predicted clean latents of each shown step, decoded
+    guidance_steps: list[int]
+    cond_images: list[Image.Image]  # the conditional prediction's clean image at each guidance step
+    uncond_images: list[Image.Image]
+    differences: list[torch.Tensor]  # (h, w) |cond - uncond| of the predicted clean latents, channel mean
+    scales: list[float]  # guidance 1, the default, high
+    scale_images: list[Image.Image]
+    attention: AttentionMaps
+    source: Image.Image  # the forward diffusion's input (the generated image or --image)
+    noise_steps: list[int | None]  # the training step of each level (None: clean)
+    noised_images: list[Image.Image]
+    example: dict[str, torch.Tensor | float | int]  # noisy, noise, predicted (1, 4, h, w), t, error
+    reconstruction: Image.Image  # the VAE round trip of `source`
+    variations: list[str]  # the prompt and variations of it
+    similarity: torch.Tensor  # (n, n) cosine similarities of their end-token text vectors
+
+
+def explain(
+    pipe: Pipeline, prompt: str, seed: int = 0, steps: int | None = None, image: Image.Image | None = None
+) -> Run:
+    """Generate `prompt` once with probes, make the few extra UNet and VAE calls the figures need -> Run."""
+    defaults = pipe.config.defaults
+    steps = defaults.steps if steps is None else steps
+    tokenizer = _tokenizer(pipe)
+    ids = tokenizer(prompt)[0].tolist()
+    cond, uncond = pipe.encode_prompt(prompt, "")
+    collected: list[Step] = []
+    maps = AttentionMaps()
+    with attention_probes(pipe, maps, lambda: len(collected), _attention_steps(steps), ids):
+        result = pipe.generate(prompt, seed=seed, steps=steps, callback=collected.append)[0]
+    latents = collected[-1].denoised  # Euler-family last step: the sampler's result is its clean prediction
+    shown = _spread(len(collected), SHOWN_STEPS)
+    step_images = pipe.decode(torch.cat([collected[i].latents for i in shown]))
+    denoised_images = pipe.decode(torch.cat([collected[i].denoised for i in shown]))
+    guidance_steps = _spread(len(collected), GUIDANCE_STEPS)
+    cond_images, uncond_images, differences = _guidance_split(pipe, collected, guidance_steps, cond, uncond)
+    high = max(HIGH_GUIDANCE, 2 * defaults.cfg_scale)
+    scales = [1.0, defaults.cfg_scale, high]
+    scale_images = [pipe.generate(prompt, seed=seed, steps=steps, cfg_scale=s)[0] for s in (1.0, high)]
+    scale_images.insert(1, result)
+    source = result if image is None else image.convert("RGB")
+    forward = _forward_diffusion(pipe, source, cond, seed)
+    words = prompt.split()
+    variations = [prompt, " ".join(reversed(words)), " ".join(words[: max(1, len(words) // 2)]), "a photo", ""]
+    return Run(
+        prompt=prompt, model=pipe.name or "latentforge-shapes", seed=seed, sampler=defaults.sampler,
+        cfg_scale=defaults.cfg_scale, ids=ids, tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        special={"start": tokenizer.bos_id, "end": tokenizer.eos_id, "pad": tokenizer.pad_id},
+        context=cond.context[0, : len(ids)].float().cpu(),
+        parameters={name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models().items()},
+        image=result, latents=latents.float().cpu(), steps=collected, shown=shown, step_images=step_images,
+        denoised_images=denoised_images, guidance_steps=guidance_steps, cond_images=cond_images,
+        uncond_images=uncond_images, differences=differences, scales=scales, scale_images=scale_images,
+        attention=maps, source=source, **forward, variations=variations,
+        similarity=_text_similarity(pipe, tokenizer, variations),
+    )  # fmt: skip
+
+
+def _tokenizer(pipe: Pipeline):
+    tokenizer = getattr(pipe.conditioner, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"latentforge explain does not know this model family's tokenizer ({pipe.name})")
+    return tokenizer
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """At most k indices of range(n), evenly spaced, first and last included."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+
+
+def _attention_steps(steps: int) -> set[int]:
+    return set(_spread(steps, ATTENTION_STEPS))
+
+
+class attention_probes:
+    """Within it, every cross-attention module of the UNet adds its conditional row's probabilities, averaged
+    over heads and upsampled to the latent size, to `maps` for the steps in `wanted` (`step()` tells the
+    step: the callbacks so far)."""
+
+    def __init__(self, pipe: Pipeline, maps: AttentionMaps, step, wanted: set[int], ids: list[int]):
+        self.modules = [
+            m for name, m in pipe.unet.named_modules() if name.endswith("attn2") and isinstance(m, Attention)
+        ]
+        self.maps, self.step, self.wanted, self.tokens = maps, step, wanted, len(ids)
+        h = pipe.config.native_size // pipe.config.vae.downscale  # generate's default size
+        self.size = (h, h)
+
+    def __enter__(self):
+        for m in self.modules:
+            m.probe = self.add
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules:
+            m.probe = None
+
+    def add(self, probs: torch.Tensor) -> None:
+        """probs (B, heads, N, M): the last row of the batch is the conditional pass (the pipeline's order)."""
+        step = self.step()
+        if step not in self.wanted:
+            return
+        row = probs[-1, :, :, : self.tokens]  # (heads, N, 77)
+        self.maps.sum_error = max(self.maps.sum_error, float((row.sum(-1) - 1).abs().max()))
+        h, w = self.size
+        scale = math.isqrt(h * w // row.shape[1])  # this level's downsampling of the latents
+        grid = row.mean(0).T.reshape(1, self.tokens, h // scale, w // scale)
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0].cpu()
+        self.maps.maps[step] = self.maps.maps.get(step, 0) + grid
+        self.maps.layers[step] = self.maps.layers.get(step, 0) + 1
+
+
+def _guidance_split(pipe: Pipeline, steps: list[Step], chosen: list[int], cond, uncond):
+    """The conditional and unconditional predicted clean latents at the chosen steps (one UNet call each)."""
+    spec = get_sampler(pipe.config.defaults.sampler)
+    schedule = NoiseSchedule.from_config(pipe.config.scheduler or {})
+    timestep = functools.partial(spec.timestep, schedule)
+    predict = {
+        side: make_denoiser(pipe.unet, timestep, pipe.config.prediction_type, Guidance(c, None, 1.0))
+        for side, c in (("cond", cond), ("uncond", uncond))
+    }
+    cond_x0, uncond_x0 = [], []
+    for i in chosen:
+        step = steps[i]
+        sigma = torch.tensor(step.sigma)
+        x = step.latents * torch.sqrt(1 + sigma**2)  # back to the sampler's sigma form
+        with torch.no_grad():
+            cond_x0.append(predict["cond"](x, sigma))
+            uncond_x0.append(predict["uncond"](x, sigma))
+    c, u = torch.cat(cond_x0), torch.cat(uncond_x0)
+    differences = list((c - u).abs().mean(1).float().cpu())
+    return pipe.decode(c), pipe.decode(u), differences
+
+
+@torch.no_grad()
+def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> dict:
+    """The image encoded, noised at NOISE_LEVELS levels of the training schedule and decoded; one training
+    example at TRAINING_LEVEL with the UNet's predicted noise; the VAE round trip."""
+    g = torch.Generator().manual_seed(seed)
+    clean = pipe.encode_image(image_to_tensor(source), g).float().cpu()
+    noise = torch.randn(clean.shape, generator=g)
+    schedule = NoiseSchedule.from_config(pipe.config.scheduler or {})
+    last = schedule.num_train_timesteps - 1
+    noise_steps: list[int | None] = [None] + [round(k * last / (NOISE_LEVELS - 1)) for k in range(1, NOISE_LEVELS)]
+    noisy = []
+    for t in noise_steps:
+        a = 1.0 if t is None else float(schedule.alphas_cumprod[t])
+        noisy.append(math.sqrt(a) * clean + math.sqrt(1 - a) * noise)  # the training forward process (VP form)
+    images = pipe.decode(torch.cat(noisy))
+    t = noise_steps[TRAINING_LEVEL]
+    a = float(schedule.alphas_cumprod[t])
+    x_t = noisy[TRAINING_LEVEL]
+    dtype = pipe.unet.out[2].weight.dtype
+    out = pipe.unet(x_t.to(pipe.device, dtype), torch.tensor([t]), cond.context, cond.vector).float().cpu()
+    # a v-prediction model's output -> the noise it implies: eps = sqrt(a) v + sqrt(1 - a) x_t
+    predicted = out if pipe.config.prediction_type == "epsilon" else math.sqrt(a) * out + math.sqrt(1 - a) * x_t
+    example = {"noisy": x_t, "noise": noise, "predicted": predicted, "t": t,
+               "error": float(F.mse_loss(predicted, noise))}  # fmt: skip
+    return {"noise_steps": noise_steps, "noised_images": images, "example": example, "reconstruction": images[0]}
+
+
+@torch.no_grad()
+def _text_similarity(pipe: Pipeline, tokenizer, texts: list[str]) -> torch.Tensor:
+    """(n, n) cosine similarities of the texts' vectors at their end token (what CLIP's text side pools)."""
+    vectors = []
+    for text in texts:
+        context = pipe.encode_prompt(text)[0].context[0].float().cpu()
+        end = tokenizer(text)[0].tolist().index(tokenizer.eos_id)
+        vectors.append(context[end])
+    v = F.normalize(torch.stack(vectors), dim=-1)
+    return v @ v.T
+
+
+# -- the page -----------------------------------------------------------------------------------------
+
+
+def render(run: Run) -> str:
+    """The Run as one self-contained HTML page."""
+    plt = _pyplot()
+    sections = [
+        _parts(plt, run), _generation(plt, run), _guidance(plt, run), _attention(plt, run),
+        _forward(plt, run), _latent_space(plt, run), _clip(plt, run),
+    ]  # fmt: skip
+    template = Template(resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8"))
+    return template.substitute(
+        prompt=html.escape(run.prompt), model=html.escape(run.model), seed=run.seed, steps=len(run.steps),
+        sampler=html.escape(run.sampler), cfg_scale=run.cfg_scale, sections="\n".join(sections),
+    )  # fmt: skip
+
+
+def write_page(pipe: Pipeline, prompt: str, out: str | Path, **options) -> Run:
+    """explain() then render() into the file `out`."""
+    _pyplot()  # the one-line error before the run, not after it
+    run = explain(pipe, prompt, **options)
+    Path(out).write_text(render(run), encoding="utf-8")
+    return run
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(MISSING) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _section(name: str, title: str, text: str, figures: list[tuple[str, str]]) -> str:
+    images = "\n".join(f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">' for alt, data in figures)
+    return f'<section id="{name}">\n<h2>{html.escape(title)}</h2>\n<p>{text}</p>\n{images}\n</section>'
+
+
+def _png(plt, fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _row(plt, images: list, titles: list[str], cmap: str | None = None, height: float = 2.0):
+    """One row of pictures (PIL images or 2-d tensors), titled."""
+    fig, axes = plt.subplots(1, len(images), figsize=(height * len(images), height + 0.4), squeeze=False)
+    for ax, image, title in zip(axes[0], images, titles):
+        ax.imshow(image if isinstance(image, Image.Image) else image.numpy(), cmap=cmap)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    return fig
+
+
+def _token_label(run: Run, i: int) -> str:
+    name = {run.special["start"]: "START", run.special["end"]: "END"}.get(run.ids[i], run.tokens[i])
+    if run.ids[i] == run.special["pad"] and i > run.ids.index(run.special["end"]):
+        name = "PAD"
+    return name
+
+
+def _prompt_tokens(run: Run) -> list[int]:
+    """Positions of the prompt's own tokens (between start and end)."""
+    return list(range(1, run.ids.index(run.special["end"])))
+
+
+def _parts(plt, run: Run) -> str:
+    end = run.ids.index(run.special["end"])
+    listed = ", ".join(
+        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}" for i in range(min(end + 3, len(run.ids)))
+    )
+    fig, ax = plt.subplots(figsize=(9, 3))
+    ax.imshow(run.context.numpy().T, aspect="auto", cmap="coolwarm")
+    ax.set_xlabel(f"token position (0 start, {end} end, then padding)")
+    ax.set_ylabel(f"{run.context.shape[1]} dimensions")
+    ax.set_title(f"text vectors: {tuple(run.context.shape)}", fontsize=9)
+    latents = run.latents[0]
+    channels = _row(plt, [c for c in latents] + [run.image],
+                    [f"latent channel {i}" for i in range(len(latents))] + [f"image 3 x {run.image.height} x {run.image.width}"],
+                    cmap="gray")  # fmt: skip
+    counts = ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in run.parameters.items())
+    text = (
+        f"The prompt becomes {len(run.ids)} token ids ({listed}, ...: the start and end tokens frame it, padding "
+        f"fills the rest). The text encoder turns them into {len(run.ids)} vectors of {run.context.shape[1]} numbers "
+        f"(the heat map). The UNet works on latents of shape {tuple(latents.shape)}, one picture per channel, and the "
+        f"VAE decoder paints the image from them. Parameters: {counts}."
+    )
+    return _section("parts", "1. The parts and their shapes", text,
+                    [("text vectors heat map", _png(plt, fig)), ("latent channels and image", _png(plt, channels))])  # fmt: skip
+
+
+def _generation(plt, run: Run) -> str:
+    titles = [f"step {i + 1}" for i in run.shown]
+    now = _row(plt, run.step_images, [f"{t}: latents" for t in titles])
+    clean = _row(plt, run.denoised_images, [f"{t}: predicted" for t in titles])
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.plot(range(1, len(run.steps) + 1), [s.sigma for s in run.steps], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sigma (noise level)")
+    ax.set_yscale("log")
+    text = (
+        f"The sampler starts from random latents and takes {len(run.steps)} steps. The top row decodes the current "
+        "latents at each step: noise turning into the image. The second row decodes the UNet's prediction of the "
+        "clean latents at that step, which settles early. The plot is the noise level (sigma) each step starts from."
+    )
+    return _section("generation", "2. Generation, step by step", text,
+                    [("current latents per step", _png(plt, now)), ("predicted image per step", _png(plt, clean)),
+                     ("sigma per step", _png(plt, fig))])  # fmt: skip
+
+
+def _guidance(plt, run: Run) -> str:
+    n = len(run.guidance_steps)
+    fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.8), squeeze=False)
+    for j, i in enumerate(run.guidance_steps):
+        for row, (image, what) in enumerate(
+            ((run.cond_images[j], "with prompt"), (run.uncond_images[j], "empty prompt"))
+        ):
+            axes[row][j].imshow(image)
+            axes[row][j].set_title(f"step {i + 1}: {what}", fontsize=8)
+        axes[2][j].imshow(run.differences[j].numpy(), cmap="magma")
+        axes[2][j].set_title(f"step {i + 1}: |difference|", fontsize=8)
+        for row in range(3):
+            axes[row][j].axis("off")
+    scales = _row(plt, run.scale_images, [f"guidance {s:g}" for s in run.scales])
+    text = (
+        "At each step the UNet runs twice: with the prompt and with an empty prompt. Guidance moves the prediction "
+        f"away from the empty prompt's by the scale ({run.cfg_scale:g} here) times their difference (bottom row: "
+        "where they differ). Below, the same seed at guidance 1 (no push), the default and a high value."
+    )
+    return _section("guidance", "3. Guidance", text,
+                    [("conditional, unconditional, difference", _png(plt, fig)), ("guidance scales", _png(plt, scales))])  # fmt: skip
+
+
+def _attention(plt, run: Run) -> str:
+    tokens = _prompt_tokens(run)
+    figures = []
+    for step, total in sorted(run.attention.maps.items()):
+        average = total / run.attention.layers[step]
+        maps = [average[i] / average[i].max() for i in tokens]
+        fig = _row(
+            plt, [run.image] + maps, ["image"] + [_token_label(run, i) for i in tokens], cmap="viridis", height=1.6
+        )
+        fig.suptitle(f"step {step + 1}", fontsize=9)
+        figures.append((f"cross-attention at step {step + 1}", _png(plt, fig)))
+    text = (
+        "Text enters the UNet only through cross-attention: every latent pixel spreads one unit of attention over "
+        "the 77 text vectors. Each map shows where one prompt token is looked at, averaged over heads and layers "
+        "(each scaled to its own maximum)."
+    )
+    return _section("attention", "4. Where the text enters", text, figures)
+
+
+def _forward(plt, run: Run) -> str:
+    titles = ["level 0: clean"] + [f"level {k}: t={t}" for k, t in enumerate(run.noise_steps) if t is not None]
+    levels = _row(plt, run.noised_images, titles)
+    e = run.example
+    pictures = [e["noisy"][0, 0], e["noise"][0, 0], e["predicted"][0, 0], (e["predicted"] - e["noise"])[0, 0].abs()]
+    example = _row(
+        plt, pictures, [f"noisy latents (t={e['t']})", "true noise", "predicted noise", "|error|"], cmap="gray"
+    )
+    text = (
+        "Training runs the other way: an image is encoded and noise of a chosen level is added (levels of the "
+        "training schedule, each decoded here). The UNet learns to predict the noise that was added: one training "
+        f"example (latent channel 0), its prediction and their error (mean squared error {e['error']:.3f})."
+    )
+    return _section("forward", "5. Forward diffusion: the training view", text,
+                    [("noise levels", _png(plt, levels)), ("training example", _png(plt, example))])  # fmt: skip
+
+
+def _latent_space(plt, run: Run) -> str:
+    w, h = run.source.size
+    c, lh, lw = run.example["noisy"].shape[1:]
+    fig = _row(plt, [run.source, run.reconstruction], ["image", "VAE round trip"], height=3)
+    ratio = (3 * h * w) / (c * lh * lw)
+    text = (
+        f"The diffusion happens in the VAE's latent space: {h} x {w} x 3 = {3 * h * w} numbers become "
+        f"{lh} x {lw} x {c} = {c * lh * lw}, {ratio:g}x fewer. The price is the detail the decoder cannot bring back: "
+        "compare the image with its round trip through the encoder and decoder."
+    )
+    return _section("latent", "6. The latent space", text, [("image and VAE reconstruction", _png(plt, fig))])
+
+
+def _clip(plt, run: Run) -> str:
+    labels = [repr(v) if len(v) < 30 else repr(v[:27] + "...") for v in run.variations]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.imshow(run.similarity.numpy(), cmap="viridis", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{run.similarity[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    text = (
+        "The text encoder is the text half of a CLIP model, trained to pull an image and its caption together. "
+        "A Stable Diffusion model ships only the text half, so this shows the text side: cosine similarities of "
+        "the end-token vectors of the prompt and variations of it. For the shipped model the image half is in "
+        "its CLIP training run's checkpoint (latentforge.training.clip), not in the model file."
+    )
+    return _section("clip", "7. CLIP: text and images in one space", text, [("text similarities", _png(plt, fig))])

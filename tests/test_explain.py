@@ -1,0 +1,150 @@
+"""latentforge explain: the page is written, has every section with its images, and its figures are the run's."""
+
+import base64
+import io
+import sys
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentforge
+from latentforge.cli import main
+from latentforge.explain import MISSING, explain, write_page
+from latentforge.images import image_to_tensor
+
+SECTIONS = ["parts", "generation", "guidance", "attention", "forward", "latent", "clip"]
+PROMPT = "a red circle above a blue square"
+
+
+class Sections(HTMLParser):
+    """The page's sections by id, each with the decoded PNGs of its <img> data URIs."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections: dict[str, list[Image.Image]] = {}
+        self.current = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.current = attrs["id"]
+            self.sections[self.current] = []
+        elif tag == "img":
+            prefix = "data:image/png;base64,"
+            assert attrs["src"].startswith(prefix)
+            image = Image.open(io.BytesIO(base64.b64decode(attrs["src"][len(prefix) :])))
+            image.load()
+            self.sections[self.current].append(image)
+
+
+def page_sections(path) -> dict[str, list[Image.Image]]:
+    parser = Sections()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser.sections
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return latentforge.load()
+
+
+def check_page(path):
+    sections = page_sections(path)
+    assert list(sections) == SECTIONS
+    for name, images in sections.items():
+        assert images, f"section {name} has no image"
+        assert all(min(image.size) > 50 for image in images)
+    html = path.read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html  # nothing to fetch: readable offline
+
+
+def test_the_page_for_the_shipped_model(tmp_path):
+    out = tmp_path / "explain.html"
+    assert main(["explain", PROMPT, "--seed", "2", "--out", str(out)]) == 0
+    check_page(out)
+
+
+def test_the_page_for_a_tiny_sd1_model(sd1_folder, tmp_path):
+    pipe = latentforge.load(sd1_folder, dtype="float32")
+    out = tmp_path / "explain.html"
+    run = write_page(pipe, PROMPT, out, seed=1, steps=3)
+    check_page(out)
+    assert len(run.steps) == 3
+    assert run.context.shape == (77, pipe.config.unet.context_dim)
+
+
+def test_the_figures_are_the_run(shipped):
+    run = explain(shipped, PROMPT, seed=5)
+    # the step images are the decoded latents a plain generation's callback reports
+    steps = []
+    image = shipped.generate(PROMPT, seed=5, callback=steps.append)[0]
+    assert np.array_equal(pixels(image), pixels(run.image))
+    assert run.shown[-1] == len(steps) - 1
+    for shown, i in enumerate(run.shown):
+        assert np.array_equal(pixels(run.step_images[shown]), pixels(shipped.decode(steps[i].latents)[0]))
+        assert np.array_equal(pixels(run.denoised_images[shown]), pixels(shipped.decode(steps[i].denoised)[0]))
+    assert [s.sigma for s in run.steps] == [s.sigma for s in steps]
+    # forward diffusion's level 0 is the VAE round trip of the input
+    z = shipped.encode_image(image_to_tensor(run.source), torch.Generator().manual_seed(5))
+    round_trip = pixels(shipped.decode(z)[0])
+    assert run.noise_steps[0] is None
+    assert np.array_equal(pixels(run.noised_images[0]), round_trip)
+    assert np.array_equal(pixels(run.reconstruction), round_trip)
+    # the later levels are noisier: further from the clean image
+    distances = [np.abs(pixels(im).astype(int) - round_trip).mean() for im in run.noised_images]
+    assert distances[0] == 0 and distances[-1] > distances[1]
+    # the tokens: start, the prompt, end, then padding, 77 in all
+    assert len(run.ids) == 77 and run.ids[0] == run.special["start"]
+    assert run.ids[len(PROMPT.split()) + 1] == run.special["end"]
+    assert torch.allclose(run.similarity.diagonal(), torch.ones(len(run.variations)), atol=1e-5)
+
+
+def test_an_image_of_ones_own(shipped, tmp_path):
+    source = Image.new("RGB", (64, 64), "white")
+    source.paste((0, 0, 255), (8, 8, 30, 30))
+    run = explain(shipped, PROMPT, seed=0, image=source)
+    assert run.source.size == (64, 64)
+    # the round trip keeps the blue square in the top-left
+    assert pixels(run.reconstruction)[19, 19, 2] > 150 and pixels(run.reconstruction)[19, 19, 0] < 100
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_attention_maps_are_distributions_and_find_the_object(shipped, side):
+    run = explain(shipped, f"a small red circle on the {side}, white background", seed=0)
+    assert run.attention.sum_error < 1e-4  # every pixel's probabilities over the 77 tokens sum to 1
+    assert set(run.attention.maps) == {0, len(run.steps) // 2, len(run.steps) - 1}
+    circle = run.tokens.index(next(t for t in run.tokens if t.startswith("circle")))
+    total = sum(run.attention.maps[s][circle] / run.attention.layers[s] for s in run.attention.maps)
+    width = total.shape[-1]
+    on_left = float(total[:, : width // 2].sum() / total.sum())
+    assert on_left > 0.5 if side == "left" else on_left < 0.5
+    # the judge knows where the object is: the image's red pixels are on that side too
+    red = pixels(run.image)
+    red = (red[..., 0] > 150) & (red[..., 1] < 100) & (red[..., 2] < 100)
+    columns = np.nonzero(red)[1]
+    assert len(columns) and (columns.mean() < red.shape[1] / 2) == (side == "left")
+
+
+def test_the_probe_is_off_by_default_and_changes_nothing(shipped):
+    from latentforge.unet import Attention
+
+    assert all(m.probe is None for m in shipped.unet.modules() if isinstance(m, Attention))
+    plain = pixels(shipped.generate(PROMPT, seed=3)[0])
+    explain(shipped, PROMPT, seed=3)
+    assert all(m.probe is None for m in shipped.unet.modules() if isinstance(m, Attention))  # taken off again
+    assert np.array_equal(pixels(shipped.generate(PROMPT, seed=3)[0]), plain)
+
+
+def test_without_matplotlib_one_line_says_what_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "explain.html"
+    assert main(["explain", PROMPT, "--out", str(out)]) == 2
+    assert MISSING in capsys.readouterr().err
+    assert not out.exists()
