@@ -30,8 +30,8 @@ def playwright_or_fail():
 
 
 @contextlib.contextmanager
-def opened_page(settings: Settings):
-    """The page of a server with these settings, in headless Chromium; no page error may happen meanwhile."""
+def opened_page(settings: Settings, path: str = "/"):
+    """A page (`path`) of a server with these settings, in headless Chromium; no page error may happen meanwhile."""
     sync_playwright = playwright_or_fail()
     errors = []
     with ServerThread(create_app(settings)) as url, sync_playwright() as playwright:
@@ -39,7 +39,7 @@ def opened_page(settings: Settings):
         try:
             page = browser.new_page()
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+            page.goto(url + path)
             yield page
         finally:
             browser.close()
@@ -142,3 +142,21 @@ def test_the_page_hands_the_last_steps_to_a_refiner(sd1_folder, tmp_path):
         page.wait_for_selector("#gallery figure img", timeout=120_000)
         caption = page.inner_text("#gallery figcaption")
         assert "Refiner: finisher [" in caption and "Refiner switch at: 0.5" in caption
+
+
+def test_the_explain_page_opens_with_every_section_and_its_images(sd1_folder):
+    console = []
+    path = "/explain?prompt=a%20red%20circle%20above%20a%20blue%20square&seed=3&steps=3"
+    with opened_page(Settings(models=[str(sd1_folder)]), path) as page:
+        page.on("console", lambda message: console.append(message.text) if message.type == "error" else None)
+        page.reload()  # again, with the console listened to
+        sections = page.locator("section")
+        assert sections.evaluate_all("s => s.map(e => e.id)") == [
+            "parts", "generation", "guidance", "attention", "forward", "latent", "clip"
+        ]  # fmt: skip
+        for i in range(sections.count()):
+            images = sections.nth(i).locator("img")
+            assert images.count() >= 1
+            # every image decoded: a data URI the page's policy allows, drawn at its size
+            assert images.evaluate_all("s => s.every(i => i.complete && i.naturalWidth > 50)")
+    assert console == []

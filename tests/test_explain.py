@@ -148,3 +148,19 @@ def test_without_matplotlib_one_line_says_what_to_install(monkeypatch, tmp_path,
     assert main(["explain", PROMPT, "--out", str(out)]) == 2
     assert MISSING in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_server_answers_the_page_for_its_current_model(sd1_folder):
+    import requests
+
+    from latentforge.server import ServerThread, Settings, create_app
+
+    with ServerThread(create_app(Settings(models=[str(sd1_folder)]))) as url:
+        answer = requests.get(f"{url}/explain", params={"prompt": PROMPT, "seed": 1, "steps": 2}, timeout=300)
+        missing = requests.get(f"{url}/explain", timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    assert "img-src data:" in answer.headers["content-security-policy"]
+    parser = Sections()
+    parser.feed(answer.text)
+    assert list(parser.sections) == SECTIONS and all(parser.sections.values())
+    assert missing.status_code == 422  # the prompt is required

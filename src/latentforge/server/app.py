@@ -46,7 +46,7 @@ from .a1111 import (
     vae_option,
 )  # fmt: skip
 from .guard import Guard, is_loopback
-from .jobs import ModelError, Models, QueueFull, Worker, png_base64
+from .jobs import Job, ModelError, Models, QueueFull, Worker, png_base64
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
@@ -130,6 +130,11 @@ STATIC = {
 }
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+# latentforge explain's page is self-contained: its images are data URIs, its style inline
+EXPLAIN_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
 
@@ -348,6 +353,18 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list]:
         return {"txt2img": [], "img2img": []}
+
+    @app.get("/explain", include_in_schema=False)
+    async def explain_page(prompt: str, seed: int = 0, steps: int | None = None) -> Response:
+        """`latentforge explain`'s page for the current model, made by the worker between generations."""
+
+        def page(pipe: Pipeline) -> str:
+            from ..explain import explain, render
+
+            return render(explain(pipe, prompt, seed=seed, steps=steps))
+
+        html = await asyncio.wrap_future(worker.submit(Job(models.current, [], run=page)))
+        return Response(html, media_type="text/html", headers=EXPLAIN_HEADERS)
 
     for route, (name, media_type) in STATIC.items():
         app.add_api_route(route, static_page(name, media_type), methods=["GET"], include_in_schema=False)

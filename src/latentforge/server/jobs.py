@@ -111,6 +111,7 @@ class Job:
     calls: list[dict[str, Any]]
     refiner: str | None = None  # the configured model that takes over (passed to every call as `refiner`)
     vae: Path | None = None  # a VAE file to decode with instead of the model's own (the sd_vae option)
+    run: Callable[[Pipeline], Any] | None = None  # instead of the calls: a function of the model (GET /explain)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     interrupted: bool = False
@@ -195,7 +196,7 @@ class Worker:
                 job = self.current = self.waiting.popleft()
             job.future.set_running_or_notify_cancel()
             try:
-                job.future.set_result(self._generate(job))
+                job.future.set_result(self._generate(job) if job.run is None else job.run(self.models.get(job.model)))
             except Exception as e:  # noqa: BLE001 -- any error is the request's, raised again in its handler
                 job.future.set_exception(e)
             finally:
