@@ -435,7 +435,7 @@ def _clip(plt, run: Run) -> str:
     text = (
         "The text encoder is the text half of a CLIP model, trained to pull an image and its caption together. "
         "A Stable Diffusion model ships only the text half, so this shows the text side: cosine similarities of "
-        "the end-token vectors of the prompt and variations of it. For the shipped model the image half is in "
-        "its CLIP training run's checkpoint (latentforge.training.clip), not in the model file."
+        "the end-token vectors of the prompt and variations of it. The shipped model's image half stays in its "
+        "CLIP training run folder, under checkpoints/ (latentforge.training.clip exports only the text half)."
     )
     return _section("clip", "7. CLIP: text and images in one space", text, [("text similarities", _png(plt, fig))])
