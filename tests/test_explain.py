@@ -91,6 +91,9 @@ def test_the_figures_are_the_run(shipped):
         assert np.array_equal(pixels(run.step_images[shown]), pixels(shipped.decode(steps[i].latents)[0]))
         assert np.array_equal(pixels(run.denoised_images[shown]), pixels(shipped.decode(steps[i].denoised)[0]))
     assert [s.sigma for s in run.steps] == [s.sigma for s in steps]
+    # guidance: the prompt changes the prediction at every step drawn
+    assert all(run.steps[i].sigma > 0 for i in run.guidance_steps)
+    assert all(float(d.max()) > 0 for d in run.differences)
     # forward diffusion's level 0 is the VAE round trip of the input
     z = shipped.encode_image(image_to_tensor(run.source), torch.Generator().manual_seed(5))
     round_trip = pixels(shipped.decode(z)[0])

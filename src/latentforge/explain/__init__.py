@@ -99,7 +99,9 @@ def explain(
     shown = _spread(len(collected), SHOWN_STEPS)
     step_images = pipe.decode(torch.cat([collected[i].latents for i in shown]))
     denoised_images = pipe.decode(torch.cat([collected[i].denoised for i in shown]))
-    guidance_steps = _spread(len(collected), GUIDANCE_STEPS)
+    # the UNet is asked again at each chosen step's latents and noise level: steps that end above sigma 0
+    live = [i for i, step in enumerate(collected) if step.sigma > 0] or [len(collected) - 1]
+    guidance_steps = [live[j] for j in _spread(len(live), GUIDANCE_STEPS)]
     cond_images, uncond_images, differences = _guidance_split(pipe, collected, guidance_steps, cond, uncond)
     high = max(HIGH_GUIDANCE, 2 * defaults.cfg_scale)
     scales = [1.0, defaults.cfg_scale, high]
@@ -340,11 +342,10 @@ def _generation(plt, run: Run) -> str:
     ax.plot(range(1, len(run.steps) + 1), [s.sigma for s in run.steps], marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("sigma (noise level)")
-    ax.set_yscale("log")
     text = (
         f"The sampler starts from random latents and takes {len(run.steps)} steps. The top row decodes the current "
         "latents at each step: noise turning into the image. The second row decodes the UNet's prediction of the "
-        "clean latents at that step, which settles early. The plot is the noise level (sigma) each step starts from."
+        "clean latents at that step, which settles early. The plot is the noise level (sigma) left after each step."
     )
     return _section("generation", "2. Generation, step by step", text,
                     [("current latents per step", _png(plt, now)), ("predicted image per step", _png(plt, clean)),
