@@ -86,6 +86,7 @@ def test_the_figures_are_the_run(shipped):
     steps = []
     image = shipped.generate(PROMPT, seed=5, callback=steps.append)[0]
     assert np.array_equal(pixels(image), pixels(run.image))
+    assert np.array_equal(pixels(shipped.decode(run.latents)[0]), pixels(image))
     assert run.shown[-1] == len(steps) - 1
     for shown, i in enumerate(run.shown):
         assert np.array_equal(pixels(run.step_images[shown]), pixels(shipped.decode(steps[i].latents)[0]))

@@ -95,7 +95,7 @@ def explain(
     maps = AttentionMaps()
     with attention_probes(pipe, maps, lambda: len(collected), _attention_steps(steps), ids):
         result = pipe.generate(prompt, seed=seed, steps=steps, callback=collected.append)[0]
-    latents = collected[-1].denoised  # Euler-family last step: the sampler's result is its clean prediction
+    latents = collected[-1].latents  # after the last step: the latents the image is decoded from
     shown = _spread(len(collected), SHOWN_STEPS)
     step_images = pipe.decode(torch.cat([collected[i].latents for i in shown]))
     denoised_images = pipe.decode(torch.cat([collected[i].denoised for i in shown]))
