@@ -4,6 +4,7 @@
 
 docs/images/grid.png: one row per prompt (both caption forms the model was trained on), four seeds each.
 docs/images/steps.png: one image's predicted clean latents decoded after every sampler step.
+docs/images/explain-attention.png: the cross-attention section of `latentforge explain`'s page (needs matplotlib).
 Images are 64 x 64, drawn at 2x with nearest-neighbour scaling so that their pixels stay visible.
 """
 
@@ -30,6 +31,7 @@ SEEDS = (0, 1, 2, 3)
 STEP_PROMPT, STEP_SEED = "a large orange triangle on the right, gray background", 7
 ZOOM = 2
 TEXT_WIDTH = 330
+EXPLAIN_PROMPT, EXPLAIN_SEED = "a small red circle on the left, white background", 0
 
 
 def zoom(image: Image.Image) -> Image.Image:
@@ -61,6 +63,20 @@ def steps_strip(pipe) -> Image.Image:
     return image_strip([zoom(f) for f in [*frames, final]], labels)
 
 
+def explain_figure(pipe) -> Image.Image:
+    """The first figure of the explain page's attention section (the maps at the first drawn step)."""
+    import base64
+    import io
+    import re
+
+    from latentforge.explain import explain, render
+
+    page = render(explain(pipe, EXPLAIN_PROMPT, seed=EXPLAIN_SEED))
+    section = page[page.index('<section id="attention">'):]
+    data = re.search(r'src="data:image/png;base64,([^"]+)"', section).group(1)
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint (default: the shipped model)")
@@ -71,7 +87,8 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     grid(pipe).save(OUT / "grid.png", optimize=True)
     steps_strip(pipe).save(OUT / "steps.png", optimize=True)
-    print(f"wrote {OUT / 'grid.png'} and {OUT / 'steps.png'} ({pipe.config.defaults.describe()})")
+    explain_figure(pipe).save(OUT / "explain-attention.png", optimize=True)
+    print(f"wrote grid.png, steps.png and explain-attention.png in {OUT} ({pipe.config.defaults.describe()})")
 
 
 if __name__ == "__main__":
