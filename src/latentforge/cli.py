@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["epsilon", "v_prediction"],
         help="override what the model predicts, for SD 2.x files whose weights cannot tell",
     )
-    p = sub.add_parser("inspect", help="tell what a checkpoint is (version, prediction type, sizes)")
+    p = sub.add_parser("inspect", help="tell what a checkpoint is (version, prediction type, sizes), or which add-on")
     p.add_argument("path", help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--prediction-type", **prediction)
     p.set_defaults(func=cmd_inspect)
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train the VAE, CLIP text encoder or UNet (or all three) on the shapes world or a folder",
+        help="train the VAE, CLIP text encoder or UNet (or all three), or a LoRA, on the shapes world or a folder",
         description="Trains into the run folder (checkpoints, samples, log.jsonl, the exported part). "
         "Under torchrun it trains data-parallel (gloo on the CPU, NCCL on GPUs), rank 0 writing. "
         "`all` trains vae, clip and unet in RUN/vae, RUN/clip, RUN/unet; `export` writes a finished "
@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve AUTOMATIC1111's HTTP API (/sdapi/v1) and a web page",
         description="Serves the API that AUTOMATIC1111's clients speak (txt2img, img2img, progress, interrupt, "
-        "samplers, sd-models, options, png-info, loras, embeddings, sd-vae) and a web page at /. One generation runs at a time; the others "
+        "samplers, sd-models, options, png-info, loras, embeddings, sd-vae, upscalers, extras, prompt-styles and the rest "
+        "that A1111's clients call) and a web page at /. One generation runs at a time; the others "
         "wait in a queue. Docs: docs/server.md.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
