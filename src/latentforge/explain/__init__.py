@@ -97,8 +97,9 @@ def explain(
         result = pipe.generate(prompt, seed=seed, steps=steps, callback=collected.append)[0]
     latents = collected[-1].latents  # after the last step: the latents the image is decoded from
     shown = _spread(len(collected), SHOWN_STEPS)
-    step_images = pipe.decode(torch.cat([collected[i].latents for i in shown]))
-    denoised_images = pipe.decode(torch.cat([collected[i].denoised for i in shown]))
+    # one decode per image, as the pipeline decodes (a batch's convolutions may round differently)
+    step_images = [pipe.decode(collected[i].latents)[0] for i in shown]
+    denoised_images = [pipe.decode(collected[i].denoised)[0] for i in shown]
     # the UNet is asked again at each chosen step's latents and noise level: steps that end above sigma 0
     live = [i for i, step in enumerate(collected) if step.sigma > 0] or [len(collected) - 1]
     guidance_steps = [live[j] for j in _spread(len(live), GUIDANCE_STEPS)]
@@ -214,7 +215,7 @@ def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> 
     for t in noise_steps:
         a = 1.0 if t is None else float(schedule.alphas_cumprod[t])
         noisy.append(math.sqrt(a) * clean + math.sqrt(1 - a) * noise)  # the training forward process (VP form)
-    images = pipe.decode(torch.cat(noisy))
+    images = [pipe.decode(z)[0] for z in noisy]
     t = noise_steps[TRAINING_LEVEL]
     a = float(schedule.alphas_cumprod[t])
     x_t = noisy[TRAINING_LEVEL]
