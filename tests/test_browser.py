@@ -160,3 +160,16 @@ def test_the_explain_page_opens_with_every_section_and_its_images(sd1_folder):
             # every image decoded: a data URI the page's policy allows, drawn at its size
             assert images.evaluate_all("s => s.every(i => i.complete && i.naturalWidth > 50)")
     assert console == []
+
+
+def test_the_explain_button_opens_the_page_for_the_prompt(sd1_folder):
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.fill("#prompt", "a blue square")
+        page.fill("#seed", "4")
+        page.fill("#steps", "2")
+        with page.context.expect_page() as opened:
+            page.click("#explain")
+        explained = opened.value
+        explained.wait_for_selector("section#clip", timeout=120_000)
+        assert "prompt=a+blue+square" in explained.url and "seed=4" in explained.url and "steps=2" in explained.url
+        assert explained.locator("section").count() == 7

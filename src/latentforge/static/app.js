@@ -145,8 +145,16 @@ async function showNetworks() {
   $("networks").hidden = loras.length + embeddings.length === 0;
 }
 
+// latentforge explain's page for the prompt, seed and steps, in a new tab (the server makes it between jobs)
+function openExplain() {
+  const query = new URLSearchParams({ prompt: $("prompt").value, seed: Math.max(0, Number($("seed").value || 0)) });
+  if ($("steps").value !== "") query.set("steps", $("steps").value);
+  window.open("explain?" + query.toString(), "_blank", "noopener");
+}
+
 async function init() {
   $("form").addEventListener("submit", generate);
+  $("explain").addEventListener("click", openExplain);
   $("interrupt").addEventListener("click", () => api("interrupt", { method: "POST" }).catch(() => {}));
   try {
     for (const sampler of await api("samplers")) $("sampler").add(new Option(sampler.name, sampler.name));
