@@ -77,6 +77,14 @@ class Conditioner(Protocol):
         ...
 
 
+def encode_one(
+    conditioner: Conditioner, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
+) -> tuple[Cond, Cond | None]:
+    """A conditioner's call: one prompt and its negative prompt (or None) through its `encode`, in one
+    text-encoder batch, so they are padded to the same chunk count."""
+    return conditioner.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+
+
 @dataclass
 class ClipConditioner:
     """SD 1.x / 2.x: one CLIP text encoder, A1111's prompt syntax; its 77 * k vectors are the whole Cond."""
@@ -85,12 +93,7 @@ class ClipConditioner:
     text_encoder: TextEncoder
     embeddings: dict[str, Embedding] = field(default_factory=dict)
 
-    @torch.no_grad()
-    def __call__(
-        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
-    ) -> tuple[Cond, Cond | None]:
-        """Both prompts in one text-encoder batch, so they are padded to the same chunk count."""
-        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+    __call__ = encode_one
 
     @torch.no_grad()
     def encode(
@@ -123,10 +126,7 @@ class SDXLConditioner:
     size_embed_dim: int = SDXL_SIZE_EMBED_DIM
     embeddings: dict[str, Embedding] = field(default_factory=dict)
 
-    def __call__(
-        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
-    ) -> tuple[Cond, Cond | None]:
-        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+    __call__ = encode_one
 
     @torch.no_grad()
     def encode(
@@ -168,10 +168,7 @@ class RefinerConditioner:
     negative_aesthetic_score: float = 2.5
     embeddings: dict[str, Embedding] = field(default_factory=dict)
 
-    def __call__(
-        self, prompt: str, negative: str | None, *, clip_skip: int, size: tuple[int, int]
-    ) -> tuple[Cond, Cond | None]:
-        return self.encode([prompt], None if negative is None else [negative], clip_skip=clip_skip, size=size)
+    __call__ = encode_one
 
     @torch.no_grad()
     def encode(

@@ -60,7 +60,7 @@ def cached_model_hash(path: PathLike) -> str:
 
 def file_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's bytes (64 hex digits): A1111's hash of embeddings ("TI hashes", first 12)."""
-    return _sha256(Path(path))
+    return _digest([Path(path)])
 
 
 def addnet_hash(path: PathLike) -> str:
@@ -71,7 +71,7 @@ def addnet_hash(path: PathLike) -> str:
         with open(path, "rb") as stream:
             head = stream.read(8)
             if path.suffix.lower() != ".safetensors" or len(head) < 8:
-                return _sha256(path)
+                return _digest([path])
             stream.seek(8 + int.from_bytes(head, "little"))
             digest = hashlib.sha256()
             for block in iter(lambda: stream.read(_HASH_BLOCK), b""):
@@ -84,10 +84,6 @@ def addnet_hash(path: PathLike) -> str:
 def cached_hash(path: PathLike, kind: str) -> str:
     """`file_sha256` ("sha256") or `addnet_hash` ("addnet") of a file, remembered as `cached_model_hash` is."""
     return _cached(path, kind, {"sha256": file_sha256, "addnet": addnet_hash}[kind])
-
-
-def _sha256(path: Path) -> str:
-    return _digest([path])
 
 
 def _digest(files: list[Path]) -> str:
