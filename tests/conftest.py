@@ -76,6 +76,16 @@ def tiny_diffusers_pipeline(kind: str, seed: int = 0):
     return unet, vae, text_encoder, scheduler, Tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on shared cores lose a lot to it: a module that
+    trains them asks for one thread with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
     """Model hashes are remembered in a folder of this test run, never in the user's ~/.cache."""

@@ -51,13 +51,7 @@ DEFAULT_WORLD_SHA256 = "f03b09292871ee1c1b166946d6a232289daf52b581e955da89a1c098
 TINY = {"batch_size": 4, "warmup_steps": 0, "log_every": 1, "sample_every": 0, "rank": 4, "alpha": 2.0, "lr": 1e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models gain nothing from a second thread, and on shared cores lose a lot to it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def tiny(**changes) -> LoraTrainConfig:
