@@ -171,6 +171,16 @@ def depth_fields(input_depths: Sequence[int], middle: int, output_depths: Sequen
     )
 
 
+@dataclass
+class DeepFeatures:
+    """DeepCache's state in one sampler run (speed.StepCache): the deep features the UNet's last whole call
+    left at the input of its `depth`-th output block from the end, and whether this call reuses them."""
+
+    depth: int
+    features: torch.Tensor | None = None
+    reuse: bool = False
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (B,) -> (B, dim), cosines first as in the original."""
     half = dim // 2
@@ -410,10 +420,17 @@ class UNet(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, vector: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        vector: torch.Tensor | None = None,
+        deep: DeepFeatures | None = None,
     ) -> torch.Tensor:
         """Latents (B, in, h, w), timesteps (B,) or scalar, text (B, 77, context_dim), and the added vector
-        (B, adm_in_channels) when the config has one -> (B, out, h, w)."""
+        (B, adm_in_channels) when the config has one -> (B, out, h, w). With `deep` (DeepCache), a call that
+        reuses runs only the top deep.depth blocks of each side around deep.features; any other call stores
+        them there."""
         if (vector is None) != (self.config.adm_in_channels is None):
             wanted = self.config.adm_in_channels
             raise ValueError(f"this UNet takes {f'a {wanted}-wide added vector' if wanted else 'no added vector'}")
@@ -424,13 +441,19 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(vector.to(x.dtype))
         context = context.to(x.dtype)
 
+        reuse = deep is not None and deep.reuse
         skips = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks[: deep.depth] if reuse else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        if reuse:
+            h, outputs = deep.features, self.output_blocks[len(self.output_blocks) - deep.depth :]
+        else:
+            h, outputs = self.middle_block(h, emb, context), self.output_blocks
+        for i, block in enumerate(outputs):
+            if deep is not None and not reuse and i == len(outputs) - deep.depth:
+                deep.features = h
             h = torch.cat([h, skips.pop()], dim=1)
             # an upsampling block must land on the size of the skip it will be joined with next
             size = skips[-1].shape[-2:] if skips else None
