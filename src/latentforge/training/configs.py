@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..text_encoder import TextEncoderConfig
+from ..tiny_decoder import TinyDecoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 from .world import ALL_KINDS, check_fraction, check_kinds
@@ -212,8 +213,34 @@ class LoraTrainConfig(TrainConfig):
             raise ValueError(f"output_name must be a plain file name (no folders), got {self.output_name!r}")
 
 
+@dataclass
+class TinyDecoderTrainConfig(TrainConfig):
+    """A tiny decoder (TAESD, tiny_decoder.py) distilled from a frozen model's full VAE decoder
+    (training/tiny_decoder.py): L1 + mse_weight * MSE between the two decoders' images of the same latents."""
+
+    model: TinyDecoderConfig = TinyDecoderConfig()  # latent_channels is set from the base model's VAE
+    base: str = ""  # the model whose VAE is distilled: a single file or diffusers folder ("" = the shipped model)
+    batch_size: int = 16
+    lr: float = 1e-3
+    steps: int = 1500
+    warmup_steps: int = 50
+    cooldown_steps: int = 400
+    mse_weight: float = 1.0
+    sample_count: int = 8  # held-out images shown with both decoders' images
+    heldout_count: int = 64  # held-out images whose mean per-pixel difference is reported
+
+    def __post_init__(self) -> None:
+        """Check the tiny-decoder fields too."""
+        super().__post_init__()
+        _check_int("sample_count", self.sample_count, 1)
+        _check_int("heldout_count", self.heldout_count, 1)
+        if isinstance(self.mse_weight, bool) or not isinstance(self.mse_weight, int | float) or self.mse_weight < 0:
+            raise ValueError(f"mse_weight must be a number >= 0, got {self.mse_weight!r}")
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {
     "vae": VAETrainConfig, "clip": CLIPTrainConfig, "unet": UNetTrainConfig, "lora": LoraTrainConfig,
+    "tiny-decoder": TinyDecoderTrainConfig,
 }  # fmt: skip
 
 
