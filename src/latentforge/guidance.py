@@ -17,6 +17,7 @@ import torch
 
 from .conditioning import Cond
 from .prompt_schedule import PromptPlan
+from .speed import Shortcuts, StepCache
 from .unet import UNet
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,14 +85,18 @@ def make_denoiser(
     prediction_type: str,
     guidance: Guidance | Callable[[int], Guidance],
     sigmas: torch.Tensor | None = None,
+    shortcuts: Shortcuts | None = None,
 ) -> Denoiser:
     """A denoiser (x (1,4,h,w) in sigma form, sigma 0-d) -> predicted x0, guided by `guidance`.
     `timestep` turns a sigma into the UNet's timestep, the way the chosen sampler's schedule does.
     `guidance` may be a function of the sampler step (`PromptConds.guidance`); then `sigmas`, the whole
-    run's (all parts of a refiner split), tell each call's step (`step_of`)."""
-    if not isinstance(guidance, Guidance) and sigmas is None:
+    run's (all parts of a refiner split), tell each call's step (`step_of`). `shortcuts` (speed.py) may leave
+    the unconditional pass out of some steps (they need `sigmas` too) and reuse deep UNet features."""
+    shortcuts = shortcuts or Shortcuts()
+    if sigmas is None and (not isinstance(guidance, Guidance) or shortcuts.s_min_uncond or shortcuts.skip_early_cfg):
         raise ValueError("guidance that changes per step needs the run's sigmas to tell the step")
     batches: dict[int, tuple[Guidance, Cond]] = {}  # by id; the Guidance is kept so that its id stays its own
+    cache = StepCache(shortcuts.deepcache_interval, shortcuts.deepcache_depth) if shortcuts.deepcache_interval > 1 else None
 
     def batched(g: Guidance) -> Cond:
         # all passes in one UNet batch; unconditional first, as diffusers orders them
@@ -99,24 +104,32 @@ def make_denoiser(
             batches[id(g)] = (g, g.cond if g.uncond is None else Cond.cat([g.uncond, g.cond]))
         return batches[id(g)][1]
 
+    def run(x_in: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if cache is None:
+            return unet(x_in, t, cond.context, cond.vector).float()
+        return unet(x_in, t, cond.context, cond.vector, cache.next_call(len(x_in))).float()
+
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        g = guidance if isinstance(guidance, Guidance) else guidance(step_of(sigmas, sigma))
-        both = batched(g)
+        step = None if sigmas is None else step_of(sigmas, sigma)
+        g = guidance if isinstance(guidance, Guidance) else guidance(step)
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
         t = timestep(sigma)
         x_in = (x * c_in).to(unet_dtype(unet))
         if g.inpaint_extra is not None:
             x_in = torch.cat([x_in, g.inpaint_extra.to(x_in.dtype)], dim=1)
-        if g.uncond is None:
-            out = unet(x_in, t, both.context, both.vector).float()
+        if g.uncond is None or (g.weights == (1.0,) and skips(step, float(sigma))):
+            out = run(x_in, t, g.cond)  # the prompt alone: unguided, or a step whose unconditional pass is skipped
         elif g.weights == (1.0,):
-            uncond, conditional = unet(torch.cat([x_in, x_in]), t, both.context, both.vector).float().chunk(2)
+            uncond, conditional = run(torch.cat([x_in, x_in]), t, batched(g)).chunk(2)
             out = uncond + g.cfg_scale * (conditional - uncond)
         else:
-            uncond, *conditional = unet(torch.cat([x_in] * (1 + len(g.weights))), t, both.context, both.vector).float()
+            uncond, *conditional = run(torch.cat([x_in] * (1 + len(g.weights))), t, batched(g))
             out = combine(uncond[None], [c[None] for c in conditional], g.weights, g.cfg_scale)
         return to_x0(out, x, sigma, prediction_type)
+
+    def skips(step: int | None, sigma: float) -> bool:
+        return step is not None and shortcuts.skips_uncond(step, len(sigmas) - 1, sigma)
 
     return denoise
 

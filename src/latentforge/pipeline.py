@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -35,6 +36,7 @@ from .prompts import embeddings_in
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
+from .speed import Shortcuts
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 from .unet import SDXL_SIZE_EMBED_DIM, UNet
@@ -54,6 +56,8 @@ HIRES_TILED = 2  # hires passes larger than this times the native size (a side) 
 
 # trained by this project on the shapes world (docs/default-model.md has the recipe and the command)
 DEFAULT_MODEL = Path(__file__).parent / "data" / "latentforge-shapes.safetensors"
+# the tiny decoder distilled from the shipped model's VAE (docs/default-model.md), loaded with it
+DEFAULT_TINY_DECODER = Path(__file__).parent / "data" / "tiny_decoder" / "latentforge-shapes.safetensors"
 
 
 @dataclass
@@ -93,6 +97,9 @@ class Pipeline:
     _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
     _embedding_files: dict[tuple[str, int], Embedding | str] = field(default_factory=dict, repr=False)
     vae_file: Path | None = None  # a VAE file used instead of the model's own (see load_vae)
+    # a tiny autoencoder decoder (TAESD) of this model's latent space: step previews, and the final decode when
+    # a request's speed.tiny_decoder asks (see load_tiny_decoder)
+    tiny_decoder: nn.Module | None = None
     _own_vae: VAEState | None = field(default=None, repr=False)
 
     def encode_prompt(
@@ -148,6 +155,32 @@ class Pipeline:
         self._check_finite(x, "the decoded image")
         return tensor_to_images(x.float().cpu())
 
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) -> quick PIL images for watching a run: the tiny decoder's when one is loaded,
+        else the VAE's (`decode`)."""
+        if self.tiny_decoder is None:
+            return self.decode(latents)
+        x = self.tiny_decoder(latents.to(self.device, next(self.tiny_decoder.parameters()).dtype))
+        self._check_finite(x, "the tiny decoder's image")
+        return tensor_to_images(x.float().cpu())
+
+    def load_tiny_decoder(self, path: str | os.PathLike | None) -> None:
+        """Use this tiny decoder file (TAESD's taesd_decoder / taesdxl_decoder, or a diffusers AutoencoderTiny)
+        for previews and fast final decodes; None drops it. Its latent channels must be this model's."""
+        if path is None:
+            self.tiny_decoder = None
+            return
+        from .tiny_decoder import read_tiny_decoder  # TODO top-level once the module lands
+
+        decoder = read_tiny_decoder(path, self.device, self.dtype)
+        if decoder.config.latent_channels != self.config.vae.latent_channels:
+            raise ValueError(
+                f"{path}: this tiny decoder reads {decoder.config.latent_channels}-channel latents, the model makes "
+                f"{self.config.vae.latent_channels}; use the tiny decoder of this model's family"
+            )
+        self.tiny_decoder = set_inference(decoder)
+
     def _decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """VAE decode, tiled when vae_tiling is on: tiles of the native latent size, a quarter overlapping."""
         tile = self.config.unet.sample_size
@@ -200,6 +233,7 @@ class Pipeline:
         refiner_switch_at: float = 0.8,
         loras: Mapping[str | os.PathLike, float | tuple[float, float]] | None = None,
         hires: Hires | None = None,
+        speed: Shortcuts | None = None,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -215,14 +249,22 @@ class Pipeline:
         `hires` (txt2img only) adds A1111's hires fix: each image upscaled (its latents, or the decoded image)
         and refined by an img2img pass at the larger size with the same seed (see hires.py).
 
+        `speed` (speed.Shortcuts, or a preset: speed.preset("fast")) skips work for a shorter run: unconditional
+        passes, deep UNet features reused, tokens merged, the tiny decoder. None: nothing skipped.
+
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
-            hires=hires,
+            hires=hires, speed=speed,
         )  # fmt: skip
+        with merged_tokens([self, request.refiner], request.speed.token_merging):
+            return self._generate(request, callback)
+
+    def _generate(self, request, callback: Callable[[Step], None] | None) -> list[Image.Image]:
+        """generate() for a checked request."""
         spec = get_sampler(request.sampler)
         schedule = NoiseSchedule.from_config(self.config.scheduler or {})
         sigmas = (
@@ -257,7 +299,8 @@ class Pipeline:
             # a hires pass beyond twice the native size is decoded in tiles (its whole decode's memory grows
             # with the pixels: 2048 x 2048 in SD 1.5 would need some 16 GB)
             tiled = second is not None and max(latents.shape[-2:]) > HIRES_TILED * self.config.unet.sample_size
-            image = (request.refiner or self).decode(latents, tiled)[0]
+            last = request.refiner or self
+            image = last.preview(latents)[0] if request.speed.tiny_decoder else last.decode(latents, tiled)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses, words))
             images.append(image)
         return images
@@ -325,7 +368,7 @@ class Pipeline:
             conds = PromptConds(plan_prompts("", "", 1), *conds)  # one fixed conditioning
         guidance = conds.guidance(request.cfg_scale, extra)
         timestep = functools.partial(spec.timestep, schedule)
-        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance, sigmas)
+        denoise = make_denoiser(self.unet, timestep, self.config.prediction_type, guidance, sigmas, request.speed)
         if blend is not None:
             denoise = keep_unmasked(denoise, *blend)
 
@@ -358,7 +401,7 @@ class Pipeline:
         split, conds = refine
         refiner = request.refiner
         guided = conds.guidance(request.cfg_scale)
-        refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided, sigmas)
+        refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided, sigmas, request.speed)
         runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
         return [run for run in runs if len(run[2]) > 1]
 
@@ -500,6 +543,7 @@ class Pipeline:
             extra["TI hashes"] = ", ".join(f"{e.name}: {cached_hash(e.path, 'sha256')[:12]}" for e in words)
         if request.hires is not None:
             extra |= request.hires.infotext(request.steps, spec.a1111_name, request.cfg_scale, request.prompt, request.negative_prompt)
+        extra |= request.speed.infotext()
         if uses:  # A1111: Lora hashes: "name: 12 digits of its addnet hash, ..."
             extra["Lora hashes"] = ", ".join(f"{u.placed.file.name}: {cached_hash(u.placed.file.path, 'addnet')[:12]}" for u in uses)
         return GenerationInfo(
@@ -530,6 +574,21 @@ class Pipeline:
     def model_hash(self) -> str:
         """A1111's short model hash of the checkpoint, '' when the model was not loaded from a path."""
         return cached_model_hash(self.source) if self.source is not None else ""
+
+
+@contextlib.contextmanager
+def merged_tokens(pipes: list[Pipeline | None], ratio: float):
+    """Token merging (tome.py) at `ratio` in these models' UNets for the duration; off again after."""
+    unets = [pipe.unet for pipe in pipes if pipe is not None] if ratio else []
+    if unets:
+        from .tome import set_token_merging  # TODO top-level once the module lands
+        for unet in unets:
+            set_token_merging(unet, ratio)
+    try:
+        yield
+    finally:
+        for unet in unets:
+            set_token_merging(unet, 0.0)
 
 
 def refiner_split(spec, schedule: NoiseSchedule, sigmas: torch.Tensor, switch_at: float) -> int:
@@ -716,4 +775,6 @@ def load(
     tokenizer_2 = load_tokenizer(path, config, second=True) if config.text_encoder_2 is not None else None
     pipe = from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem, tokenizer_2=tokenizer_2)
     pipe.source = Path(path)
+    if Path(path) == default_model_path() and DEFAULT_TINY_DECODER.is_file():
+        pipe.load_tiny_decoder(DEFAULT_TINY_DECODER)
     return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
@@ -15,6 +16,7 @@ from PIL import Image
 from .hires import Hires, check_upscaler
 from .images import image_to_tensor, mask_to_tensor
 from .samplers import get_sampler
+from .speed import Shortcuts
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -59,6 +61,7 @@ class Request:
     refiner_switch_at: float = 0.8
     loras: dict = field(default_factory=dict)  # {file path or library name: (text-encoder weight, UNet weight)}
     hires: Hires | None = None  # the hires fix's second pass (txt2img only)
+    speed: Shortcuts = field(default_factory=Shortcuts)  # work skipped for speed (speed.py), none by default
 
 
 def _loras(value: object) -> dict:
@@ -156,6 +159,7 @@ def check_request(
     refiner_switch_at: float = 0.8,
     loras: Mapping | None = None,
     hires: Hires | None = None,
+    speed: Shortcuts | None = None,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -209,6 +213,7 @@ def check_request(
         )
     if hires is not None:
         _check_hires(pipe, hires, width, height, steps, init, refiner)
+    speed = _speed(pipe, speed)
     image_tensor = mask_tensor = None
     if init is not None:
         # an explicit width/height different from the image's asks for the image at that size
@@ -236,7 +241,26 @@ def check_request(
         refiner_switch_at=float(refiner_switch_at),
         loras=_loras(loras),
         hires=hires,
+        speed=speed,
     )
+
+
+def _speed(pipe, speed: object) -> Shortcuts:
+    """The speed options (None: none); DeepCache's depth must leave the UNet deep blocks to skip, and the tiny
+    decoder must be loaded to decode with it ("auto": used when it is)."""
+    if speed is None:
+        return Shortcuts()
+    if not isinstance(speed, Shortcuts):
+        raise ValueError(f"speed must be a latentforge.speed.Shortcuts, got {type(speed).__name__}")
+    blocks = len(pipe.unet.input_blocks)
+    if speed.deepcache_interval > 1 and speed.deepcache_depth >= blocks:
+        raise ValueError(f"deepcache_depth must be below this UNet's {blocks} input blocks, got {speed.deepcache_depth}")
+    if speed.tiny_decoder == "auto":
+        speed = dataclasses.replace(speed, tiny_decoder=pipe.tiny_decoder is not None)
+    if speed.tiny_decoder and pipe.tiny_decoder is None:
+        raise ValueError("tiny_decoder: no tiny decoder is loaded for this model; load one (--tiny-decoder FILE, "
+                         "a taesd_decoder file for SD 1.x/2.x, taesdxl_decoder for SDXL)")
+    return speed
 
 
 def _check_hires(pipe, hires: object, width: int, height: int, steps: int, init: object, refiner: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import html
 import json
@@ -23,6 +24,7 @@ from ..adapters.library import Library
 from ..hires import Hires, check_upscaler
 from ..request import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED
 from ..samplers import SPECS, get_sampler
+from ..speed import Shortcuts, preset
 from ..styles import Style, apply_styles
 from ..upscalers import Upscaler, Upscalers, passes, target_size, upscale
 from .jobs import Job, ModelEntry, Models, Result, png_base64
@@ -77,6 +79,7 @@ class Txt2Img(BaseModel):
     hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     hr_cfg: float | None = None
     denoising_strength: float | None = None  # the hires pass's (None: 0.7)
+    s_min_uncond: float | None = None  # A1111's NGMS for this request (None: the s_min_uncond option)
     send_images: bool = True
 
 
@@ -214,13 +217,51 @@ def hires_fix(req: Txt2Img, upscalers: Upscalers) -> Hires:
         raise FieldError(field if field in Txt2Img.model_fields else "enable_hr", str(e)) from None
 
 
+# the speed options (speed.Shortcuts) as options and override_settings name them: A1111's, and ours where it has none
+SPEED_OPTIONS = {
+    "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all", "skip_early_cond": "skip_early_cfg",
+    "token_merging_ratio": "token_merging", "deepcache_interval": "deepcache_interval",
+    "deepcache_depth": "deepcache_depth", "sd_vae_decode_method": "tiny_decoder",
+}  # fmt: skip
+DECODE_METHODS = {"Full": False, "TAESD": True}  # sd_vae_decode_method values
+SPEED_DEFAULTS = {"speed_preset": "default"} | {
+    option: ("Full" if option == "sd_vae_decode_method" else getattr(Shortcuts(), field))
+    for option, field in SPEED_OPTIONS.items()
+}
+
+
+def speed_options(values: dict[str, Any], loc: str = "") -> Shortcuts:
+    """The speed options these option values ask for: the `speed_preset` ("default" or "fast"), with each option
+    given instead of its value; a bad value is a FieldError at `loc` + its name."""
+    try:
+        shortcuts = preset(values.get("speed_preset", "default"))
+    except (ValueError, TypeError) as e:
+        raise FieldError(f"{loc}speed_preset", str(e)) from None
+    changes = {}
+    for option, field in SPEED_OPTIONS.items():
+        if option not in values or values[option] == SPEED_DEFAULTS[option]:
+            continue
+        value = values[option]
+        if option == "sd_vae_decode_method":
+            if value not in DECODE_METHODS:
+                raise FieldError(f"{loc}{option}", f"{option} must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
+            value = DECODE_METHODS[value]
+        changes[field] = value
+    try:
+        return dataclasses.replace(shortcuts, **changes)
+    except ValueError as e:
+        name = next((o for o, f in SPEED_OPTIONS.items() if str(e).split()[0] == f), "speed_preset")
+        raise FieldError(f"{loc}{name}", str(e)) from None
+
+
 def make_job(
     req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
-    styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None,
+    styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None, speed: dict[str, Any] | None = None,
 ) -> tuple[Job, list[int]]:  # fmt: skip
     """The job for a txt2img / img2img request, and its seeds (image i: seed + i); `vae` is the sd_vae
     option, which the request's override_settings may change for itself; `styles` those the request may
-    name; `upscalers` those the hires fix may use."""
+    name; `upscalers` those the hires fix may use; `speed` the speed options (SPEED_OPTIONS), which the request's
+    override_settings and s_min_uncond may change for itself."""
     count = req.batch_size * req.n_iter
     if count > MAX_BATCH:
         raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
@@ -247,6 +288,10 @@ def make_job(
     }  # fmt: skip
     if refiner is not None and req.refiner_switch_at is not None:
         common["refiner_switch_at"] = req.refiner_switch_at
+    asked = (speed or {}) | {key: settings[key] for key in SPEED_DEFAULTS if key in settings}
+    if req.s_min_uncond is not None:
+        asked["s_min_uncond"] = req.s_min_uncond
+    common["speed"] = speed_options(asked, "override_settings.")
     if req.enable_hr and not isinstance(req, Img2Img):  # A1111 ignores enable_hr in img2img too
         common["hires"] = hires_fix(req, upscalers or Upscalers())
     calls = [common | {"seed": s} for s in seeds]
@@ -272,6 +317,7 @@ GENERATE_FIELDS = {
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
+    "tiny_decoder": "override_settings.sd_vae_decode_method", "deepcache_depth": "override_settings.deepcache_depth",
 }  # fmt: skip
 _FIELD_WORD = re.compile(r"\b(" + "|".join(GENERATE_FIELDS) + r")\b")
 
@@ -290,7 +336,8 @@ def extra_params(made: dict[str, str]) -> dict[str, Any]:
     if "Refiner" in made:
         extra |= {"Refiner": made["Refiner"], "Refiner switch at": float(made["Refiner switch at"])}
     for key in ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt",
-                "Hires negative prompt", "Hires CFG Scale", "Lora hashes", "TI hashes"):  # fmt: skip
+                "Hires negative prompt", "Hires CFG Scale", "Lora hashes", "TI hashes", "Skip Early CFG", "NGMS",
+                "NGMS all steps", "DeepCache", "Token merging ratio", "VAE Decoder"):  # fmt: skip
         if key in made:
             extra[key] = made[key]
     if "Hires resize-1" in made:  # the infotext reader splits a "WxH" value in two

@@ -33,6 +33,7 @@ from .a1111 import (
     ExtrasBatchImages,
     ExtrasSingleImage,
     FieldError,
+    SPEED_DEFAULTS,
     Img2Img,
     Txt2Img,
     answer,
@@ -43,6 +44,7 @@ from .a1111 import (
     make_job,
     read_upload,
     run_extras,
+    speed_options,
     vae_option,
 )  # fmt: skip
 from .guard import Guard, is_loopback
@@ -148,7 +150,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
         pipe.library, pipe.upscalers = library, upscalers
     models.library = library
     worker = Worker(models, settings.max_queue)
-    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", **SPEED_DEFAULTS}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,7 +185,8 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     async def generate(request: Request, req: Txt2Img) -> Any:
         clip_skip = options["CLIP_stop_at_last_layers"]
         job, seeds = await run_in_threadpool(
-            make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"], styles, upscalers
+            make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"], styles, upscalers,
+            {key: options[key] for key in SPEED_DEFAULTS},
         )
         waiting = asyncio.wrap_future(worker.submit(job))
         while not waiting.done():
@@ -332,7 +335,8 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     def set_options(changes: dict[str, Any]) -> None:
-        """sd_model_checkpoint, CLIP_stop_at_last_layers and sd_vae are used; other options are accepted and ignored.
+        """sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae and the speed options (SPEED_OPTIONS, speed_preset)
+        are used; other options are accepted and ignored.
         A model is loaded before it becomes current: one that cannot be loaded is a 500 and changes nothing."""
         clip_skip = changes.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
@@ -340,10 +344,13 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
                 "CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}"
             )
         vae = vae_option(library, changes.get("sd_vae", options["sd_vae"]), "sd_vae")
+        speed = {key: changes.get(key, options[key]) for key in SPEED_DEFAULTS}
+        speed_options(speed)  # a bad value changes nothing
         if "sd_model_checkpoint" in changes:
             models.select(find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name)
         options["CLIP_stop_at_last_layers"] = clip_skip
         options["sd_vae"] = vae
+        options.update(speed)
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]) -> dict[str, Any]:

@@ -231,7 +231,7 @@ class Worker:
         now = time.monotonic()
         wait = max(PREVIEW_EVERY_S, job.preview_cost / PREVIEW_COST)
         if now - self.preview_wanted < PREVIEW_WANTED_S and now - job.preview_at >= wait:
-            job.preview = png_base64(pipe.decode(step.denoised)[0])
+            job.preview = png_base64(pipe.preview(step.denoised)[0])
             job.preview_at = time.monotonic()
             job.preview_cost = job.preview_at - now
 

@@ -1,0 +1,221 @@
+"""Skipping work (speed.py): which steps leave the unconditional pass out (A1111's rules for NGMS and Skip Early
+CFG), DeepCache's reuse running only the top blocks and equal to the whole UNet on the same input, the options in
+the infotext, the CLI and the server, and one-line refusals of bad values."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import latentforge
+from latentforge.guidance import Guidance, make_denoiser
+from latentforge.infotext import parse_infotext
+from latentforge.samplers import get_sampler
+from latentforge.schedules import NoiseSchedule
+from latentforge.server import ServerThread, Settings, create_app
+from latentforge.speed import PRESETS, Shortcuts, StepCache, preset
+from latentforge.unet import DeepFeatures
+
+PROMPT = "a small red circle on the left, white background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return latentforge.load(dtype="float32", device="cpu")
+
+
+def batches_per_step(pipe, shortcuts, steps=10, sampler="Euler", cfg=5.0):
+    """The UNet batch of each denoiser call of one run, and the run's sigmas."""
+    spec = get_sampler(sampler)
+    schedule = NoiseSchedule.from_config(pipe.config.scheduler or {})
+    sigmas = spec.sigmas(schedule, steps)
+    cond, uncond = pipe.encode_prompt(PROMPT, "")
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        denoise = make_denoiser(
+            pipe.unet, lambda s: spec.timestep(schedule, s), pipe.config.prediction_type, Guidance(cond, uncond, cfg),
+            sigmas, shortcuts,
+        )  # fmt: skip
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * spec.init_noise_sigma(schedule, sigmas)
+        spec(denoise, x, sigmas, schedule=schedule, prediction_type=pipe.config.prediction_type)
+    finally:
+        hook.remove()
+    return seen, sigmas
+
+
+def test_ngms_skips_odd_steps_below_the_sigma(pipe):
+    _, sigmas = batches_per_step(pipe, None)
+    # below sigmas[5]: steps 6..9; A1111 skips the odd ones (7, 9), or all four with s_min_uncond_all
+    threshold = float(sigmas[5])
+    seen, _ = batches_per_step(pipe, Shortcuts(s_min_uncond=threshold))
+    assert seen == [2, 2, 2, 2, 2, 2, 2, 1, 2, 1]
+    seen, _ = batches_per_step(pipe, Shortcuts(s_min_uncond=threshold, s_min_uncond_all=True))
+    assert seen == [2, 2, 2, 2, 2, 2, 1, 1, 1, 1]
+
+
+def test_skip_early_cfg_skips_the_first_fraction(pipe):
+    # step / steps <= 0.25: steps 0, 1 and 2 of 10 (2 / 10 = 0.2, 3 / 10 = 0.3)
+    seen, _ = batches_per_step(pipe, Shortcuts(skip_early_cfg=0.25))
+    assert seen == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
+
+
+def test_a_skipped_step_is_the_prompt_alone(pipe):
+    """A step without the unconditional pass gives the conditional prediction: the same as guidance 1."""
+    both = [pipe.generate(PROMPT, seed=4, steps=6, sampler="Euler", cfg_scale=cfg, speed=speed)[0] for cfg, speed in
+            ((5.0, Shortcuts(skip_early_cfg=1.0)), (1.0, None))]  # fmt: skip
+    assert np.array_equal(np.asarray(both[0]), np.asarray(both[1]))
+
+
+def test_second_order_samplers_count_steps_as_a1111(pipe):
+    """Heun's second call of step i is made at sigmas[i + 1] and counts as step i + 1 (guidance.step_of)."""
+    _, sigmas = batches_per_step(pipe, None, steps=4, sampler="Heun")
+    seen, _ = batches_per_step(pipe, Shortcuts(s_min_uncond=float(sigmas[0]) + 1, s_min_uncond_all=True), 4, "Heun")
+    assert seen == [1] * 7  # 4 steps, the last one first order
+    seen, _ = batches_per_step(pipe, Shortcuts(s_min_uncond=float(sigmas[0]) + 1), 4, "Heun")
+    # calls: step 0 (0), its second at sigmas[1] (1), step 1 (1), its second (2), step 2 (2), (3), step 3 (3)
+    assert seen == [2, 1, 1, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_deepcache_reuse_equals_the_whole_unet_on_the_same_input(pipe, depth):
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet.config.context_dim, generator=g)
+    deep = DeepFeatures(depth)
+    whole = unet(x, 500, context, deep=deep)
+    assert deep.features is not None
+    calls = []
+    hook = unet.middle_block.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        deep.reuse = True
+        reused = unet(x, 500, context, deep=deep)
+    finally:
+        hook.remove()
+    assert not calls  # the deep blocks did not run
+    assert torch.equal(reused, whole)
+    assert torch.equal(unet(x, 500, context), whole)  # and the stored call is the plain UNet
+
+
+def test_step_cache_refreshes_every_nth_call_and_on_a_new_batch():
+    cache = StepCache(interval=3, depth=1)
+    reused = []
+    for batch in (2, 2, 2, 2, 1, 1, 2):
+        state = cache.next_call(batch)
+        reused.append(state.reuse)
+        if not state.reuse:
+            state.features = torch.zeros(batch, 1)  # what the whole call stores
+    # calls 0, 3, 6 whole by the interval; call 4 whole because the batch changed from 2 to 1
+    assert reused == [False, True, True, False, False, True, False]
+
+
+def test_deepcache_in_a_run_runs_the_deep_blocks_every_nth_call(pipe):
+    calls = []
+    hook = pipe.unet.middle_block.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        image = pipe.generate(PROMPT, seed=2, steps=7, sampler="Euler", speed=Shortcuts(deepcache_interval=3))[0]
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # calls 0, 3 and 6 of 7
+    assert parse_infotext(image.info["parameters"])["DeepCache"] == "3/1"
+
+
+def test_the_options_are_in_the_infotext(pipe):
+    speed = Shortcuts(s_min_uncond=2.0, s_min_uncond_all=True, skip_early_cfg=0.1, deepcache_interval=2)
+    fields = parse_infotext(pipe.generate(PROMPT, seed=1, steps=4, speed=speed)[0].info["parameters"])
+    assert fields["NGMS"] == "2" and fields["NGMS all steps"] == "True" and fields["Skip Early CFG"] == "0.1"
+    plain = parse_infotext(pipe.generate(PROMPT, seed=1, steps=4)[0].info["parameters"])
+    assert not {"NGMS", "Skip Early CFG", "DeepCache", "Token merging ratio", "VAE Decoder"} & set(plain)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"s_min_uncond": -1.0}, "s_min_uncond must be a sigma >= 0"),
+        ({"s_min_uncond": float("nan")}, "s_min_uncond must be a number"),
+        ({"skip_early_cfg": 1.5}, "skip_early_cfg must be a fraction"),
+        ({"token_merging": 1.0}, "token_merging must be a share of the tokens, 0 <= r < 1"),
+        ({"deepcache_interval": 0}, "deepcache_interval must be a whole number 1..10"),
+        ({"deepcache_interval": 2.5}, "deepcache_interval must be a whole number 1..10"),
+        ({"deepcache_depth": 0}, "deepcache_depth must be a whole number >= 1"),
+        ({"tiny_decoder": "yes"}, "tiny_decoder must be true, false or .auto."),
+    ],
+)
+def test_bad_values_are_one_line(options, message):
+    with pytest.raises(ValueError, match=message) as e:
+        Shortcuts(**options)
+    assert "\n" not in str(e.value)
+
+
+def test_requests_the_model_cannot_serve_are_refused(pipe):
+    depth = len(pipe.unet.input_blocks)
+    with pytest.raises(ValueError, match=f"deepcache_depth must be below this UNet's {depth} input blocks"):
+        pipe.generate(PROMPT, speed=Shortcuts(deepcache_interval=2, deepcache_depth=depth))
+    bare = latentforge.load(dtype="float32", device="cpu")
+    bare.tiny_decoder = None
+    with pytest.raises(ValueError, match="no tiny decoder is loaded for this model"):
+        bare.generate(PROMPT, speed=Shortcuts(tiny_decoder=True))
+    with pytest.raises(ValueError, match="unknown speed preset 'faster'; choose one of: default, fast"):
+        preset("faster")
+
+
+def test_cli_speed_options_reach_the_image(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "latentforge.cli", "generate", PROMPT, "--seed", "3", "--steps", "4",
+         "--speed", "fast", "--deepcache", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    fields = parse_infotext(Image.open(run.stdout.split()[0]).info["parameters"])
+    fast = PRESETS["fast"]
+    assert fields["DeepCache"] == f"2/{fast.deepcache_depth}"  # the option given beats the preset's
+    if fast.token_merging:
+        assert float(fields["Token merging ratio"]) == fast.token_merging
+    bad = subprocess.run(
+        [sys.executable, "-m", "latentforge.cli", "generate", PROMPT, "--skip-early-cfg", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "skip_early_cfg must be a fraction" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def url():
+    with ServerThread(create_app(Settings(dtype="float32"))) as url:
+        yield url
+
+
+def txt2img(url, **fields):
+    body = {"prompt": PROMPT, "seed": 5, "steps": 4, "sampler_name": "Euler"} | fields
+    return requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+
+def test_server_options_and_override_settings(url, pipe):
+    made = txt2img(url, override_settings={"deepcache_interval": 2, "skip_early_cond": 0.5}, s_min_uncond=1.5)
+    assert made.status_code == 200, made.text
+    info = json.loads(made.json()["info"])
+    assert info["extra_generation_params"]["DeepCache"] == "2/1"
+    assert info["extra_generation_params"]["NGMS"] == "1.5"
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(made.json()["images"][0]))).convert("RGB"))
+    speed = Shortcuts(deepcache_interval=2, skip_early_cfg=0.5, s_min_uncond=1.5)
+    alone = pipe.generate(PROMPT, seed=5, steps=4, sampler="Euler", speed=speed)[0]
+    assert np.array_equal(image, np.asarray(alone))
+
+    bad = requests.post(f"{url}/sdapi/v1/options", json={"token_merging_ratio": 2}, timeout=10)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "token_merging_ratio"]
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=10).json()["token_merging_ratio"] == 0.0  # unchanged
+    assert requests.post(f"{url}/sdapi/v1/options", json={"skip_early_cond": 0.5}, timeout=10).status_code == 200
+    try:
+        info = json.loads(txt2img(url).json()["info"])
+        assert info["extra_generation_params"]["Skip Early CFG"] == "0.5"
+    finally:
+        requests.post(f"{url}/sdapi/v1/options", json={"skip_early_cond": 0.0}, timeout=10)
+    bad = txt2img(url, override_settings={"sd_vae_decode_method": "Tiny"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae_decode_method"]
