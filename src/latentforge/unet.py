@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import attention
 from .convolution import Conv2d
+from .tome import bipartite_soft_matching_2d
 
 # SDXL's width of each size number's sinusoidal embedding (diffusers' addition_time_embed_dim); its
 # tensors cannot tell it
@@ -281,6 +282,9 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Self-attention, cross-attention on the text, GEGLU feed-forward; pre-norm, residual."""
 
+    # ToMe: the share of tokens merged for the self-attention (`tome.set_token_merging`); 0 (off): nothing extra runs
+    token_merge_ratio: float = 0.0
+
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
         self.attn1 = Attention(dim, heads)
@@ -288,11 +292,21 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """(B, N, dim), (B, M, context_dim) -> (B, N, dim)."""
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, N, dim), (B, M, context_dim), size (h, w) of the N = h * w token grid (read only when merging
+        tokens) -> (B, N, dim)."""
+        if self.token_merge_ratio:
+            x = x + self.merged_self_attention(x, size)
+        else:
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
+
+    def merged_self_attention(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """attn1 on int(N * token_merge_ratio) fewer tokens (ToMe, matched on x itself as tomesd does), each
+        merged token's output copied back to the tokens it holds: (B, N, dim), (h, w) -> (B, N, dim)."""
+        merge, unmerge = bipartite_soft_matching_2d(x, *size, int(x.shape[1] * self.token_merge_ratio))
+        return unmerge(self.attn1(merge(self.norm1(x))))
 
 
 class SpatialTransformer(nn.Module):
@@ -317,7 +331,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         if self.linear:
             tokens = self.proj_out(tokens)
         tokens = tokens.transpose(1, 2).reshape(b, c, h, w)
