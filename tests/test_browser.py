@@ -173,3 +173,18 @@ def test_the_explain_button_opens_the_page_for_the_prompt(sd1_folder):
         explained.wait_for_selector("section#clip", timeout=120_000)
         assert "prompt=a+blue+square" in explained.url and "seed=4" in explained.url and "steps=2" in explained.url
         assert explained.locator("section").count() == 7
+
+
+def test_the_fast_box_asks_for_the_fast_preset(sd1_folder):
+    """Ticking Fast sends override_settings.speed_preset = fast: the image's infotext carries the preset's options."""
+    from latentforge.speed import PRESETS
+
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "4")
+        page.check("#fast")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        caption = page.inner_text("#gallery figcaption")
+        fast = PRESETS["fast"]
+        assert f"DeepCache: {fast.deepcache_interval}/{fast.deepcache_depth}" in caption

@@ -219,3 +219,34 @@ def test_server_options_and_override_settings(url, pipe):
     bad = txt2img(url, override_settings={"sd_vae_decode_method": "Tiny"})
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae_decode_method"]
+
+
+def test_token_merging_is_on_for_the_call_only(pipe):
+    from latentforge.tome import full_resolution_transformers
+
+    ratios = []
+    block = full_resolution_transformers(pipe.unet)[0].transformer_blocks[0]
+    hook = block.register_forward_pre_hook(lambda module, args: ratios.append(module.token_merge_ratio))
+    try:
+        image = pipe.generate(PROMPT, seed=1, steps=3, speed=Shortcuts(token_merging=0.5))[0]
+    finally:
+        hook.remove()
+    assert ratios and set(ratios) == {0.5}
+    assert block.token_merge_ratio == 0.0  # off again after the call
+    assert parse_infotext(image.info["parameters"])["Token merging ratio"] == "0.5"
+
+
+def test_the_server_finds_each_family_s_tiny_decoder(tmp_path):
+    """A1111's VAE-approx names: taesd_decoder for SD 1.x/2.x, taesdxl_decoder for SDXL; none: None."""
+    from types import SimpleNamespace
+
+    from latentforge.server.app import tiny_decoder_in
+
+    sd1 = latentforge.load(dtype="float32", device="cpu").config
+    sdxl = SimpleNamespace(version="sdxl")  # all that the lookup reads of a model's config
+    assert tiny_decoder_in(tmp_path, sd1) is None
+    (tmp_path / "taesdxl_decoder.safetensors").write_bytes(b"")
+    assert tiny_decoder_in(tmp_path, sd1) is None
+    assert tiny_decoder_in(tmp_path, sdxl) == tmp_path / "taesdxl_decoder.safetensors"
+    (tmp_path / "taesd_decoder.pth").write_bytes(b"")
+    assert tiny_decoder_in(tmp_path, sd1) == tmp_path / "taesd_decoder.pth"

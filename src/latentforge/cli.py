@@ -124,6 +124,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe.upscalers = Upscalers.from_dirs(args.upscaler_dir, device=pipe.device)
     if args.vae:
         pipe.load_vae(args.vae)
+    if args.tiny_decoder:
+        pipe.load_tiny_decoder(args.tiny_decoder)
+    speed = speed_argument(args)
     refiner = load(args.refiner, dtype=args.dtype, device=args.device) if args.refiner else None
     if refiner is not None:
         refiner.vae_tiling = args.vae_tiling  # the refiner's VAE decodes
@@ -138,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bar.update(1)
         every = args.preview_every
         if every and ((step.step + 1) % every == 0 or step.step + 1 == step.steps):
-            previews.setdefault(step.image_index, []).append((step.step + 1, pipe.decode(step.denoised)[0]))
+            previews.setdefault(step.image_index, []).append((step.step + 1, pipe.preview(step.denoised)[0]))
         if step.step + 1 == step.steps:
             bar.close()
             del bars[step.image_index]  # a hires pass reports its steps under the same image again
@@ -147,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt=prompt, negative_prompt=negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, init_image=init,
         strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
-        refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires,
+        refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed,
     )  # fmt: skip
     if axes[0] is not None:
         save_plot(pipe, call, axes, out)
@@ -206,6 +209,47 @@ def save_plot(pipe, call: dict, axes: list, out: Path) -> None:
     print(pngfiles.save_png(plot.grid, out, stem="grid", parameters=f"{first}, Script: X/Y/Z plot, {grid.axis_names(axes)}"))
 
 
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    speed = p.add_argument_group("speed (skip work for a shorter run; each changes the image a little, all off by "
+                                 "default; figures: docs/benchmarks.md)")  # fmt: skip
+    speed.add_argument("--speed", choices=list(PRESET_NAMES), default="default",
+                       help="a preset: fast turns on the options below that cost the least (see README)")
+    speed.add_argument("--s-min-uncond", type=float, metavar="SIGMA",
+                       help="skip the negative prompt's pass on every other step below this noise level (A1111's NGMS)")
+    speed.add_argument("--s-min-uncond-all", action="store_true", help="... on every step below it")
+    speed.add_argument("--skip-early-cfg", type=float, metavar="F",
+                       help="the first fraction F of the steps without the negative prompt's pass")
+    speed.add_argument("--deepcache", type=int, metavar="N",
+                       help="DeepCache: the whole UNet every N-th call, its top blocks only in between (1: off)")
+    speed.add_argument("--deepcache-depth", type=int, metavar="D",
+                       help="blocks at the top of each side that run on every call (default: 1)")
+    speed.add_argument("--token-merging", type=float, metavar="R",
+                       help="merge this share (0..1) of the largest level's self-attention tokens (ToMe)")
+    speed.add_argument("--tiny-decoder", metavar="FILE",
+                       help="a tiny decoder (TAESD: taesd_decoder for SD 1.x/2.x, taesdxl_decoder for SDXL) for "
+                       "previews (the shipped model has its own)")  # fmt: skip
+    speed.add_argument("--fast-decode", action="store_true",
+                       help="decode the final image with the tiny decoder too (A1111's VAE Decoder: TAESD)")
+
+
+PRESET_NAMES = ("default", "fast")  # speed.PRESETS' names, without importing torch for --help
+SPEED_FLAGS = {  # argument -> Shortcuts field
+    "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all", "skip_early_cfg": "skip_early_cfg",
+    "deepcache": "deepcache_interval", "deepcache_depth": "deepcache_depth", "token_merging": "token_merging",
+    "fast_decode": "tiny_decoder",
+}  # fmt: skip
+
+
+def speed_argument(args: argparse.Namespace):
+    """The speed options asked for: the preset, with each option given on the command line instead of its value."""
+    import dataclasses
+
+    from .speed import preset
+
+    given = {field: getattr(args, flag) for flag, field in SPEED_FLAGS.items() if getattr(args, flag) not in (None, False)}
+    return dataclasses.replace(preset(args.speed), **given)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve AUTOMATIC1111's HTTP API and the web page until Ctrl-C."""
     import os
@@ -230,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             vae_dirs=args.vae_dir,
             upscaler_dirs=args.upscaler_dir,
             styles_file=args.styles_file,
+            tiny_decoder_dir=args.tiny_decoder_dir,
         )
     )
 
@@ -313,7 +358,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if out is not None and not out.parent.is_dir():
         raise ValueError(f"--json {out}: folder {out.parent} does not exist")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
-    result = evaluate(pipe, args.prompts, args.seed, scales, args.steps, args.sampler, args.two_objects)
+    if args.tiny_decoder:
+        pipe.load_tiny_decoder(args.tiny_decoder)
+    speed = speed_argument(args)
+    result = evaluate(pipe, args.prompts, args.seed, scales, args.steps, args.sampler, args.two_objects, speed)
     print(f"model: {pipe.name} ({pipe.config.describe()}; defaults: {pipe.config.defaults.describe()})\n")
     print(format_report(result))
     if out is not None:
@@ -328,6 +376,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training import configs, loop
     from .training.clip import train_clip
     from .training.lora import train_lora
+    from .training.tiny_decoder import train_tiny_decoder
     from .training.unet import train_all, train_unet
     from .training.vae import train_vae
 
@@ -338,10 +387,14 @@ def cmd_train(args: argparse.Namespace) -> None:
              "cooldown_steps": args.cooldown_steps}
     if args.what == "unet":
         given |= {"vae": args.vae, "text_encoder": args.text_encoder}
-    if args.what != "lora" and (args.base or args.rank is not None):
-        raise ValueError("--base and --rank are for `train lora`")
+    if args.what not in ("lora", "tiny-decoder") and args.base:
+        raise ValueError("--base is for `train lora` and `train tiny-decoder`")
+    if args.what != "lora" and args.rank is not None:
+        raise ValueError("--rank is for `train lora`")
+    if args.what in ("lora", "tiny-decoder"):
+        given |= {"base": args.base}
     if args.what == "lora":
-        given |= {"base": args.base, "rank": args.rank}
+        given |= {"rank": args.rank}
     dist = loop.setup_distributed()
     try:
         if args.what == "all":
@@ -352,7 +405,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             train_all(run, stages, dist, args.resume)
         else:
             config = configs.resolve_config(args.what, run, args.config, args.resume, **given)
-            trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "lora": train_lora}[args.what]
+            trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "lora": train_lora,
+                       "tiny-decoder": train_tiny_decoder}[args.what]  # fmt: skip
             trainer(config, run, dist, args.resume)
     finally:
         loop.teardown_distributed()
@@ -492,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free the text encoders once the prompt is encoded (less memory while the UNet and VAE "
                    "run; SDXL: 1.6 GB in bfloat16)")  # fmt: skip
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
-                   help="also save a strip of the predicted image after every N steps")  # fmt: skip
+                   help="also save a strip of the predicted image after every N steps (by the tiny decoder when "
+                   "one is loaded)")  # fmt: skip
+    add_speed_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -503,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`all` trains vae, clip and unet in RUN/vae, RUN/clip, RUN/unet; `export` writes a finished "
         "run as one .safetensors model that `latentforge generate --model` loads.",
     )
-    p.add_argument("what", choices=["vae", "clip", "unet", "lora", "all", "export"])
+    p.add_argument("what", choices=["vae", "clip", "unet", "lora", "tiny-decoder", "all", "export"])
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="the run folder (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)")
     p.add_argument("--config", help="JSON of config fields to change (for `all`: sections vae, clip, unet)")
@@ -519,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "UNet's encoder and a fine-tuned decoder (train vae with train_encoder false)")  # fmt: skip
     p.add_argument("--text-encoder", help="unet: the text encoder, as a CLIP run folder or text_encoder.safetensors")
     p.add_argument("--base", help="lora: the model to adapt, a checkpoint file or diffusers folder (default: the shipped "
-                   "model); the LoRA is written as RUN/<output_name>.safetensors in kohya's format")  # fmt: skip
+                   "model); the LoRA is written as RUN/<output_name>.safetensors in kohya's format. tiny-decoder: "
+                   "the model whose VAE decoder is distilled (default: the shipped model); written as "
+                   "RUN/tiny_decoder.safetensors in TAESD's taesd_decoder names")  # fmt: skip
     p.add_argument("--rank", type=int, help="lora: the rank of every LoRA layer (default: the config's, 8)")
     p.add_argument("--out", help="export: the .safetensors file to write")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="export: store weights as")
@@ -548,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-objects", type=float, default=0.3, metavar="FRACTION",
                    help="share of two-object prompts (default: 0.3)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write every judged prompt and the summary as JSON")
+    add_speed_options(p)
     add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -579,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of ESRGAN / Real-ESRGAN upscaler files (repeatable; /sdapi/v1/upscalers)")
     p.add_argument("--styles-file", metavar="CSV",
                    help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the styles requests may name")
+    p.add_argument("--tiny-decoder-dir", metavar="DIR",
+                   help="A1111's VAE-approx folder: taesd_decoder.safetensors / .pth (SD 1.x/2.x) and taesdxl_decoder "
+                   "(SDXL) draw the live previews, and the image when sd_vae_decode_method is TAESD")  # fmt: skip
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)

@@ -38,6 +38,8 @@ from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
 from .speed import Shortcuts
 from .text_encoder import TextEncoder
+from .tiny_decoder import TinyDecoder, read_tiny_decoder
+from .tome import set_token_merging
 from .tokenizer import Tokenizer
 from .unet import SDXL_SIZE_EMBED_DIM, UNet
 from .vae import AutoencoderKL, sample_latents
@@ -99,7 +101,7 @@ class Pipeline:
     vae_file: Path | None = None  # a VAE file used instead of the model's own (see load_vae)
     # a tiny autoencoder decoder (TAESD) of this model's latent space: step previews, and the final decode when
     # a request's speed.tiny_decoder asks (see load_tiny_decoder)
-    tiny_decoder: nn.Module | None = None
+    tiny_decoder: TinyDecoder | None = None
     _own_vae: VAEState | None = field(default=None, repr=False)
 
     def encode_prompt(
@@ -171,8 +173,6 @@ class Pipeline:
         if path is None:
             self.tiny_decoder = None
             return
-        from .tiny_decoder import read_tiny_decoder  # TODO top-level once the module lands
-
         decoder = read_tiny_decoder(path, self.device, self.dtype)
         if decoder.config.latent_channels != self.config.vae.latent_channels:
             raise ValueError(
@@ -580,10 +580,8 @@ class Pipeline:
 def merged_tokens(pipes: list[Pipeline | None], ratio: float):
     """Token merging (tome.py) at `ratio` in these models' UNets for the duration; off again after."""
     unets = [pipe.unet for pipe in pipes if pipe is not None] if ratio else []
-    if unets:
-        from .tome import set_token_merging  # TODO top-level once the module lands
-        for unet in unets:
-            set_token_merging(unet, ratio)
+    for unet in unets:
+        set_token_merging(unet, ratio)
     try:
         yield
     finally:

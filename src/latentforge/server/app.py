@@ -74,6 +74,9 @@ class Settings:
     vae_dirs: list[str] = field(default_factory=list)  # folders of VAE files, chosen by the sd_vae option
     upscaler_dirs: list[str] = field(default_factory=list)  # folders of ESRGAN / Real-ESRGAN upscaler files
     styles_file: str | None = None  # A1111's styles.csv: the prompt styles requests may name
+    # A1111's VAE-approx folder: taesd_decoder.* (SD 1.x/2.x) and taesdxl_decoder.* (SDXL), the tiny decoders
+    # that draw the live previews and the final image when sd_vae_decode_method is TAESD
+    tiny_decoder_dir: str | None = None
 
 
 def configured_models(settings: Settings, library: Library | None = None, upscalers: Upscalers | None = None) -> Models:
@@ -87,9 +90,23 @@ def configured_models(settings: Settings, library: Library | None = None, upscal
         pipe.vae_tiling = settings.vae_tiling
         pipe.library = library
         pipe.upscalers = upscalers
+        if settings.tiny_decoder_dir:
+            found = tiny_decoder_in(Path(settings.tiny_decoder_dir), pipe.config)
+            if found is not None:
+                pipe.load_tiny_decoder(found)
         return pipe
 
     return Models(settings.models, settings.keep_loaded, loader)
+
+
+TINY_DECODER_SUFFIXES = (".safetensors", ".pth")
+
+
+def tiny_decoder_in(folder: Path, config) -> Path | None:
+    """The tiny decoder of this model's family in A1111's VAE-approx folder: taesdxl_decoder for SDXL (and its
+    refiner), taesd_decoder for SD 1.x/2.x; None when the folder has none."""
+    stem = "taesdxl_decoder" if config.version.startswith("sdxl") else "taesd_decoder"
+    return next((folder / f"{stem}{suffix}" for suffix in TINY_DECODER_SUFFIXES if (folder / f"{stem}{suffix}").is_file()), None)
 
 
 def settings_library(settings: Settings) -> Library:

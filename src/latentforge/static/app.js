@@ -34,6 +34,7 @@ function request() {
     body.refiner_checkpoint = $("refiner_checkpoint").value;
     body.refiner_switch_at = Number($("refiner_switch_at").value);
   }
+  if ($("fast").checked) body.override_settings = { speed_preset: "fast" };
   if ($("enable_hr").checked) {
     body.enable_hr = true;
     body.hr_upscaler = $("hr_upscaler").value;

@@ -61,12 +61,17 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def evaluate_scale(pipe, prompts: list[tuple[str, Scene, int]], cfg: float, steps=None, sampler=None) -> dict:
-    """Generate and judge every prompt at one guidance scale; the summary plus per-prompt records."""
+def evaluate_scale(
+    pipe, prompts: list[tuple[str, Scene, int]], cfg: float, steps=None, sampler=None, speed=None, keep=None
+) -> dict:
+    """Generate and judge every prompt at one guidance scale; the summary plus per-prompt records. `speed`:
+    generate()'s speed options; `keep`, a list, receives each image."""
     start, records = time.perf_counter(), []
     for prompt, target, image_seed in prompts:
         # steps / sampler None: the model's defaults; width / height None: its native size
-        image = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=image_seed)[0]
+        image = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=image_seed, speed=speed)[0]
+        if keep is not None:
+            keep.append(image)
         reading = judge_image(image)
         records.append(
             {"prompt": prompt, "seed": image_seed, "objects": len(target.objects), "scores": score(reading, target)}
@@ -82,13 +87,15 @@ def evaluate(
     steps: int | None = None,
     sampler: str | None = None,
     two_objects_fraction: float = 0.3,
+    speed=None,
 ) -> dict:
-    """Judge one generated image per grammar prompt at each cfg scale (None: the pipeline's default)."""
+    """Judge one generated image per grammar prompt at each cfg scale (None: the pipeline's default), made with
+    generate()'s `speed` options (None: none)."""
     if not cfg_scales:
         raise ValueError("cfg_scales is empty; give at least one scale, e.g. (1.0, None)")
     prompts = eval_prompts(n, seed, two_objects_fraction)
     scales = [resolve_cfg(pipe, c) for c in cfg_scales]
-    results = [evaluate_scale(pipe, prompts, cfg, steps, sampler) for cfg in scales]
+    results = [evaluate_scale(pipe, prompts, cfg, steps, sampler, speed) for cfg in scales]
     for result, requested in zip(results, cfg_scales):
         result["requested"] = requested
     return {"n": n, "seed": seed, "steps": steps, "sampler": sampler, "scales": results}

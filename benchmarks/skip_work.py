@@ -1,0 +1,180 @@
+"""What each way of skipping work (speed.py) saves, and what it costs in the picture.
+
+    python -m benchmarks.skip_work [--part shipped|sd15|both] [-n 100] [--no-doc]
+
+shipped: on the shipped model, `latentforge eval -n 100 --seed 0` (the same prompts and image seeds, guidance 1
+and the model's default) with each option and without: prompt adherence ("all"), the time of the 100 images,
+and the mean per-pixel difference (0-255) of each image from the one made without the option.
+sd15: on the random-weight SD 1.5-sized checkpoint (benchmarks.load), bfloat16, 512 x 512, Euler, 20 steps,
+guidance 7, one process: the time of one whole txt2img with each option (after a warm-up image), and the
+relative difference of its final latents from those of the full computation; then a 4-step LCM image
+(guidance 1, a random rank-32 LoRA merged, as an LCM-LoRA would be) decoded by a random-weight tiny decoder.
+Random weights say nothing about the quality of real images: the quality columns there only show how far each
+option moves the computation. Writes the 'skipping work' section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.common import CACHE, REPO, THREADS, limit_threads, machine_info, machine_markdown, markdown_table, publish
+
+OUT = REPO / "benchmarks" / "out" / "skip_work.json"
+SECTION = "skipping work"
+PROMPT, NEGATIVE, SEED = "a photo of an astronaut riding a horse on mars", "blurry, low quality", 0
+TINY_DECODER = CACHE / "sd15-taesd-random.safetensors"
+
+
+def options() -> dict[str, Any]:
+    from latentforge.speed import Shortcuts, preset
+
+    return {
+        "off": Shortcuts(),
+        "NGMS 2 (odd steps)": Shortcuts(s_min_uncond=2.0),
+        "NGMS 2, all steps": Shortcuts(s_min_uncond=2.0, s_min_uncond_all=True),
+        "Skip Early CFG 0.2": Shortcuts(skip_early_cfg=0.2),
+        "DeepCache 2": Shortcuts(deepcache_interval=2),
+        "DeepCache 3": Shortcuts(deepcache_interval=3),
+        "DeepCache 3, depth 2": Shortcuts(deepcache_interval=3, deepcache_depth=2),
+        "ToMe 0.5": Shortcuts(token_merging=0.5),
+        "tiny decoder": Shortcuts(tiny_decoder=True),
+        "--speed fast": preset("fast"),
+    }
+
+
+def mean_pixel_difference(a: Any, b: Any) -> float:
+    import numpy as np
+
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+def shipped(n: int) -> dict[str, Any]:
+    import latentforge
+    from latentforge.training.evaluate import eval_prompts, evaluate_scale, resolve_cfg
+
+    pipe = latentforge.load()
+    prompts = eval_prompts(n, 0)
+    rows: dict[str, Any] = {}
+    baseline: dict[float, list] = {}
+    for name, speed in options().items():
+        if speed.tiny_decoder is True and pipe.tiny_decoder is None:
+            print(f"{name}: left out, the shipped model has no tiny decoder in this copy", flush=True)
+            continue
+        row = {}
+        for cfg in (1.0, resolve_cfg(pipe, None)):
+            images: list = []
+            result = evaluate_scale(pipe, prompts, cfg, speed=speed, keep=images)
+            baseline.setdefault(cfg, images)
+            diffs = [mean_pixel_difference(a, b) for a, b in zip(images, baseline[cfg])]
+            row[f"{cfg:g}"] = {"all": result["all"], "seconds": result["seconds"], "pixels": sum(diffs) / len(diffs)}
+        rows[name] = row
+        print(name, json.dumps(row), flush=True)
+    return {"model": pipe.name, "defaults": pipe.config.defaults.describe(), "n": n, "rows": rows}
+
+
+def sd15() -> dict[str, Any]:
+    import torch
+
+    import latentforge
+    from benchmarks.load import FILES, prepare
+    from benchmarks.lora import LORAS, write_loras
+    from latentforge.speed import Shortcuts
+    from latentforge.tiny_decoder import TinyDecoder, write_tiny_decoder
+
+    prepare()
+    pipe = latentforge.load(FILES["fp32"], dtype="bfloat16", device="cpu")
+    if not TINY_DECODER.exists():
+        torch.manual_seed(0)
+        write_tiny_decoder(TinyDecoder(), TINY_DECODER)
+    pipe.load_tiny_decoder(TINY_DECODER)
+    settings = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=20, sampler="Euler", cfg_scale=7.0, seed=SEED)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep_last(step) -> None:
+        last["latents"] = step.latents
+
+    def run(**changes) -> float:
+        start = time.perf_counter()
+        pipe.generate(**(settings | changes), callback=keep_last)
+        return time.perf_counter() - start
+
+    run(steps=1)  # warm-up
+    rows: dict[str, Any] = {}
+    full = None
+    for name, speed in options().items():
+        seconds = run(speed=speed)
+        full = last["latents"] if full is None else full
+        change = float((last["latents"] - full).norm() / full.norm())
+        rows[name] = {"seconds": seconds, "latents": change}
+        print(name, json.dumps(rows[name]), flush=True)
+    write_loras(pipe)
+    lcm = dict(steps=4, sampler="LCM", cfg_scale=1.0, loras={LORAS["A"]: 1.0}, speed=Shortcuts(tiny_decoder=True))
+    run(**lcm)  # merges the LoRA
+    rows["LCM 4 steps, guidance 1, tiny decoder"] = {"seconds": run(**lcm), "latents": None}
+    print("LCM", json.dumps(rows["LCM 4 steps, guidance 1, tiny decoder"]), flush=True)
+    return {"dtype": "bfloat16", "rows": rows}
+
+
+def render(info: dict[str, Any], command: str, result: dict[str, Any]) -> str:
+    from latentforge.speed import PRESETS
+
+    parts = [f"## Skipping work: speed and what it costs\n\n`{command}`, {THREADS} threads.\n"]
+    if "shipped" in result:
+        s = result["shipped"]
+        cfgs = list(next(iter(s["rows"].values())))
+        headers = ["option"] + [f"{what} (guidance {c})" for c in cfgs for what in ("adherence", "seconds", "pixels")]
+        rows = []
+        for name, row in s["rows"].items():
+            rows.append([name] + [cell for c in cfgs for cell in
+                                  (f"{row[c]['all']:.2f}", f"{row[c]['seconds']:.1f}", f"{row[c]['pixels']:.2f}")])  # fmt: skip
+        parts.append(
+            f"### The shipped model: `latentforge eval -n {s['n']} --seed 0` with each option\n\n"
+            f"{s['model']} ({s['defaults']}). Adherence: the judge's whole-prompt accuracy (1.00 = every prompt "
+            "drawn right); seconds: the 100 images; pixels: the mean absolute difference (0-255) of each image from "
+            "the one made without the option. At guidance 1 there is no unconditional pass to skip.\n\n"
+            + markdown_table(headers, rows, "l" + "r" * (len(headers) - 1))
+        )
+    if "sd15" in result:
+        rows_ = result["sd15"]["rows"]
+        off = rows_["off"]["seconds"]
+        rows = [[name, f"{r['seconds']:.1f} s", f"{r['seconds'] / off:.2f}x", "-" if r["latents"] is None else f"{r['latents']:.3f}"]
+                for name, r in rows_.items()]  # fmt: skip
+        parts.append(
+            "### SD 1.5 shapes, random weights: one 512 x 512 txt2img, bfloat16\n\n"
+            "Euler, 20 steps, guidance 7, each option in turn in one process after a warm-up. Change: the relative "
+            "difference of the final latents from the full computation's (random weights: how far the option moves "
+            "the computation, not the quality of a real image).\n\n"
+            + markdown_table(["option", "time", "vs off", "change"], rows, "lrrr")
+        )
+    parts.append(f"The `fast` preset: {PRESETS['fast']}.\n\n{machine_markdown(info)}")
+    return "\n\n".join(parts)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["shipped", "sd15", "both"], default="both")
+    parser.add_argument("-n", type=int, default=100, help="prompts of the shipped model's eval (default: 100)")
+    parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    limit_threads()
+    info = machine_info()
+    result: dict[str, Any] = {}
+    if args.part in ("shipped", "both"):
+        result["shipped"] = shipped(args.n)
+    if args.part in ("sd15", "both"):
+        result["sd15"] = sd15()
+    command = "python -m benchmarks.skip_work " + " ".join(sys.argv[1:] if argv is None else argv)
+    publish(OUT, {"info": info, **result}, render(info, command.strip(), result), SECTION, not args.no_doc)
+
+
+if __name__ == "__main__":
+    main()
