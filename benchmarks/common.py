@@ -165,9 +165,12 @@ def worker_env(threads: int = THREADS, pythonpath: Sequence[Path] = ()) -> dict[
     return env
 
 
-def run_isolated(module: str, args: Sequence[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
-    """Run `python -m module *args` in a fresh process and return the result it emitted."""
-    command = [sys.executable, "-m", module, *args]
+def run_isolated(
+    module: str, args: Sequence[str], env: dict[str, str], timeout: float = 1800, interpreter: str | Path = sys.executable,
+) -> dict[str, Any]:  # fmt: skip
+    """Run `python -m module *args` in a fresh process (of `interpreter`, by default this one's) and return
+    the result it emitted."""
+    command = [str(interpreter), "-m", module, *args]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if proc.returncode != 0 or not lines:
@@ -318,16 +321,19 @@ class Worker:
     """A long-lived `python -m module *args` driven by requests: one JSON line in, one marked JSON line out.
 
     Lets a benchmark keep each library loaded in a process of its own and alternate single calls between
-    them. The worker's stderr and any unmarked stdout go to `log`."""
+    them. The worker's stderr and any unmarked stdout go to `log`. `interpreter` runs it (by default this
+    process's Python; another virtual environment's for a library that must not share ours)."""
 
-    def __init__(self, module: str, args: Sequence[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, module: str, args: Sequence[str], env: dict[str, str], log: Path, interpreter: str | Path = sys.executable,
+    ) -> None:  # fmt: skip
         self.name = " ".join([module, *args])
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
         self._log = open(log, "a", encoding="utf-8")  # O_APPEND: the worker's stderr appends to the same file
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO, env=env, text=True, bufsize=1,
+            [str(interpreter), "-m", module, *args], cwd=REPO, env=env, text=True, bufsize=1,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
         )  # fmt: skip
 

@@ -79,19 +79,22 @@ def model_config():
     return ModelConfig(unet=SD1_UNET, vae=SD_VAE, text_encoder=SD1_TEXT_ENCODER)
 
 
-def random_parts(seed: int) -> dict[str, dict[str, Any]]:
-    """Randomly initialised UNet, VAE and text encoder weights, each part seeded on its own."""
+def random_parts(seed: int, config: Any = None) -> dict[str, dict[str, Any]]:
+    """Randomly initialised UNet, VAE and text encoder weights (SD 1.5's shapes, or `config`'s), each part
+    seeded on its own."""
     import torch
 
-    from latentforge.text_encoder import SD1_TEXT_ENCODER, TextEncoder
-    from latentforge.unet import SD1_UNET, UNet
-    from latentforge.vae import SD_VAE, AutoencoderKL
+    from latentforge.text_encoder import TextEncoder
+    from latentforge.unet import UNet
+    from latentforge.vae import AutoencoderKL
 
-    builders = {"unet": (UNet, SD1_UNET), "vae": (AutoencoderKL, SD_VAE), "text_encoder": (TextEncoder, SD1_TEXT_ENCODER)}
+    config = config or model_config()
+    builders = {"unet": (UNet, config.unet), "vae": (AutoencoderKL, config.vae),
+                "text_encoder": (TextEncoder, config.text_encoder)}  # fmt: skip
     parts = {}
-    for offset, (name, (cls, config)) in enumerate(builders.items()):
+    for offset, (name, (cls, part_config)) in enumerate(builders.items()):
         torch.manual_seed(seed + offset)
-        parts[name] = cls(config).state_dict()
+        parts[name] = cls(part_config).state_dict()
     return parts
 
 
@@ -122,8 +125,9 @@ def build_checkpoints(seed: int = SEED) -> None:
         write_safetensors(half(tensors), FILES["fp16"])
 
 
-def write_config_folder(folder: Path = CONFIG_FOLDER) -> None:
-    """A diffusers StableDiffusionPipeline folder with every config and the tokenizer, but no weights."""
+def write_config_folder(folder: Path = CONFIG_FOLDER, config: Any = None) -> None:
+    """A diffusers StableDiffusionPipeline folder with every config and the tokenizer, but no weights
+    (SD 1.5's configs, or `config`'s)."""
     if (folder / "model_index.json").exists():
         return
     from latentforge import layouts
@@ -131,7 +135,7 @@ def write_config_folder(folder: Path = CONFIG_FOLDER) -> None:
     from latentforge.checkpoints import SD_SCHEDULER
     from latentforge.tokenizer import Tokenizer
 
-    config = model_config()
+    config = config or model_config()
     configs = {
         "unet/config.json": layouts.unet_config_to_diffusers(config.unet),
         "vae/config.json": layouts.vae_config_to_diffusers(config.vae),
