@@ -270,7 +270,8 @@ def openvino_adapter() -> Adapter:
 
 def openvino_precision(pipe: Any) -> str:
     """The inference precision OpenVINO compiled the UNet with (what its hint resolved to)."""
-    return str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
+    precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")
+    return precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)  # "f32", "bf16"
 
 
 ADAPTERS: dict[str, Callable[[], Adapter]] = {
