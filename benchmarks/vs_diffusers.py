@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,33 +353,69 @@ def whole_worker(index: int, model: Model) -> dict[str, Any]:
     return {**result, "saved": save_output(image, ARTIFACTS / "whole" / f"{index}")}
 
 
+def stand_in_folder(model: Model) -> Path:
+    """The diffusers folder with a tiny UNet of the same interface in place of the real one (see export_openvino)."""
+    return CACHE / f"{model.name}-diffusers-standin"
+
+
 def save_diffusers_folder(model: Model) -> dict[str, Any]:
     """(In this repository's environment) the checkpoint through diffusers' from_single_file, the same
-    conversion the diffusers rows load, saved as a diffusers folder for optimum-intel's export."""
+    conversion the diffusers rows load, saved as a diffusers folder, and beside it the stand-in folder: the
+    same parts but the UNet, which is a tiny one with the same inputs and outputs."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     pipe = StableDiffusionPipeline.from_single_file(
         str(model.checkpoint), config=str(model.config_folder), local_files_only=True, safety_checker=None,
         torch_dtype=torch.float32,
     )  # fmt: skip
     pipe.save_pretrained(str(model.diffusers_folder), safe_serialization=True)
+    config = dict(pipe.unet.config)
+    tiny = {"block_out_channels": (32, 32), "layers_per_block": 1, "attention_head_dim": 8,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}  # fmt: skip
+    pipe.unet = UNet2DConditionModel.from_config({**config, **tiny})
+    pipe.save_pretrained(str(stand_in_folder(model)), safe_serialization=True)
     return {"saved": str(model.diffusers_folder)}
 
 
 def export_openvino(model: Model) -> dict[str, Any]:
-    """(In OpenVINO's environment) optimum-intel's export of the diffusers folder to OpenVINO IR, float32
-    weights (no weight compression), written to a temporary folder and renamed when complete."""
+    """(In OpenVINO's environment) the OpenVINO IR of the model, float32 weights (no weight compression),
+    written to a temporary folder and renamed when complete. optimum-intel exports the stand-in folder (the
+    text encoder, the VAE, the tokenizer and scheduler, the folder layout its pipeline reads); the real UNet is
+    converted with openvino.convert_model, which optimum-intel's export calls too, and put in the stand-in's
+    place: optimum-intel's own export of the SD 1.5 UNet was killed for memory at 23 GB on this 24 GB machine,
+    the direct conversion of the same diffusers module peaks at 6.5 GB."""
+    import openvino as ov
+    import torch
+    from diffusers import UNet2DConditionModel
     from optimum.intel import OVStableDiffusionPipeline
 
     target = model.openvino_folder
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    _, seconds = timed(lambda: OVStableDiffusionPipeline.from_pretrained(
-        str(model.diffusers_folder), export=True, compile=False, load_in_8bit=False, local_files_only=True,
-    ).save_pretrained(str(partial)))  # fmt: skip
+    start = time.perf_counter()
+    OVStableDiffusionPipeline.from_pretrained(
+        str(stand_in_folder(model)), export=True, compile=False, load_in_8bit=False, local_files_only=True,
+    ).save_pretrained(str(partial))  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(str(model.diffusers_folder / "unet"), torch_dtype=torch.float32).eval()
+    size = unet.config.sample_size
+    example = (torch.randn(2, 4, size, size), torch.tensor([500, 500]), torch.randn(2, 77, unet.config.cross_attention_dim))
+
+    class UNetCall(torch.nn.Module):  # diffusers' UNet as optimum-intel exports it
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    with torch.no_grad():
+        converted = ov.convert_model(UNetCall(), example_input=example)
+    converted.outputs[0].get_tensor().set_names({"out_sample"})
+    ov.save_model(converted, str(partial / "unet" / "openvino_model.xml"), compress_to_fp16=False)
+    shutil.copy(model.diffusers_folder / "unet" / "config.json", partial / "unet" / "config.json")
     os.replace(partial, target)
-    return {"saved": str(target), "export_s": seconds}
+    return {"saved": str(target), "export_s": time.perf_counter() - start}
 
 
 # --------------------------------------------------------------------------- the parent
@@ -625,8 +662,10 @@ def openvino_notes(speed: dict[str, Any], whole: dict[str, Any]) -> list[str]:
         return []
     return [
         "*openvino*: optimum-intel's `OVStableDiffusionPipeline` on an OpenVINO IR exported once from the same file "
-        "(diffusers' `from_single_file` conversion saved as a diffusers folder, then `OVStableDiffusionPipeline."
-        "from_pretrained(folder, export=True, load_in_8bit=False)`: float32 weights), loaded with `reshape(batch_size=1, "
+        "(diffusers' `from_single_file` conversion saved as a diffusers folder; `OVStableDiffusionPipeline."
+        "from_pretrained(folder, export=True, load_in_8bit=False)` exports its text encoder and VAE, float32 weights; "
+        "the UNet is diffusers' module converted by `openvino.convert_model`, which optimum-intel's export calls too: "
+        "optimum-intel's own export of this UNet was killed for memory at 23 GB here), loaded with `reshape(batch_size=1, "
         f"height={SIZE}, width={SIZE}, num_images_per_prompt=1)` (static shapes; the UNet takes the guided batch of 2) "
         f"and `compile()` (its *load s* includes reading the IR and compiling), `INFERENCE_NUM_THREADS={THREADS}`. "
         "Operations call the pipeline's OpenVINO models (`pipe.unet`, `pipe.vae_decoder`, `pipe.vae_encoder`, the "
@@ -780,7 +819,7 @@ def prepare_openvino(engines: Engines) -> None:
     if (model.openvino_folder / "model_index.json").exists():
         return
     args = engines.worker_args()
-    if not (model.diffusers_folder / "model_index.json").exists():
+    if not (stand_in_folder(model) / "model_index.json").exists():
         print(f"openvino: converting {model.checkpoint.name} to a diffusers folder ...", flush=True)
         run_isolated(MODULE, ["--save-diffusers-folder", *args], worker_env(THREADS), timeout=3600)
     print(f"openvino: exporting to OpenVINO IR in {model.openvino_folder} ...", flush=True)
@@ -788,6 +827,7 @@ def prepare_openvino(engines: Engines) -> None:
                           interpreter=engines.openvino_python)  # fmt: skip
     print(f"openvino: exported in {result['export_s']:.0f} s", flush=True)
     shutil.rmtree(model.diffusers_folder)
+    shutil.rmtree(stand_in_folder(model))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
