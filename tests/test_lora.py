@@ -471,3 +471,23 @@ def test_at_most_a_few_placed_files_are_kept(sd1, monkeypatch):
         ours.use_loras({})
     assert reads == ["kept0.safetensors", "kept1.safetensors", "kept2.safetensors", "kept0.safetensors"]
     assert len(ours._placed) == 2
+
+
+def test_lcm_lora_recipe_matches_diffusers(sd1):
+    """Few-step sampling as LCM-LoRA users run it: a UNet-only LoCon file (LCM-LoRA's layout: attention, ResNet
+    and sampling convolutions), the LCM sampler, 4 steps, guidance 1: the image equals diffusers'
+    load_lora_weights + LCMScheduler at guidance_scale 1."""
+    ours, ref, folder = sd1
+    path = save(kohya_lora(ours, parts=("unet",), locon=True, alpha=4.0, seed=5), folder, "lcm_shaped")
+    image = ours.generate(PROMPT, steps=4, sampler="LCM", cfg_scale=1.0, seed=SEED, loras={path: 1.0})[0]
+    lcm = diffusers.StableDiffusionPipeline(**ref.components)
+    lcm.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+    lcm.set_progress_bar_config(disable=True)
+    lcm.load_lora_weights(str(path), adapter_name="lcm")
+    try:
+        want = lcm(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(SEED)).images[0]
+    finally:
+        lcm.unload_lora_weights()
+        lcm.delete_adapters(["lcm"])
+    assert differ(image, ours.generate(PROMPT, steps=4, sampler="LCM", cfg_scale=1.0, seed=SEED)[0])
+    assert_same_image(image, want)
