@@ -178,6 +178,13 @@ def test_cli_speed_options_reach_the_image(tmp_path):
     assert fields["DeepCache"] == f"2/{fast.deepcache_depth}"  # the option given beats the preset's
     if fast.token_merging:
         assert float(fields["Token merging ratio"]) == fast.token_merging
+    off = subprocess.run(
+        [sys.executable, "-m", "latentforge.cli", "generate", PROMPT, "--seed", "3", "--steps", "2", "--speed", "fast",
+         "--token-merging", "0", "--deepcache", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    fields = parse_infotext(Image.open(off.stdout.split()[0]).info["parameters"])
+    assert "Token merging ratio" not in fields and "DeepCache" not in fields  # 0 and 1 given: off, not the preset's
     bad = subprocess.run(
         [sys.executable, "-m", "latentforge.cli", "generate", PROMPT, "--skip-early-cfg", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,

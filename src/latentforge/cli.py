@@ -246,7 +246,8 @@ def speed_argument(args: argparse.Namespace):
 
     from .speed import preset
 
-    given = {field: getattr(args, flag) for flag, field in SPEED_FLAGS.items() if getattr(args, flag) not in (None, False)}
+    values = {field: getattr(args, flag) for flag, field in SPEED_FLAGS.items()}
+    given = {field: value for field, value in values.items() if value is not None and value is not False}  # 0 is given
     return dataclasses.replace(preset(args.speed), **given)
 
 

@@ -773,6 +773,6 @@ def load(
     tokenizer_2 = load_tokenizer(path, config, second=True) if config.text_encoder_2 is not None else None
     pipe = from_parts(config, parts, tokenizer, device, dtype, name=Path(path).stem, tokenizer_2=tokenizer_2)
     pipe.source = Path(path)
-    if Path(path) == default_model_path() and DEFAULT_TINY_DECODER.is_file():
+    if Path(path) == DEFAULT_MODEL and DEFAULT_TINY_DECODER.is_file():
         pipe.load_tiny_decoder(DEFAULT_TINY_DECODER)
     return pipe
