@@ -187,4 +187,4 @@ def test_the_fast_box_asks_for_the_fast_preset(sd1_folder):
         page.wait_for_selector("#gallery figure img", timeout=120_000)
         caption = page.inner_text("#gallery figcaption")
         fast = PRESETS["fast"]
-        assert f"DeepCache: {fast.deepcache_interval}/{fast.deepcache_depth}" in caption
+        assert f"NGMS: {fast.s_min_uncond:g}" in caption and f"Token merging ratio: {fast.token_merging:g}" in caption

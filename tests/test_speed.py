@@ -104,16 +104,22 @@ def test_deepcache_reuse_equals_the_whole_unet_on_the_same_input(pipe, depth):
     assert torch.equal(unet(x, 500, context), whole)  # and the stored call is the plain UNet
 
 
-def test_step_cache_refreshes_every_nth_call_and_on_a_new_batch():
-    cache = StepCache(interval=3, depth=1)
-    reused = []
-    for batch in (2, 2, 2, 2, 1, 1, 2):
+def reuses(cache, batches):
+    """Whether each call reuses features; a whole call stores features whose rows name its batch row."""
+    out = []
+    for batch in batches:
         state = cache.next_call(batch)
-        reused.append(state.reuse)
+        out.append(state.features.flatten().tolist() if state.reuse else None)
         if not state.reuse:
-            state.features = torch.zeros(batch, 1)  # what the whole call stores
-    # calls 0, 3, 6 whole by the interval; call 4 whole because the batch changed from 2 to 1
-    assert reused == [False, True, True, False, False, True, False]
+            state.features = torch.arange(batch, dtype=torch.float32)[:, None]  # what the whole call stores
+    return out
+
+
+def test_step_cache_refreshes_every_nth_call_and_slices_a_smaller_batch():
+    # calls 0, 3, 6 whole; calls 4 and 5, their unconditional pass skipped, reuse the conditional row (the last)
+    assert reuses(StepCache(interval=3, depth=1), (2, 2, 2, 2, 1, 1, 2)) == [None, [0, 1], [0, 1], None, [1], [1], None]
+    # a larger batch than the stored one cannot reuse it: call 1 is whole too
+    assert reuses(StepCache(interval=3, depth=1), (1, 2, 2, 1)) == [None, None, [0, 1], None]
 
 
 def test_deepcache_in_a_run_runs_the_deep_blocks_every_nth_call(pipe):
@@ -162,7 +168,7 @@ def test_requests_the_model_cannot_serve_are_refused(pipe):
     bare.tiny_decoder = None
     with pytest.raises(ValueError, match="no tiny decoder is loaded for this model"):
         bare.generate(PROMPT, speed=Shortcuts(tiny_decoder=True))
-    with pytest.raises(ValueError, match="unknown speed preset 'faster'; choose one of: default, fast"):
+    with pytest.raises(ValueError, match="unknown speed preset 'faster'; choose one of: default, fast, fastest"):
         preset("faster")
 
 

@@ -213,7 +213,8 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
     speed = p.add_argument_group("speed (skip work for a shorter run; each changes the image a little, all off by "
                                  "default; figures: docs/benchmarks.md)")  # fmt: skip
     speed.add_argument("--speed", choices=list(PRESET_NAMES), default="default",
-                       help="a preset: fast turns on the options below that cost the least (see README)")
+                       help="a preset: fast turns on the options below that cost the least, fastest DeepCache too "
+                       "(see README)")
     speed.add_argument("--s-min-uncond", type=float, metavar="SIGMA",
                        help="skip the negative prompt's pass on every other step below this noise level (A1111's NGMS)")
     speed.add_argument("--s-min-uncond-all", action="store_true", help="... on every step below it")
@@ -232,7 +233,7 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
                        help="decode the final image with the tiny decoder too (A1111's VAE Decoder: TAESD)")
 
 
-PRESET_NAMES = ("default", "fast")  # speed.PRESETS' names, without importing torch for --help
+PRESET_NAMES = ("default", "fast", "fastest")  # speed.PRESETS' names, without importing torch for --help
 SPEED_FLAGS = {  # argument -> Shortcuts field
     "s_min_uncond": "s_min_uncond", "s_min_uncond_all": "s_min_uncond_all", "skip_early_cfg": "skip_early_cfg",
     "deepcache": "deepcache_interval", "deepcache_depth": "deepcache_depth", "token_merging": "token_merging",

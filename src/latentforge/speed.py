@@ -86,12 +86,14 @@ class Shortcuts:
         return out
 
 
-# What `--speed fast` turns on: the options whose cost in prompt adherence on the shipped model stayed
-# within 0.02 (`latentforge eval -n 100 --seed 0`, docs/benchmarks.md "Skipping work"), and the tiny decoder
-# for the final image when the model has one
+# The presets (`--speed NAME`), chosen on the shipped model with `latentforge eval -n 100 --seed 0` (docs/benchmarks.md
+# "Skipping work"): `fast` holds the options whose prompt adherence each stayed within 0.02 of the full run;
+# `fastest` adds DeepCache, which alone cost 0.03-0.04 there (the combination measured within 0.01). Neither
+# decodes with the tiny decoder: the shipped one halves the judged adherence (its shapes' edges are off).
 PRESETS: dict[str, Shortcuts] = {
     "default": Shortcuts(),
-    "fast": Shortcuts(s_min_uncond=1.0, deepcache_interval=3, token_merging=0.5, tiny_decoder="auto"),
+    "fast": Shortcuts(s_min_uncond=2.0, skip_early_cfg=0.2, token_merging=0.5),
+    "fastest": Shortcuts(s_min_uncond=2.0, skip_early_cfg=0.2, token_merging=0.5, deepcache_interval=3),
 }
 
 
@@ -103,15 +105,18 @@ def preset(name: str) -> Shortcuts:
 
 class StepCache:
     """Which UNet calls of a run are whole (every `interval`-th, from the first) and the features the others
-    reuse; a whole call is also made when the batch changes (a skipped unconditional pass)."""
+    reuse. A call with a smaller batch than the stored features (its unconditional pass skipped, which comes
+    first in the batch) reuses their last rows; a call with a larger one is made whole."""
 
     def __init__(self, interval: int, depth: int) -> None:
         self.interval = interval
         self.calls = 0
-        self.state = DeepFeatures(depth)
+        self.whole = DeepFeatures(depth)  # the last whole call's: it stores its features here
 
     def next_call(self, batch: int) -> DeepFeatures:
-        cached = self.state.features
-        self.state.reuse = self.calls % self.interval != 0 and cached is not None and len(cached) == batch
-        self.calls += 1
-        return self.state
+        due, self.calls = self.calls % self.interval == 0, self.calls + 1
+        stored = self.whole.features
+        if not due and stored is not None and len(stored) >= batch:
+            return DeepFeatures(self.whole.depth, stored[len(stored) - batch :], reuse=True)
+        self.whole = DeepFeatures(self.whole.depth)
+        return self.whole
