@@ -362,7 +362,9 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
     assert cli.main(["train", "vae", "--run", run, "--rank", "4"]) == 2
-    assert "--base and --rank are for `train lora`" in capsys.readouterr().err
+    assert "--rank is for `train lora`" in capsys.readouterr().err
+    assert cli.main(["train", "vae", "--run", run, "--base", "model.safetensors"]) == 2
+    assert "--base is for `train lora` and `train tiny-decoder`" in capsys.readouterr().err
     with pytest.raises(ValueError, match="alpha"):
         tiny(alpha=0)
     prompts = kind_prompts("star", 3, 0, "large")

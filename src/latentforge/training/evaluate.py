@@ -69,7 +69,8 @@ def evaluate_scale(
     start, records = time.perf_counter(), []
     for prompt, target, image_seed in prompts:
         # steps / sampler None: the model's defaults; width / height None: its native size
-        image = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=image_seed, speed=speed)[0]
+        options = {} if speed is None else {"speed": speed}  # a pipeline-like without speed options still evaluates
+        image = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg, seed=image_seed, **options)[0]
         if keep is not None:
             keep.append(image)
         reading = judge_image(image)
