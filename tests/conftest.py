@@ -130,3 +130,20 @@ def diffusers_folder(request, tmp_path_factory):
 def sd1_folder(tmp_path_factory):
     """The SD 1.x-shaped folder, for checks that do not depend on the shape."""
     return saved_folder("sd1", tmp_path_factory)
+
+
+class Interrupted(Exception):
+    """Stands for a training process being killed (the exact-resume tests)."""
+
+
+class Interrupting:
+    """A dataset (a world with `iterate`) that raises Interrupted once the training stream reaches item `limit`."""
+
+    def __init__(self, world, limit: int) -> None:
+        self.world, self.limit = world, limit
+
+    def iterate(self, start: int, step: int):
+        for index, item in enumerate(self.world.iterate(start, step)):
+            if start + index * step >= self.limit:
+                raise Interrupted
+            yield item

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted, Interrupting
 from safetensors.torch import save_file
 
 from latentforge import cli
@@ -187,28 +188,11 @@ def test_steps_reduce_the_loss_and_the_file_reads_back(tmp_path):
     assert torch.equal(decoder(latents), result.shown(latents))
 
 
-class Interrupted(Exception):
-    """Stands for the process being killed."""
-
-
-class Interrupting:
-    """The shapes world, raising once the training stream reaches item `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.world, self.limit = ShapesWorld(0, 32), limit
-
-    def iterate(self, start: int, step: int):
-        for index, item in enumerate(self.world.iterate(start, step)):
-            if start + index * step >= self.limit:
-                raise Interrupted
-            yield item
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     config = tiny(save_every=3)
     whole = train_tiny_decoder(config, tmp_path / "whole", dataset=ShapesWorld(0, 32))
     with pytest.raises(Interrupted):  # killed while reading step 5's batch: step 4 (after the save at 3) is lost
-        train_tiny_decoder(config, tmp_path / "cut", dataset=Interrupting(limit=4 * 2 + 1))
+        train_tiny_decoder(config, tmp_path / "cut", dataset=Interrupting(ShapesWorld(0, 32), limit=4 * 2 + 1))
     assert loop.latest_checkpoint(tmp_path / "cut").name == "step-00000003"
     with pytest.raises(ValueError, match="--resume"):
         train_tiny_decoder(config, tmp_path / "cut")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import saved_folder
+from conftest import Interrupted, Interrupting, saved_folder
 from safetensors import safe_open
 
 import latentforge
@@ -246,28 +246,11 @@ def test_steps_reduce_the_loss_on_a_fixed_batch(tmp_path):
     assert result.step == 12 and (tmp_path / "run" / "star.safetensors").is_file()
 
 
-class Interrupted(Exception):
-    """Stands for the process being killed."""
-
-
-class Interrupting:
-    """A star world that raises once the training stream reaches item `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.world, self.limit = ShapesWorld(0, 64, kinds=ALL_KINDS), limit
-
-    def iterate(self, start: int, step: int):
-        for index, item in enumerate(self.world.iterate(start, step)):
-            if start + index * step >= self.limit:
-                raise Interrupted
-            yield item
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     config = tiny(steps=6, save_every=3)
     whole = train_lora(config, tmp_path / "whole", dataset=ShapesWorld(0, 64, kinds=ALL_KINDS))
     with pytest.raises(Interrupted):  # killed while reading step 5's batch: step 4 (after the save at 3) is lost
-        train_lora(config, tmp_path / "cut", dataset=Interrupting(limit=4 * 4 + 1))
+        train_lora(config, tmp_path / "cut", dataset=Interrupting(ShapesWorld(0, 64, kinds=ALL_KINDS), limit=4 * 4 + 1))
     assert loop.latest_checkpoint(tmp_path / "cut").name == "step-00000003"
     with pytest.raises(ValueError, match="--resume"):
         train_lora(config, tmp_path / "cut")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Interrupted, Interrupting
 
 from latentforge import cli
 from latentforge.training import loop
@@ -124,23 +125,6 @@ def test_config_json():
         config_from_dict("unet", {"ema_decay": 1.0})
 
 
-class Interrupted(Exception):
-    """Stands for the process being killed."""
-
-
-class Interrupting:
-    """ShapesWorld that raises once the training stream reaches item `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.world, self.limit = ShapesWorld(0, SIZE), limit
-
-    def iterate(self, start: int, step: int):
-        for index, item in enumerate(self.world.iterate(start, step)):
-            if start + index * step >= self.limit:
-                raise Interrupted
-            yield item
-
-
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's weights."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -159,7 +143,7 @@ def test_resume_equals_uninterrupted(trained, tmp_path):
     whole = train_unet(config, tmp_path / "whole", dataset=ShapesWorld(0, SIZE))
     # killed while reading step 6's batch: steps 4 and 5 (after the save at 3) are lost
     with pytest.raises(Interrupted):
-        train_unet(config, tmp_path / "cut", dataset=Interrupting(limit=5 * 8 + 3))
+        train_unet(config, tmp_path / "cut", dataset=Interrupting(ShapesWorld(0, SIZE), limit=5 * 8 + 3))
     assert loop.latest_checkpoint(tmp_path / "cut").name == "step-00000003"
     with pytest.raises(ValueError, match="--resume"):
         train_unet(config, tmp_path / "cut", dataset=ShapesWorld(0, SIZE))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoints import _diffusers_weights, _read_json
-from .weightfiles import CheckpointError, read_state_dict, write_safetensors
+from .weightfiles import CheckpointError, check_weights_of, read_state_dict, write_safetensors
 
 Tensors = dict[str, torch.Tensor]
 
@@ -150,7 +150,7 @@ def read_tiny_decoder(
     else:
         raise CheckpointError(path, "no such file or folder", FIX)
     config = infer_config(tensors, name)
-    _check_weights(config, tensors, name)
+    check_weights_of(lambda: TinyDecoder(config), tensors, name, "TAESD", FIX)
     with torch.device("meta"):
         decoder = TinyDecoder(config)
     weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
@@ -255,21 +255,3 @@ def _layer_kinds(tensors: Tensors) -> dict[int, str]:
     return kinds
 
 
-def _check_weights(config: TinyDecoderConfig, tensors: Tensors, name: Path) -> None:
-    """Strict loading: exactly the weights of a TinyDecoder of `config`, with its shapes, floating-point, finite."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in TinyDecoder(config).state_dict().items()}
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        key, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
-        count = len(missing) + len(unexpected)
-        raise CheckpointError(name, f"TAESD weight {key!r} is {what} ({count} weights missing or unexpected)", FIX)
-    for key, value in tensors.items():
-        weight = f"TAESD weight {key!r}"
-        if tuple(value.shape) != expected[key]:
-            raise CheckpointError(name, f"{weight} has shape {tuple(value.shape)}, expected {expected[key]}")
-        if not value.is_floating_point():
-            raise CheckpointError(name, f"{weight} is {str(value.dtype).removeprefix('torch.')}, not a float")
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(name, f"{weight} holds NaN/inf", "the file is damaged: re-download it")

@@ -17,7 +17,7 @@ import pickle
 import pickletools
 import weakref
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -35,6 +35,7 @@ _LFS_PREFIX = b"version https://git-lfs.github.com/spec"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _REDOWNLOAD = "re-download it"
+_REDOWNLOAD_DAMAGED = "the file is damaged: re-download it"
 
 # safetensors dtype names <-> torch dtypes; optional ones only exist in newer torch builds.
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -63,6 +64,30 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPE
 
 class CheckpointError(FileError):
     """A weight file that cannot be read safely, or a model folder that cannot be used."""
+
+
+def check_weights_of(
+    build: Callable[[], torch.nn.Module], tensors: Mapping[str, torch.Tensor], name: PathLike, what: str, fix: str
+) -> None:
+    """Strict loading: `tensors` are exactly the weights of the module `build()` makes (built on the meta device,
+    so nothing is allocated), with its shapes, floating-point and finite (NaN/inf weights would make every
+    image black); else a CheckpointError naming the first wrong weight as "<what> weight 'key'"."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        key, problem = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
+        count = len(missing) + len(unexpected)
+        raise CheckpointError(name, f"{what} weight {key!r} is {problem} ({count} weights missing or unexpected)", fix)
+    for key, value in tensors.items():
+        weight = f"{what} weight {key!r}"
+        if tuple(value.shape) != expected[key]:
+            raise CheckpointError(name, f"{weight} has shape {tuple(value.shape)}, expected {expected[key]}")
+        if not value.is_floating_point():
+            raise CheckpointError(name, f"{weight} is {str(value.dtype).removeprefix('torch.')}, not a float")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(name, f"{weight} holds NaN/inf", _REDOWNLOAD_DAMAGED)
 
 
 # --------------------------------------------------------------------------- format detection

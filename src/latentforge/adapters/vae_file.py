@@ -38,7 +38,7 @@ from ..checkpoints import (
     _read_json,
 )
 from ..vae import AutoencoderKL, VAEConfig
-from ..weightfiles import CheckpointError, read_state_dict
+from ..weightfiles import CheckpointError, check_weights_of, read_state_dict
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -85,7 +85,7 @@ def read_vae(path: str | os.PathLike) -> tuple[VAEConfig, Tensors]:
         config, tensors = _read_file(path)
     else:
         raise CheckpointError(path, "no such file or folder", "pass a VAE file or a diffusers AutoencoderKL folder")
-    _check_weights(config, tensors, path)
+    check_weights_of(lambda: AutoencoderKL(config), tensors, path, "VAE", FIX)
     return config, tensors
 
 
@@ -157,27 +157,6 @@ def _diffusers_levels(tensors: Tensors, name: Path) -> VAEConfig:
     if not levels or not blocks:
         raise CheckpointError(name, "diffusers-named VAE weights without encoder.down_blocks.0.resnets.*", FIX)
     return VAEConfig(channel_mult=(1,) * len(levels), num_res_blocks=len(blocks))
-
-
-def _check_weights(config: VAEConfig, tensors: Tensors, name: Path) -> None:
-    """Strict loading: exactly the weights an AutoencoderKL of `config` has, with its shapes, floating-point and
-    finite (NaN/inf weights would decode every image black)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoencoderKL(config).state_dict().items()}
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        key, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
-        count = len(missing) + len(unexpected)
-        raise CheckpointError(name, f"VAE weight {key!r} is {what} ({count} weights missing or unexpected)", FIX)
-    damaged = "the file is damaged: re-download it"
-    for key, value in tensors.items():
-        if tuple(value.shape) != expected[key]:
-            raise CheckpointError(name, f"VAE weight {key!r} has shape {tuple(value.shape)}, expected {expected[key]}")
-        if not value.is_floating_point():
-            raise CheckpointError(name, f"VAE weight {key!r} is {str(value.dtype).removeprefix('torch.')}, not a float")
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(name, f"VAE weight {key!r} holds NaN/inf", damaged)
 
 
 def check_fits(config: VAEConfig, model: VAEConfig, name: str | os.PathLike) -> None:
