@@ -213,7 +213,7 @@ def check_request(
         )
     if hires is not None:
         _check_hires(pipe, hires, width, height, steps, init, refiner)
-    speed = _speed(pipe, speed)
+    speed = _speed(pipe, speed, refiner)
     image_tensor = mask_tensor = None
     if init is not None:
         # an explicit width/height different from the image's asks for the image at that size
@@ -245,9 +245,10 @@ def check_request(
     )
 
 
-def _speed(pipe, speed: object) -> Shortcuts:
-    """The speed options (None: none); DeepCache's depth must leave the UNet deep blocks to skip, and the tiny
-    decoder must be loaded to decode with it ("auto": used when it is)."""
+def _speed(pipe, speed: object, refiner=None) -> Shortcuts:
+    """The speed options (None: none); DeepCache's depth must leave the UNet deep blocks to skip, and the model
+    that decodes (the refiner, when there is one) must have a tiny decoder to decode with it ("auto": used when
+    it has)."""
     if speed is None:
         return Shortcuts()
     if not isinstance(speed, Shortcuts):
@@ -255,9 +256,10 @@ def _speed(pipe, speed: object) -> Shortcuts:
     blocks = len(pipe.unet.input_blocks)
     if speed.deepcache_interval > 1 and speed.deepcache_depth >= blocks:
         raise ValueError(f"deepcache_depth must be below this UNet's {blocks} input blocks, got {speed.deepcache_depth}")
+    decoder = refiner or pipe
     if speed.tiny_decoder == "auto":
-        speed = dataclasses.replace(speed, tiny_decoder=pipe.tiny_decoder is not None)
-    if speed.tiny_decoder and pipe.tiny_decoder is None:
+        speed = dataclasses.replace(speed, tiny_decoder=decoder.tiny_decoder is not None)
+    if speed.tiny_decoder and decoder.tiny_decoder is None:
         raise ValueError("tiny_decoder: no tiny decoder is loaded for this model; load one (--tiny-decoder FILE, "
                          "a taesd_decoder file for SD 1.x/2.x, taesdxl_decoder for SDXL)")
     return speed
