@@ -46,6 +46,13 @@ def opened_page(settings: Settings, path: str = "/"):
     assert errors == []
 
 
+
+def generated_caption(page) -> str:
+    """Press Generate, wait for the image in the gallery, and return its caption (the infotext)."""
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=120_000)
+    return page.inner_text("#gallery figcaption")
+
 def test_the_page_generates_an_image_with_live_progress(sd1_folder, tmp_path):
     sync_playwright = playwright_or_fail()
     app = create_app(Settings(models=[str(sd1_folder)]))
@@ -101,10 +108,8 @@ def test_the_page_lists_loras_and_embeddings_and_inserts_them(sd1_folder, tmp_pa
         page.click("#embeddings .chip")
         assert page.input_value("#prompt") == "a red circle <lora:ink&amp;:1> zorblax"
         page.fill("#steps", "2")
-        page.click("#generate")
-        page.wait_for_selector("#gallery figure img", timeout=120_000)
-        assert 'Lora hashes: "ink&amp;: ' in page.inner_text("#gallery figcaption")
-        assert "TI hashes" in page.inner_text("#gallery figcaption")
+        caption = generated_caption(page)
+        assert 'Lora hashes: "ink&amp;: ' in caption and "TI hashes" in caption
 
 
 def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
@@ -118,9 +123,7 @@ def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
         page.check("#enable_hr")
         page.fill("#hr_scale", "1.5")
         page.select_option("#hr_upscaler", "Latent (bicubic)")
-        page.click("#generate")
-        page.wait_for_selector("#gallery figure img", timeout=120_000)
-        caption = page.inner_text("#gallery figcaption")
+        caption = generated_caption(page)
         assert "Hires upscale: 1.5" in caption and "Hires upscaler: Latent (bicubic)" in caption
         assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
 
@@ -138,9 +141,7 @@ def test_the_page_hands_the_last_steps_to_a_refiner(sd1_folder, tmp_path):
         page.click("#refiner summary")
         page.select_option("#refiner_checkpoint", "finisher")
         page.fill("#refiner_switch_at", "0.5")
-        page.click("#generate")
-        page.wait_for_selector("#gallery figure img", timeout=120_000)
-        caption = page.inner_text("#gallery figcaption")
+        caption = generated_caption(page)
         assert "Refiner: finisher [" in caption and "Refiner switch at: 0.5" in caption
 
 
@@ -183,8 +184,6 @@ def test_the_fast_box_asks_for_the_fast_preset(sd1_folder):
         page.fill("#prompt", "a red circle")
         page.fill("#steps", "4")
         page.check("#fast")
-        page.click("#generate")
-        page.wait_for_selector("#gallery figure img", timeout=120_000)
-        caption = page.inner_text("#gallery figcaption")
+        caption = generated_caption(page)
         fast = PRESETS["fast"]
         assert f"NGMS: {fast.s_min_uncond:g}" in caption and f"Token merging ratio: {fast.token_merging:g}" in caption

@@ -93,7 +93,9 @@ def make_denoiser(
     run's (all parts of a refiner split), tell each call's step (`step_of`). `shortcuts` (speed.py) may leave
     the unconditional pass out of some steps (they need `sigmas` too) and reuse deep UNet features."""
     shortcuts = shortcuts or Shortcuts()
-    if sigmas is None and (not isinstance(guidance, Guidance) or shortcuts.s_min_uncond or shortcuts.skip_early_cfg):
+    # the step of a call is needed by guidance that changes per step, and by skipped unconditional passes
+    needs_step = not isinstance(guidance, Guidance) or bool(shortcuts.s_min_uncond or shortcuts.skip_early_cfg)
+    if needs_step and sigmas is None:
         raise ValueError("guidance that changes per step needs the run's sigmas to tell the step")
     batches: dict[int, tuple[Guidance, Cond]] = {}  # by id; the Guidance is kept so that its id stays its own
     cache = StepCache(shortcuts.deepcache_interval, shortcuts.deepcache_depth) if shortcuts.deepcache_interval > 1 else None
@@ -110,7 +112,7 @@ def make_denoiser(
         return unet(x_in, t, cond.context, cond.vector, cache.next_call(len(x_in))).float()
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        step = None if sigmas is None else step_of(sigmas, sigma)
+        step = step_of(sigmas, sigma) if needs_step else None
         g = guidance if isinstance(guidance, Guidance) else guidance(step)
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
