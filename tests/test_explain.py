@@ -76,8 +76,24 @@ def test_the_page_for_a_tiny_sd1_model(sd1_folder, tmp_path):
     out = tmp_path / "explain.html"
     run = write_page(pipe, PROMPT, out, seed=1, steps=3)
     check_page(out)
-    assert len(run.steps) == 3
+    assert len(run.steps) == 3 and run.shown == [0, 1, 2]  # every step of a short run is drawn
     assert run.context.shape == (77, pipe.config.unet.context_dim)
+
+
+def test_the_page_for_a_tiny_sdxl_model(tmp_path_factory, tmp_path):
+    from test_sdxl import saved_sdxl
+
+    pipe = latentforge.load(saved_sdxl(tmp_path_factory.mktemp("sdxl")), dtype="float32")
+    out = tmp_path / "explain.html"
+    run = write_page(pipe, PROMPT, out, seed=1, steps=3)
+    check_page(out)
+    assert run.context.shape == (77, pipe.config.unet.context_dim)  # both towers' vectors, joined
+    assert run.attention.sum_error < 1e-4 and run.attention.maps
+
+
+def pixel_gap(a: Image.Image, b: Image.Image) -> int:
+    """The largest difference of two images in levels (0-255): decoded in a batch, a pixel may round by one."""
+    return int(np.abs(pixels(a).astype(int) - pixels(b)).max())
 
 
 def test_the_figures_are_the_run(shipped):
@@ -87,14 +103,19 @@ def test_the_figures_are_the_run(shipped):
     image = shipped.generate(PROMPT, seed=5, callback=steps.append)[0]
     assert np.array_equal(pixels(image), pixels(run.image))
     assert np.array_equal(pixels(shipped.decode(run.latents)[0]), pixels(image))
-    assert run.shown[-1] == len(steps) - 1
+    assert run.shown[0] == 0 and run.shown[-1] == len(steps) - 1
     for shown, i in enumerate(run.shown):
-        assert np.array_equal(pixels(run.step_images[shown]), pixels(shipped.decode(steps[i].latents)[0]))
-        assert np.array_equal(pixels(run.denoised_images[shown]), pixels(shipped.decode(steps[i].denoised)[0]))
+        assert pixel_gap(run.step_images[shown], shipped.decode(steps[i].latents)[0]) <= 1
+        assert pixel_gap(run.denoised_images[shown], shipped.decode(steps[i].denoised)[0]) <= 1
     assert [s.sigma for s in run.steps] == [s.sigma for s in steps]
-    # guidance: the prompt changes the prediction at every step drawn
-    assert all(run.steps[i].sigma > 0 for i in run.guidance_steps)
+    # guidance: the prompt changes the prediction at every step drawn; the default scale's mix is the run's
+    # own prediction at that step
+    assert run.guidance_steps and set(run.guidance_steps) <= set(run.shown) - {0}
+    assert run.scales == [1.0, shipped.config.defaults.cfg_scale, 7.5]
     assert all(float(d.max()) > 0 for d in run.differences)
+    for j, i in enumerate(run.guidance_steps):
+        assert pixel_gap(run.guidance_images[j][2], run.denoised_images[run.shown.index(i)]) <= 1
+    assert not run.scale_runs  # the whole runs at each scale only when asked for
     # forward diffusion's level 0 is the VAE round trip of the input
     z = shipped.encode_image(image_to_tensor(run.source), torch.Generator().manual_seed(5))
     round_trip = pixels(shipped.decode(z)[0])
@@ -108,6 +129,71 @@ def test_the_figures_are_the_run(shipped):
     assert len(run.ids) == 77 and run.ids[0] == run.special["start"]
     assert run.ids[len(PROMPT.split()) + 1] == run.special["end"]
     assert torch.allclose(run.similarity.diagonal(), torch.ones(len(run.variations)), atol=1e-5)
+
+
+def test_the_guidance_mixes_are_the_unets_two_predictions():
+    """Each guidance column: the empty prompt's and the prompt's predicted clean latents at the step's input (the
+    latents the step before left), asked of the UNet again here one prompt at a time, and mixed at each scale."""
+    from latentforge.guidance import Guidance, make_denoiser
+    from latentforge.samplers import get_sampler
+    from latentforge.schedules import NoiseSchedule
+
+    pipe = latentforge.load(dtype="float32")
+    run = explain(pipe, PROMPT, seed=4)
+    cond, uncond = pipe.encode_prompt(PROMPT, "")
+    spec = get_sampler(pipe.config.defaults.sampler)
+    schedule = NoiseSchedule.from_config(pipe.config.scheduler or {})
+    timestep = lambda sigma: spec.timestep(schedule, sigma)  # noqa: E731
+    alone = {side: make_denoiser(pipe.unet, timestep, pipe.config.prediction_type, Guidance(c, None, 1.0))
+             for side, c in (("uncond", uncond), ("cond", cond))}  # fmt: skip
+    for j, i in enumerate(run.guidance_steps):
+        before = run.steps[i - 1]
+        sigma = torch.tensor(before.sigma)
+        x = before.latents * torch.sqrt(1 + sigma**2)
+        u, c = alone["uncond"](x, sigma), alone["cond"](x, sigma)
+        expected = [u] + [u + s * (c - u) for s in run.scales]  # x0 is affine in the UNet's output
+        for got, want in zip(run.guidance_images[j], expected):
+            assert pixel_gap(got, pipe.decode(want)[0]) <= 2
+        assert torch.allclose(run.differences[j], (c - u).abs().mean(1)[0], atol=1e-4)
+
+
+def test_guidance_runs_and_fast_decode(shipped, sd1_folder):
+    run = explain(shipped, PROMPT, seed=6, guidance_runs=True, fast_decode=True)
+    # the same seed generated to the end at each scale
+    for got, scale in zip(run.scale_runs, run.scales):
+        assert np.array_equal(pixels(got), pixels(shipped.generate(PROMPT, seed=6, cfg_scale=scale)[0]))
+    # the figures painted by the tiny decoder; the image and the round trip stay the VAE's
+    assert run.decoder == "the tiny decoder (TAESD)"
+    for shown, i in enumerate(run.shown):
+        assert pixel_gap(run.step_images[shown], shipped.preview(run.steps[i].latents)[0]) <= 1
+    assert np.array_equal(pixels(run.image), pixels(shipped.decode(run.latents)[0]))
+    assert np.array_equal(pixels(run.noised_images[0]), pixels(run.reconstruction))
+    without = latentforge.load(sd1_folder, dtype="float32")
+    with pytest.raises(ValueError, match="--tiny-decoder"):
+        explain(without, PROMPT, steps=2, fast_decode=True)
+
+
+def test_a_clip_run_adds_images_against_captions(tmp_path_factory, tmp_path, capsys):
+    from test_training import tiny
+
+    from latentforge.explain.clip import image_caption_similarity, read_clip
+    from latentforge.training.clip import train_clip
+
+    run_dir = tmp_path_factory.mktemp("explain-clip") / "clip"
+    train_clip(tiny("clip", steps=2, sample_every=0), run_dir)
+    run = explain(latentforge.load(), PROMPT, seed=3, steps=2, clip=run_dir)
+    batch = image_caption_similarity(*read_clip(run_dir), seed=3)  # what that CLIP model says of its batch
+    assert run.clip.captions == batch.captions and torch.equal(run.clip.similarity, batch.similarity)
+    out = tmp_path / "explain.html"
+    assert main(["explain", PROMPT, "--steps", "2", "--clip", str(run_dir), "--out", str(out)]) == 0
+    check_page(out)
+    assert len(page_sections(out)["clip"]) == 3  # the text side, the batch's images, the matrix
+    # not a CLIP run: one line, before any generation
+    capsys.readouterr()
+    assert main(["explain", PROMPT, "--clip", str(tmp_path), "--out", str(tmp_path / "no.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a CLIP training run folder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "no.html").exists()
 
 
 def test_an_image_of_ones_own(shipped, tmp_path):

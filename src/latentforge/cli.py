@@ -288,7 +288,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     image = images.load_image(args.image) if args.image else None
     pipe = load(args.model, dtype=args.dtype, device=args.device)
-    write_page(pipe, args.prompt, args.out, seed=args.seed, steps=args.steps, image=image)
+    if args.tiny_decoder:
+        pipe.load_tiny_decoder(args.tiny_decoder)
+    write_page(
+        pipe, args.prompt, args.out, seed=args.seed, steps=args.steps, image=image, guidance_runs=args.guidance_runs,
+        fast_decode=args.fast_decode, clip=args.clip,
+    )  # fmt: skip
     print(args.out)
 
 
@@ -652,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an HTML page that illustrates, from a real run, how the model makes the prompt's image",
         description="Generates the prompt once with probes and writes one self-contained page (images embedded, "
         "readable offline): tokens and text vectors, the steps, guidance, cross-attention maps, forward diffusion, "
-        "the latent space and CLIP's text side. Needs matplotlib: pip install 'latentforge[explain]'.",
+        "the latent space and CLIP (its text side; images against captions with --clip). Needs matplotlib: "
+        "pip install 'latentforge[explain]'.",
     )
     p.add_argument("prompt")
     p.add_argument("--model", metavar="PATH", help="a checkpoint file or diffusers folder (default: the shipped model)")
@@ -661,6 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", metavar="FILE", help="an image for the forward-diffusion and latent-space figures "
                    "(default: the generated one)")  # fmt: skip
     p.add_argument("--out", default="explain.html", help="the page to write (default: ./explain.html)")
+    p.add_argument("--guidance-runs", action="store_true", help="also generate the seed to the end at guidance 1 and "
+                   "a high guidance (two more generations; the page otherwise mixes one run's predictions)")  # fmt: skip
+    p.add_argument("--tiny-decoder", metavar="FILE",
+                   help="a tiny decoder (TAESD: taesd_decoder for SD 1.x/2.x) for --fast-decode (the shipped model has its own)")
+    p.add_argument("--fast-decode", action="store_true", help="paint the step, guidance and noise-level figures with "
+                   "the tiny decoder (much cheaper on large models; the image and its VAE round trip stay the VAE's)")  # fmt: skip
+    p.add_argument("--clip", metavar="RUN", help="a CLIP training run folder (latentforge train clip): its image "
+                   "tower measures held-out images against their captions")  # fmt: skip
     add_device_options(p)
     p.set_defaults(func=cmd_explain)
 

@@ -8,6 +8,7 @@ it into one self-contained HTML page (matplotlib figures as PNG data URIs; no ne
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import html
 import io
@@ -21,19 +22,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..guidance import Guidance, make_denoiser
+from ..guidance import to_x0
 from ..images import image_to_tensor
 from ..pipeline import Pipeline, Step
-from ..samplers import get_sampler
 from ..schedules import NoiseSchedule
 from ..unet import Attention
+from .clip import ClipBatch, image_caption_similarity, read_clip
 
-SHOWN_STEPS = 8  # at most this many steps are decoded and drawn (evenly spaced, the last one always)
+SHOWN_STEPS = 4  # at most this many steps are decoded and drawn (evenly spaced, the first and last always)
 ATTENTION_STEPS = 3  # steps whose cross-attention maps are drawn: first, middle, last
-GUIDANCE_STEPS = 3  # steps whose conditional and unconditional predictions are drawn
 NOISE_LEVELS = 5  # forward diffusion: level 0 is the clean latents, level k the training step k/(n-1) of the way
 TRAINING_LEVEL = 2  # the level of the training example
 HIGH_GUIDANCE = 7.5  # the "high" guidance of the comparison (twice the default when that is higher)
+BATCH_PIXELS = 4 * 512 * 512  # the figures' latents are decoded together, this many image pixels per VAE call
 MISSING = "latentforge explain draws with matplotlib: pip install 'latentforge[explain]'"
 
 
@@ -55,6 +56,7 @@ class Run:
     seed: int
     sampler: str
     cfg_scale: float
+    decoder: str  # what painted the figures' images: "the VAE decoder" or "the tiny decoder (TAESD)"
     ids: list[int]  # the 77 token ids
     tokens: list[str]  # their strings
     special: dict[str, int]  # "start", "end", "pad" -> id
@@ -66,12 +68,12 @@ class Run:
     shown: list[int]  # the steps drawn
     step_images: list[Image.Image]  # the current latents of each shown step, decoded
     denoised_images: list[Image.Image]  # the predicted clean latents of each shown step, decoded
-    guidance_steps: list[int]
-    cond_images: list[Image.Image]  # the conditional prediction's clean image at each guidance step
-    uncond_images: list[Image.Image]
-    differences: list[torch.Tensor]  # (h, w) |cond - uncond| of the predicted clean latents, channel mean
+    guidance_steps: list[int]  # steps whose UNet outputs were kept (their first call: the latents of the step before)
     scales: list[float]  # guidance 1, the default, high
-    scale_images: list[Image.Image]
+    # at each guidance step, the predicted clean image of: the empty prompt, then each scale (1 = the prompt alone)
+    guidance_images: list[list[Image.Image]]
+    differences: list[torch.Tensor]  # (h, w) |cond - uncond| of the predicted clean latents, channel mean
+    scale_runs: list[Image.Image]  # the same seed generated at each scale (only when asked for: two more runs)
     attention: AttentionMaps
     source: Image.Image  # the forward diffusion's input (the generated image or --image)
     noise_steps: list[int | None]  # the training step of each level (None: clean)
@@ -80,49 +82,78 @@ class Run:
     reconstruction: Image.Image  # the VAE round trip of `source`
     variations: list[str]  # the prompt and variations of it
     similarity: torch.Tensor  # (n, n) cosine similarities of their end-token text vectors
+    clip: ClipBatch | None = None  # images against captions, by a CLIP model trained here (`clip=` its run folder)
 
 
 def explain(
-    pipe: Pipeline, prompt: str, seed: int = 0, steps: int | None = None, image: Image.Image | None = None
-) -> Run:
-    """Generate `prompt` once with probes, make the few extra UNet and VAE calls the figures need -> Run."""
+    pipe: Pipeline, prompt: str, seed: int = 0, steps: int | None = None, image: Image.Image | None = None,
+    guidance_runs: bool = False, fast_decode: bool = False, clip: str | Path | None = None,
+) -> Run:  # fmt: skip
+    """Generate `prompt` once with probes, make the few extra UNet and VAE calls the figures need -> Run.
+
+    The guidance figure mixes the run's own conditional and unconditional predictions at each scale;
+    `guidance_runs` also generates the seed to the end at guidance 1 and the high scale (two more runs).
+    `fast_decode` paints the step, guidance and noise-level figures with the model's tiny decoder (TAESD)
+    instead of the VAE decoder; the image and its VAE round trip stay the VAE's. `clip`, the run folder of a
+    CLIP model trained here (`latentforge train clip`), adds its images-against-captions matrix."""
     defaults = pipe.config.defaults
+    clip_model = read_clip(clip) if clip is not None else None  # a bad folder is said before the run
     steps = defaults.steps if steps is None else steps
+    if fast_decode and pipe.tiny_decoder is None:
+        raise ValueError("fast decoding needs a tiny decoder: give one (taesd_decoder) with --tiny-decoder FILE")
     tokenizer = _tokenizer(pipe)
     ids = tokenizer(prompt)[0].tolist()
-    cond, uncond = pipe.encode_prompt(prompt, "")
+    shown = _spread(steps, SHOWN_STEPS)
+    # the UNet's outputs are kept at an early and a middle shown step (their input: the step before's latents)
+    guidance_steps = sorted({shown[1], shown[len(shown) // 2]}) if len(shown) > 1 else []
     collected: list[Step] = []
-    maps = AttentionMaps()
-    with attention_probes(pipe, maps, lambda: len(collected), _attention_steps(steps), ids):
-        result = pipe.generate(prompt, seed=seed, steps=steps, callback=collected.append)[0]
-    latents = collected[-1].latents  # after the last step: the latents the image is decoded from
-    shown = _spread(len(collected), SHOWN_STEPS)
-    # one decode per image, as the pipeline decodes (a batch's convolutions may round differently)
-    step_images = [pipe.decode(collected[i].latents)[0] for i in shown]
-    denoised_images = [pipe.decode(collected[i].denoised)[0] for i in shown]
-    # the UNet is asked again at each chosen step's latents and noise level: steps that end above sigma 0
-    live = [i for i, step in enumerate(collected) if step.sigma > 0] or [len(collected) - 1]
-    guidance_steps = [live[j] for j in _spread(len(live), GUIDANCE_STEPS)]
-    cond_images, uncond_images, differences = _guidance_split(pipe, collected, guidance_steps, cond, uncond)
+    maps, outputs = AttentionMaps(), {}
+    step = collected.__len__  # the step the UNet is in: the callbacks so far
+    with (
+        attention_probes(pipe, maps, step, _attention_steps(steps), ids) as probes,
+        unet_outputs(pipe, outputs, step, guidance_steps),
+    ):
+        def on_step(s: Step) -> None:
+            collected.append(s)
+            probes.follow()
+
+        result = pipe.generate(prompt, seed=seed, steps=steps, callback=on_step)[0]
     high = max(HIGH_GUIDANCE, 2 * defaults.cfg_scale)
     scales = [1.0, defaults.cfg_scale, high]
-    scale_images = [pipe.generate(prompt, seed=seed, steps=steps, cfg_scale=s)[0] for s in (1.0, high)]
-    scale_images.insert(1, result)
+    guidance_steps = sorted(outputs)  # none when the run was not guided
+    mixed, differences = _guidance_mix(pipe, collected, outputs, scales)
+    scale_runs = []
+    if guidance_runs:
+        scale_runs = [pipe.generate(prompt, seed=seed, steps=steps, cfg_scale=s)[0] for s in (1.0, high)]
+        scale_runs.insert(1, result)
+    cond = pipe.encode_prompt(prompt)[0]
     source = result if image is None else image.convert("RGB")
     forward = _forward_diffusion(pipe, source, cond, seed)
+    # every figure's latents in a few decoder calls: the steps' latents and predictions, the guidance mixes,
+    # the noise levels above 0 (level 0 is the VAE round trip, decoded by the VAE)
+    figures = [collected[i].latents for i in shown] + [collected[i].denoised for i in shown]
+    figures += [z for row in mixed for z in row] + forward["noisy"][1:]
+    known = [] if fast_decode else [(collected[-1].latents, result)]  # the image's own latents: decoded already
+    decoded = iter(_decode_all(pipe, figures, fast_decode, known))
+    step_images, denoised_images = [next(decoded) for _ in shown], [next(decoded) for _ in shown]
+    guidance_images = [[next(decoded) for _ in row] for row in mixed]
+    noised_images = [forward["reconstruction"]] + list(decoded)
     words = prompt.split()
     variations = [prompt, " ".join(reversed(words)), " ".join(words[: max(1, len(words) // 2)]), "a photo", ""]
     return Run(
         prompt=prompt, model=pipe.name or "latentforge-shapes", seed=seed, sampler=defaults.sampler,
-        cfg_scale=defaults.cfg_scale, ids=ids, tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        cfg_scale=defaults.cfg_scale, decoder="the tiny decoder (TAESD)" if fast_decode else "the VAE decoder",
+        ids=ids, tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
         special={"start": tokenizer.bos_id, "end": tokenizer.eos_id, "pad": tokenizer.pad_id},
         context=cond.context[0, : len(ids)].float().cpu(),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models().items()},
-        image=result, latents=latents.float().cpu(), steps=collected, shown=shown, step_images=step_images,
-        denoised_images=denoised_images, guidance_steps=guidance_steps, cond_images=cond_images,
-        uncond_images=uncond_images, differences=differences, scales=scales, scale_images=scale_images,
-        attention=maps, source=source, **forward, variations=variations,
+        image=result, latents=collected[-1].latents.float().cpu(), steps=collected, shown=shown,
+        step_images=step_images, denoised_images=denoised_images, guidance_steps=guidance_steps, scales=scales,
+        guidance_images=guidance_images, differences=differences, scale_runs=scale_runs, attention=maps,
+        source=source, noise_steps=forward["noise_steps"], noised_images=noised_images, example=forward["example"],
+        reconstruction=forward["reconstruction"], variations=variations,
         similarity=_text_similarity(pipe, tokenizer, variations),
+        clip=None if clip_model is None else image_caption_similarity(*clip_model, seed=seed),
     )  # fmt: skip
 
 
@@ -135,17 +166,43 @@ def _tokenizer(pipe: Pipeline):
 
 def _spread(n: int, k: int) -> list[int]:
     """At most k indices of range(n), evenly spaced, first and last included."""
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+    k = min(k, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 def _attention_steps(steps: int) -> set[int]:
     return set(_spread(steps, ATTENTION_STEPS))
 
 
+def _decode_all(
+    pipe: Pipeline, latents: list[torch.Tensor], fast: bool, known: list[tuple[torch.Tensor, Image.Image]] = ()
+) -> list[Image.Image]:
+    """Latents (1, 4, h, w) of one size -> images. Latents equal to one of `known` take its image, equal ones are
+    decoded once, the rest together, BATCH_PIXELS image pixels per call (a batch may round a pixel differently
+    by one level from a decode of its own)."""
+    unique: list[torch.Tensor] = []
+    slots: list[int | Image.Image] = []
+    for z in latents:
+        same = next((image for k, image in known if torch.equal(z, k)), None)
+        if same is None:
+            same = next((i for i, u in enumerate(unique) if torch.equal(z, u)), None)
+            if same is None:
+                unique.append(z)
+                same = len(unique) - 1
+        slots.append(same)
+    decoded: list[Image.Image] = []
+    if unique:
+        h, w = unique[0].shape[-2:]
+        per_call = max(1, BATCH_PIXELS // (h * w * pipe.config.vae.downscale**2))
+        decode = pipe.preview if fast else pipe.decode
+        decoded = [im for i in range(0, len(unique), per_call) for im in decode(torch.cat(unique[i : i + per_call]))]
+    return [decoded[slot] if isinstance(slot, int) else slot for slot in slots]
+
+
 class attention_probes:
     """Within it, every cross-attention module of the UNet adds its conditional row's probabilities, averaged
     over heads and upsampled to the latent size, to `maps` for the steps in `wanted` (`step()` tells the
-    step: the callbacks so far)."""
+    step: the callbacks so far). The probes are on only during those steps: call `follow()` after each step."""
 
     def __init__(self, pipe: Pipeline, maps: AttentionMaps, step, wanted: set[int], ids: list[int]):
         self.modules = [
@@ -156,19 +213,23 @@ class attention_probes:
         self.size = (h, h)
 
     def __enter__(self):
-        for m in self.modules:
-            m.probe = self.add
+        self.follow()
         return self
 
     def __exit__(self, *exc) -> None:
         for m in self.modules:
             m.probe = None
 
+    def follow(self) -> None:
+        """Probes on for a wanted step, off otherwise (an attention module computes the probabilities only for
+        a probe)."""
+        probe = self.add if self.step() in self.wanted else None
+        for m in self.modules:
+            m.probe = probe
+
     def add(self, probs: torch.Tensor) -> None:
         """probs (B, heads, N, M): the last row of the batch is the conditional pass (the pipeline's order)."""
         step = self.step()
-        if step not in self.wanted:
-            return
         row = probs[-1, :, :, : self.tokens]  # (heads, N, 77)
         self.maps.sum_error = max(self.maps.sum_error, float((row.sum(-1) - 1).abs().max()))
         h, w = self.size
@@ -179,32 +240,49 @@ class attention_probes:
         self.maps.layers[step] = self.maps.layers.get(step, 0) + 1
 
 
-def _guidance_split(pipe: Pipeline, steps: list[Step], chosen: list[int], cond, uncond):
-    """The conditional and unconditional predicted clean latents at the chosen steps (one UNet call each)."""
-    spec = get_sampler(pipe.config.defaults.sampler)
-    schedule = NoiseSchedule.from_config(pipe.config.scheduler or {})
-    timestep = functools.partial(spec.timestep, schedule)
-    predict = {
-        side: make_denoiser(pipe.unet, timestep, pipe.config.prediction_type, Guidance(c, None, 1.0))
-        for side, c in (("cond", cond), ("uncond", uncond))
-    }
-    cond_x0, uncond_x0 = [], []
-    for i in chosen:
-        step = steps[i]
-        sigma = torch.tensor(step.sigma)
-        x = step.latents * torch.sqrt(1 + sigma**2)  # back to the sampler's sigma form
-        with torch.no_grad():
-            cond_x0.append(predict["cond"](x, sigma))
-            uncond_x0.append(predict["uncond"](x, sigma))
-    c, u = torch.cat(cond_x0), torch.cat(uncond_x0)
-    differences = list((c - u).abs().mean(1).float().cpu())
-    return pipe.decode(c), pipe.decode(u), differences
+@contextlib.contextmanager
+def unet_outputs(pipe: Pipeline, outputs: dict[int, torch.Tensor], step, wanted: list[int]):
+    """Within it, the output (2, 4, h, w: unconditional, conditional) of the first UNet call of each step in
+    `wanted` is kept in `outputs[step]` (a forward hook; `step()` tells the step). An unguided call (one row) or
+    a composed one (AND: more rows) is not kept."""
+
+    def keep(module, args, out) -> None:
+        i = step()
+        if i in wanted and i not in outputs and len(out) == 2:
+            outputs[i] = out.float().cpu()
+
+    handle = pipe.unet.register_forward_hook(keep)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def _guidance_mix(pipe: Pipeline, steps: list[Step], outputs: dict[int, torch.Tensor], scales: list[float]):
+    """At each step of `outputs`: the predicted clean latents of the empty prompt and of the guided prediction
+    at each scale (scale 1: the prompt alone), and |cond - uncond| of the clean latents (channel mean). The
+    step's first call saw the latents the step before left (in sigma form: times sqrt(1 + sigma^2))."""
+    mixed, differences = [], []
+    for i, out in sorted(outputs.items()):
+        before = steps[i - 1]
+        sigma = torch.tensor(before.sigma)
+        x = before.latents.float().cpu() * torch.sqrt(1 + sigma**2)
+        uncond, cond = out.chunk(2)
+        x0 = functools.partial(to_x0, x=x, sigma=sigma, prediction_type=pipe.config.prediction_type)
+        row = [x0(uncond)] + [x0(uncond + s * (cond - uncond)) for s in scales]
+        # the default scale's is the run's own prediction (the step's, when the sampler calls the UNet once a
+        # step: the same numbers up to rounding, and the same picture, decoded once)
+        if torch.allclose(row[2], steps[i].denoised.float().cpu(), rtol=0, atol=1e-4):
+            row[2] = steps[i].denoised
+        mixed.append(row)
+        differences.append((x0(cond) - x0(uncond)).abs().mean(1)[0])
+    return mixed, differences
 
 
 @torch.no_grad()
 def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> dict:
-    """The image encoded, noised at NOISE_LEVELS levels of the training schedule and decoded; one training
-    example at TRAINING_LEVEL with the UNet's predicted noise; the VAE round trip."""
+    """The image encoded and noised at NOISE_LEVELS levels of the training schedule (latents; level 0 decoded:
+    the VAE round trip); one training example at TRAINING_LEVEL with the UNet's predicted noise."""
     g = torch.Generator().manual_seed(seed)
     clean = pipe.encode_image(image_to_tensor(source), g).float().cpu()
     noise = torch.randn(clean.shape, generator=g)
@@ -215,7 +293,6 @@ def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> 
     for t in noise_steps:
         a = 1.0 if t is None else float(schedule.alphas_cumprod[t])
         noisy.append(math.sqrt(a) * clean + math.sqrt(1 - a) * noise)  # the training forward process (VP form)
-    images = [pipe.decode(z)[0] for z in noisy]
     t = noise_steps[TRAINING_LEVEL]
     a = float(schedule.alphas_cumprod[t])
     x_t = noisy[TRAINING_LEVEL]
@@ -225,18 +302,17 @@ def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> 
     predicted = out if pipe.config.prediction_type == "epsilon" else math.sqrt(a) * out + math.sqrt(1 - a) * x_t
     example = {"noisy": x_t, "noise": noise, "predicted": predicted, "t": t,
                "error": float(F.mse_loss(predicted, noise))}  # fmt: skip
-    return {"noise_steps": noise_steps, "noised_images": images, "example": example, "reconstruction": images[0]}
+    return {"noise_steps": noise_steps, "noisy": noisy, "example": example, "reconstruction": pipe.decode(clean)[0]}
 
 
 @torch.no_grad()
 def _text_similarity(pipe: Pipeline, tokenizer, texts: list[str]) -> torch.Tensor:
-    """(n, n) cosine similarities of the texts' vectors at their end token (what CLIP's text side pools)."""
-    vectors = []
-    for text in texts:
-        context = pipe.encode_prompt(text)[0].context[0].float().cpu()
-        end = tokenizer(text)[0].tolist().index(tokenizer.eos_id)
-        vectors.append(context[end])
-    v = F.normalize(torch.stack(vectors), dim=-1)
+    """(n, n) cosine similarities of the texts' vectors at their end token (what CLIP's text side pools), the
+    texts encoded in one batch."""
+    native = pipe.config.native_size
+    context = pipe.conditioner.encode(texts, None, clip_skip=1, size=(native, native))[0].context.float().cpu()
+    ends = [tokenizer(text)[0].tolist().index(tokenizer.eos_id) for text in texts]
+    v = F.normalize(context[torch.arange(len(texts)), ends], dim=-1)
     return v @ v.T
 
 
@@ -346,7 +422,8 @@ def _generation(plt, run: Run) -> str:
     text = (
         f"The sampler starts from random latents and takes {len(run.steps)} steps. The top row decodes the current "
         "latents at each step: noise turning into the image. The second row decodes the UNet's prediction of the "
-        "clean latents at that step, which settles early. The plot is the noise level (sigma) left after each step."
+        "clean latents at that step, which settles early. The plot is the noise level (sigma) left after each step. "
+        f"The pictures are painted by {run.decoder}."
     )
     return _section("generation", "2. Generation, step by step", text,
                     [("current latents per step", _png(plt, now)), ("predicted image per step", _png(plt, clean)),
@@ -355,25 +432,34 @@ def _generation(plt, run: Run) -> str:
 
 def _guidance(plt, run: Run) -> str:
     n = len(run.guidance_steps)
-    fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.8), squeeze=False)
-    for j, i in enumerate(run.guidance_steps):
-        for row, (image, what) in enumerate(
-            ((run.cond_images[j], "with prompt"), (run.uncond_images[j], "empty prompt"))
-        ):
-            axes[row][j].imshow(image)
-            axes[row][j].set_title(f"step {i + 1}: {what}", fontsize=8)
-        axes[2][j].imshow(run.differences[j].numpy(), cmap="magma")
-        axes[2][j].set_title(f"step {i + 1}: |difference|", fontsize=8)
-        for row in range(3):
-            axes[row][j].axis("off")
-    scales = _row(plt, run.scale_images, [f"guidance {s:g}" for s in run.scales])
+    names = ["empty prompt"] + [f"guidance {s:g}" + (" (prompt alone)" if s == 1 else "") for s in run.scales]
+    figures = []
+    if n:
+        rows = len(names) + 1
+        fig, axes = plt.subplots(rows, n, figsize=(2.2 * n, 2.3 * rows), squeeze=False)
+        for j, i in enumerate(run.guidance_steps):
+            for row, (image, name) in enumerate(zip(run.guidance_images[j], names)):
+                axes[row][j].imshow(image)
+                axes[row][j].set_title(f"step {i + 1}: {name}", fontsize=8)
+            axes[-1][j].imshow(run.differences[j].numpy(), cmap="magma")
+            axes[-1][j].set_title(f"step {i + 1}: |prompt - empty|", fontsize=8)
+            for row in range(rows):
+                axes[row][j].axis("off")
+        figures.append(("predictions at each guidance scale", _png(plt, fig)))
+    if run.scale_runs:
+        runs = _row(plt, run.scale_runs, [f"generated at guidance {s:g}" for s in run.scales])
+        figures.append(("the same seed generated at each scale", _png(plt, runs)))
     text = (
         "At each step the UNet runs twice: with the prompt and with an empty prompt. Guidance moves the prediction "
         f"away from the empty prompt's by the scale ({run.cfg_scale:g} here) times their difference (bottom row: "
-        "where they differ). Below, the same seed at guidance 1 (no push), the default and a high value."
+        "where they differ). Each column is one step of this run: its two predictions (as clean images), mixed at "
+        "guidance 1 (the prompt alone), the default and a high value."
     )
-    return _section("guidance", "3. Guidance", text,
-                    [("conditional, unconditional, difference", _png(plt, fig)), ("guidance scales", _png(plt, scales))])  # fmt: skip
+    if run.scale_runs:
+        text += " Below, the same seed generated to the end at each of those scales."
+    if not n:
+        text += " This run was not guided (guidance 1, or a prompt composed with AND): there is no pair to show."
+    return _section("guidance", "3. Guidance", text, figures)
 
 
 def _attention(plt, run: Run) -> str:
@@ -426,18 +512,45 @@ def _latent_space(plt, run: Run) -> str:
 
 
 def _clip(plt, run: Run) -> str:
-    labels = [repr(v) if len(v) < 30 else repr(v[:27] + "...") for v in run.variations]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.imshow(run.similarity.numpy(), cmap="viridis", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{run.similarity[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    labels = [_short(v) for v in run.variations]
+    fig = _matrix(plt, run.similarity, labels, labels)
+    figures = [("text similarities", _png(plt, fig))]
     text = (
         "The text encoder is the text half of a CLIP model, trained to pull an image and its caption together. "
-        "A Stable Diffusion model ships only the text half, so this shows the text side: cosine similarities of "
-        "the end-token vectors of the prompt and variations of it. The shipped model's image half stays in its "
-        "CLIP training run folder, under checkpoints/ (latentforge.training.clip exports only the text half)."
+        "A Stable Diffusion model ships only the text half, so the first figure shows the text side: cosine "
+        "similarities of the end-token vectors of the prompt and variations of it."
     )
-    return _section("clip", "7. CLIP: text and images in one space", text, [("text similarities", _png(plt, fig))])
+    if run.clip is None:
+        text += (
+            " The image half stays in the CLIP training run (the shipped model's: the folder <code>latentforge train "
+            "clip</code> wrote, runs/clip in docs/default-model.md); give that folder with <code>--clip</code> to "
+            "see images measured against their captions."
+        )
+    else:
+        batch = run.clip
+        n = len(batch.images)
+        images = _row(plt, batch.images, [f"image {i + 1}" for i in range(n)], height=1.4)
+        matrix = _matrix(plt, batch.similarity, [_short(c) for c in batch.captions], [f"image {i + 1}" for i in range(n)])
+        figures += [("images of the CLIP batch", _png(plt, images)), ("images against captions", _png(plt, matrix))]
+        text += (
+            f" Below, the CLIP model trained here measures {n} held-out images of its data against their captions: "
+            "each row is an image, each column a caption, and a matching pair (the diagonal) should be the most "
+            "alike of its row."
+        )
+    return _section("clip", "7. CLIP: text and images in one space", text, figures)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) < 30 else repr(text[:27] + "...")
+
+
+def _matrix(plt, values: torch.Tensor, columns: list[str], rows: list[str]):
+    """A similarity matrix as a heat map, each cell's value written in it."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.imshow(values.numpy(), cmap="viridis", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    return fig
