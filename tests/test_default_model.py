@@ -82,6 +82,22 @@ def test_eval_command_prints_a_table_and_writes_json(with_defaults, tmp_path, ca
     result = json.loads(out.read_text())
     assert [s["cfg_scale"] for s in result["scales"]] == [1.0, 4.5]
     assert all(len(s["records"]) == 3 for s in result["scales"])
+    assert "skipping work: none" in stdout and result["speed"] == {}
+
+
+def test_eval_names_the_speed_options_it_ran_with(with_defaults, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    model = str(with_defaults / "model.safetensors")
+    argv = ["eval", "--model", model, "-n", "2", "--steps", "2", "--speed", "fast", "--s-min-uncond", "0"]
+    assert main([*argv, "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    from latentforge.speed import preset
+
+    fast = preset("fast")
+    assert fast.s_min_uncond and fast.skip_early_cfg and fast.token_merging  # what the preset holds
+    expected = {"Skip Early CFG": fast.skip_early_cfg, "Token merging ratio": fast.token_merging}  # NGMS switched off
+    assert "skipping work: " + ", ".join(f"{k}: {v}" for k, v in expected.items()) in stdout
+    assert json.loads(out.read_text())["speed"] == expected
 
 
 @pytest.mark.parametrize(

@@ -431,6 +431,31 @@ def test_base_and_refiner_ensemble_matches_diffusers(loaded, refiner, sampler):
     assert not np.array_equal(np.asarray(alone[0]), np.asarray(image))  # the refiner did change the picture
 
 
+def test_a_refiner_inpaints_keeping_the_unmasked_latents(loaded, refiner):
+    """A1111's inpainting with an ordinary model keeps the image's latents outside the mask in every prediction;
+    with a refiner the refiner's steps keep them too, and the refiner changes the picture."""
+    import torch.nn.functional as F
+
+    from latentforge.images import image_to_tensor, mask_to_tensor
+
+    base, _ = loaded
+    ours_refiner, _ = refiner
+    init = init_picture()
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (16, 16, 48, 64))
+    kwargs = dict(steps=8, sampler="Euler", cfg_scale=6.0, seed=3, init_image=init, mask=mask, strength=0.9)
+    steps = []
+    image = base.generate(PROMPT, NEGATIVE, refiner=ours_refiner, refiner_switch_at=0.5, callback=steps.append,
+                          **kwargs)[0]  # fmt: skip
+    z = base.encode_image(image_to_tensor(init), torch.Generator().manual_seed(3))  # the image's draw comes first
+    keep = (F.interpolate(mask_to_tensor(mask), size=z.shape[-2:]) == 0).expand_as(z)
+    assert len(steps) == 7 and 0 < int(keep.sum()) < keep.numel()  # strength 0.9 of 8 steps
+    for step in steps:
+        assert torch.equal(step.denoised[keep], z[keep])
+    alone = base.generate(PROMPT, NEGATIVE, **kwargs)[0]
+    assert not np.array_equal(np.asarray(alone), np.asarray(image))  # the refiner did change the picture
+
+
 def test_refiner_misuse_is_one_line(loaded, refiner, tmp_path, capsys):
     base, _ = loaded
     ours_refiner, _ = refiner

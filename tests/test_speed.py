@@ -234,6 +234,34 @@ def test_server_options_and_override_settings(url, pipe):
     assert bad.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae_decode_method"]
 
 
+def test_a_preset_sets_the_options_and_one_can_be_switched_off(url):
+    """speed_preset sets every speed option to the preset's values (GET /options shows them); an option set after
+    it, or beside it in override_settings, wins, so NGMS can be off in the fast preset; a client that posts back
+    every option it read changes nothing."""
+    fast = preset("fast")
+    options = f"{url}/sdapi/v1/options"
+    try:
+        assert requests.post(options, json={"speed_preset": "fast"}, timeout=10).status_code == 200
+        now = requests.get(options, timeout=10).json()
+        assert now["speed_preset"] == "fast" and now["s_min_uncond"] == fast.s_min_uncond
+        assert now["token_merging_ratio"] == fast.token_merging and now["skip_early_cond"] == fast.skip_early_cfg
+        params = json.loads(txt2img(url).json()["info"])["extra_generation_params"]
+        assert params["NGMS"] == f"{fast.s_min_uncond:g}" and params["Token merging ratio"] == f"{fast.token_merging:g}"
+        assert requests.post(options, json=now, timeout=10).status_code == 200  # everything posted back as read
+        assert requests.get(options, timeout=10).json() == now
+        assert requests.post(options, json=now | {"s_min_uncond": 0.0}, timeout=10).status_code == 200
+        params = json.loads(txt2img(url).json()["info"])["extra_generation_params"]
+        assert "NGMS" not in params and params["Token merging ratio"] == f"{fast.token_merging:g}"
+    finally:
+        requests.post(options, json={"speed_preset": "default"}, timeout=10)
+    assert requests.get(options, timeout=10).json()["token_merging_ratio"] == 0.0  # the default preset: all off
+    made = txt2img(url, override_settings={"speed_preset": "fast", "s_min_uncond": 0})
+    params = json.loads(made.json()["info"])["extra_generation_params"]
+    assert "NGMS" not in params and params["Skip Early CFG"] == f"{fast.skip_early_cfg:g}"
+    bad = txt2img(url, override_settings={"speed_preset": "quickest"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "override_settings", "speed_preset"]
+
+
 def test_token_merging_is_on_for_the_call_only(pipe):
     from latentforge.tome import full_resolution_transformers
 

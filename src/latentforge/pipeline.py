@@ -381,7 +381,7 @@ class Pipeline:
             return report
 
         first = 0
-        for model, model_denoise, part in self._runs(request, sigmas, denoise, timestep, refine):
+        for model, model_denoise, part in self._runs(request, sigmas, denoise, timestep, refine, blend):
             x = spec(
                 model_denoise, x.to(model.device), part, schedule=schedule,
                 prediction_type=model.config.prediction_type, generator=g, callback=on_step(first),
@@ -391,17 +391,20 @@ class Pipeline:
         return latents if blend is None else blend_latents(latents, *blend)
 
     def _runs(
-        self, request, sigmas: torch.Tensor, denoise: Denoiser, timestep, refine
+        self, request, sigmas: torch.Tensor, denoise: Denoiser, timestep, refine, blend=None
     ) -> list[tuple[Pipeline, Denoiser, torch.Tensor]]:
         """(model, denoiser, sigmas) of each sampler run: the whole schedule, or this model's steps up to the
         refiner's split and the refiner's from there (a fresh run, as diffusers' refiner pipeline starts
-        one); a part with no step is left out."""
+        one); a part with no step is left out. With a mask (`blend`, inpainting with an ordinary model) the
+        refiner keeps the unmasked latents too."""
         if refine is None:
             return [(self, denoise, sigmas)]
         split, conds = refine
         refiner = request.refiner
         guided = conds.guidance(request.cfg_scale)
         refined = make_denoiser(refiner.unet, timestep, refiner.config.prediction_type, guided, sigmas, request.speed)
+        if blend is not None:
+            refined = keep_unmasked(refined, *blend)
         runs = [(self, denoise, sigmas[: split + 1]), (refiner, refined, sigmas[split:])]
         return [run for run in runs if len(run[2]) > 1]
 

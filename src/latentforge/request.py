@@ -313,7 +313,10 @@ def _check_refiner(pipe, refiner, switch_at: object, mask: object) -> None:
         )
     if theirs.inpainting:
         raise ValueError("an inpainting model cannot be a refiner: it needs a mask and an image of its own")
-    if mask is not None:
-        raise ValueError("a refiner with a mask (inpainting) is not supported yet; inpaint without a refiner")
+    if mask is not None and ours.inpainting:
+        raise ValueError(
+            "an inpainting model with a refiner is not supported yet; inpaint with the inpainting model alone, or "
+            "with the base model and the refiner"
+        )
     if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)) or not 0 < switch_at < 1:
         raise ValueError(f"refiner_switch_at must be a fraction between 0 and 1 (exclusive), got {switch_at!r}")

@@ -106,18 +106,7 @@ def explain(
     shown = _spread(steps, SHOWN_STEPS)
     # the UNet's outputs are kept at an early and a middle shown step (their input: the step before's latents)
     guidance_steps = sorted({shown[1], shown[len(shown) // 2]}) if len(shown) > 1 else []
-    collected: list[Step] = []
-    maps, outputs = AttentionMaps(), {}
-    step = collected.__len__  # the step the UNet is in: the callbacks so far
-    with (
-        attention_probes(pipe, maps, step, _attention_steps(steps), ids) as probes,
-        unet_outputs(pipe, outputs, step, guidance_steps),
-    ):
-        def on_step(s: Step) -> None:
-            collected.append(s)
-            probes.follow()
-
-        result = pipe.generate(prompt, seed=seed, steps=steps, callback=on_step)[0]
+    result, collected, maps, outputs = _probed_run(pipe, prompt, seed, steps, ids, guidance_steps)
     high = max(HIGH_GUIDANCE, 2 * defaults.cfg_scale)
     scales = [1.0, defaults.cfg_scale, high]
     guidance_steps = sorted(outputs)  # none when the run was not guided
@@ -155,6 +144,25 @@ def explain(
         similarity=_text_similarity(pipe, tokenizer, variations),
         clip=None if clip_model is None else image_caption_similarity(*clip_model, seed=seed),
     )  # fmt: skip
+
+
+def _probed_run(pipe: Pipeline, prompt: str, seed: int, steps: int, ids: list[int], guidance_steps: list[int]):
+    """The generation with its probes -> (image, every step's callback, attention maps, the UNet's outputs at
+    `guidance_steps` (unguided steps left out))."""
+    collected: list[Step] = []
+    maps, outputs = AttentionMaps(), {}
+    step = collected.__len__  # the step the UNet is in: the callbacks so far
+    with (
+        attention_probes(pipe, maps, step, _attention_steps(steps), ids) as probes,
+        unet_outputs(pipe, outputs, step, guidance_steps),
+    ):
+
+        def on_step(s: Step) -> None:
+            collected.append(s)
+            probes.follow()
+
+        image = pipe.generate(prompt, seed=seed, steps=steps, callback=on_step)[0]
+    return image, collected, maps, outputs
 
 
 def _tokenizer(pipe: Pipeline):

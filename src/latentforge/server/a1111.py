@@ -231,15 +231,12 @@ SPEED_DEFAULTS = {"speed_preset": "default"} | {
 
 
 def speed_options(values: dict[str, Any], loc: str = "") -> Shortcuts:
-    """The speed options these option values ask for: the `speed_preset` ("default" or "fast"), with each option
-    given instead of its value; a bad value is a FieldError at `loc` + its name."""
-    try:
-        shortcuts = preset(values.get("speed_preset", "default"))
-    except (ValueError, TypeError) as e:
-        raise FieldError(f"{loc}speed_preset", str(e)) from None
+    """The speed options (SPEED_OPTIONS) these option values hold, as Shortcuts (an option not in `values` is
+    off; `speed_preset` is not read here: setting it sets the options, see `set_speed`); a bad value is a
+    FieldError at `loc` + its name."""
     changes = {}
     for option, field in SPEED_OPTIONS.items():
-        if option not in values or values[option] == SPEED_DEFAULTS[option]:
+        if option not in values:
             continue
         value = values[option]
         if option == "sd_vae_decode_method":
@@ -248,10 +245,33 @@ def speed_options(values: dict[str, Any], loc: str = "") -> Shortcuts:
             value = DECODE_METHODS[value]
         changes[field] = value
     try:
-        return dataclasses.replace(shortcuts, **changes)
-    except ValueError as e:
+        return dataclasses.replace(Shortcuts(), **changes)
+    except (ValueError, TypeError) as e:
         name = next((o for o, f in SPEED_OPTIONS.items() if str(e).split()[0] == f), "speed_preset")
         raise FieldError(f"{loc}{name}", str(e)) from None
+
+
+def set_speed(current: dict[str, Any], changes: dict[str, Any], loc: str = "", only_edits: bool = False) -> dict[str, Any]:
+    """The speed options (SPEED_DEFAULTS' keys) after `changes`: a `speed_preset` among them first sets every
+    option to that preset's values, then the options in `changes` are set, so one can switch a preset's option
+    off. With `only_edits` (POST /options) only values that differ from the current ones count, so a client
+    that posts back every option it read changes only what it edited. Checked: a FieldError at `loc` + name."""
+    if only_edits:
+        changes = {key: value for key, value in changes.items() if key not in current or current[key] != value}
+    values = dict(current)
+    if "speed_preset" in changes:
+        name = changes["speed_preset"]
+        try:
+            shortcuts = preset(name)
+        except (ValueError, TypeError) as e:
+            raise FieldError(f"{loc}speed_preset", str(e)) from None
+        values["speed_preset"] = name
+        for option, field in SPEED_OPTIONS.items():
+            value = getattr(shortcuts, field)
+            values[option] = ("TAESD" if value is True else "Full") if option == "sd_vae_decode_method" else value
+    values |= {key: changes[key] for key in SPEED_OPTIONS if key in changes}
+    speed_options(values, loc)
+    return values
 
 
 def make_job(
@@ -288,7 +308,7 @@ def make_job(
     }  # fmt: skip
     if refiner is not None and req.refiner_switch_at is not None:
         common["refiner_switch_at"] = req.refiner_switch_at
-    asked = (speed or {}) | {key: settings[key] for key in SPEED_DEFAULTS if key in settings}
+    asked = set_speed(speed or SPEED_DEFAULTS, settings, "override_settings.")
     if req.s_min_uncond is not None:
         asked["s_min_uncond"] = req.s_min_uncond
     common["speed"] = speed_options(asked, "override_settings.")

@@ -44,7 +44,7 @@ from .a1111 import (
     make_job,
     read_upload,
     run_extras,
-    speed_options,
+    set_speed,
     vae_option,
 )  # fmt: skip
 from .guard import Guard, is_loopback
@@ -361,8 +361,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
                 "CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}"
             )
         vae = vae_option(library, changes.get("sd_vae", options["sd_vae"]), "sd_vae")
-        speed = {key: changes.get(key, options[key]) for key in SPEED_DEFAULTS}
-        speed_options(speed)  # a bad value changes nothing
+        speed = set_speed({key: options[key] for key in SPEED_DEFAULTS}, changes, only_edits=True)  # checked first
         if "sd_model_checkpoint" in changes:
             models.select(find_model(models, changes["sd_model_checkpoint"], "sd_model_checkpoint").name)
         options["CLIP_stop_at_last_layers"] = clip_skip
