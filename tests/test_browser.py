@@ -145,10 +145,12 @@ def test_the_page_hands_the_last_steps_to_a_refiner(sd1_folder, tmp_path):
         assert "Refiner: finisher [" in caption and "Refiner switch at: 0.5" in caption
 
 
-def test_the_explain_page_opens_with_every_section_and_its_images(sd1_folder):
+@pytest.mark.parametrize("model", ["shipped", "tiny sd1"])
+def test_the_explain_page_opens_with_every_section_and_its_images(model, sd1_folder):
     console = []
     path = "/explain?prompt=a%20red%20circle%20above%20a%20blue%20square&seed=3&steps=3"
-    with opened_page(Settings(models=[str(sd1_folder)]), path) as page:
+    settings = Settings() if model == "shipped" else Settings(models=[str(sd1_folder)])
+    with opened_page(settings, path) as page:
         page.on("console", lambda message: console.append(message.text) if message.type == "error" else None)
         page.reload()  # again, with the console listened to
         sections = page.locator("section")

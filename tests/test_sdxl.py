@@ -456,6 +456,37 @@ def test_a_refiner_inpaints_keeping_the_unmasked_latents(loaded, refiner):
     assert not np.array_equal(np.asarray(alone), np.asarray(image))  # the refiner did change the picture
 
 
+def test_the_hires_fix_with_a_refiner_refines_the_hires_pass(loaded, refiner):
+    """A1111's default ("Hires fix: which pass to enable refiner for: second pass"): the first pass is the base
+    model's alone; in the hires pass the refiner takes the steps whose timestep is below the switch."""
+    from latentforge.hires import Hires
+    from latentforge.pipeline import refiner_split
+    from latentforge.samplers import get_sampler, img2img_sigmas
+
+    base, _ = loaded
+    ours_refiner, _ = refiner
+    sizes = {"base": [], "refiner": []}  # the latent width of each UNet call
+    hooks = [model.unet.register_forward_hook(lambda m, args, out, name=name: sizes[name].append(args[0].shape[-1]))
+             for name, model in (("base", base), ("refiner", ours_refiner))]  # fmt: skip
+    hires = Hires(scale=2.0, steps=6, denoising_strength=0.7)
+    kwargs = dict(steps=5, sampler="Euler", cfg_scale=6.0, seed=2, width=64, height=64, hires=hires)
+    try:
+        image = base.generate(PROMPT, NEGATIVE, refiner=ours_refiner, refiner_switch_at=0.6, **kwargs)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    spec = get_sampler("Euler")
+    schedule = NoiseSchedule.from_config(base.config.scheduler)
+    sigmas = img2img_sigmas(spec, schedule, 6, 0.7)
+    split = refiner_split(spec, schedule, sigmas, 0.6)
+    assert 0 < split < len(sigmas) - 1  # the switch falls inside the hires pass
+    assert sizes["base"] == [8] * 5 + [16] * split  # the first pass (8 x 8 latents), then the hires pass's first steps
+    assert sizes["refiner"] == [16] * (len(sigmas) - 1 - split)
+    assert "Refiner: " in image.info["parameters"] and "Hires upscale: 2" in image.info["parameters"]
+    alone = base.generate(PROMPT, NEGATIVE, **kwargs)[0]
+    assert not np.array_equal(np.asarray(alone), np.asarray(image))
+
+
 def test_refiner_misuse_is_one_line(loaded, refiner, tmp_path, capsys):
     base, _ = loaded
     ours_refiner, _ = refiner

@@ -284,7 +284,7 @@ class Pipeline:
         size = (request.height, request.width)
         conds = self.encode_plan(plan, guided, request.clip_skip, size)
         refine = None
-        if request.refiner is not None:
+        if request.refiner is not None and request.hires is None:  # with the hires fix, it refines the hires pass
             split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
             refine = (split, request.refiner.encode_plan(plan, guided, request.clip_skip, size))
         second = None if request.hires is None else self._second_pass(request, schedule, prompt, negative)
@@ -307,7 +307,9 @@ class Pipeline:
 
     def _second_pass(self, request, schedule: NoiseSchedule, prompt: str, negative: str):
         """The hires fix's img2img request (the larger size, its own steps, sampler, guidance and prompts), its
-        sampler, sigmas, conditioning and upscaler: made once for every image of the batch."""
+        sampler, sigmas, conditioning, upscaler and the refiner's part of it: made once for every image of the
+        batch. A refiner takes over the hires pass's steps past its switch (A1111's default "Hires fix: which
+        pass to enable refiner for: second pass")."""
         hires = request.hires
         width, height = hires.size(request.width, request.height, self.config.vae.downscale)
         larger = dataclasses.replace(
@@ -323,19 +325,23 @@ class Pipeline:
         plan = plan_prompts(hr_prompt, hr_negative, request.steps, larger.steps)
         guided = larger.cfg_scale != 1 or plan.composed
         conds = self.encode_plan(plan, guided, larger.clip_skip, (height, width))
-        return larger, spec, sigmas, conds, hires.upscaler
+        refine = None
+        if request.refiner is not None:
+            split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
+            refine = (split, request.refiner.encode_plan(plan, guided, larger.clip_skip, (height, width)))
+        return larger, spec, sigmas, conds, hires.upscaler, refine
 
     def _refine_larger(self, second, latents: torch.Tensor, schedule, seed: int, index: int, callback) -> torch.Tensor:
         """The hires fix for one image: its latents upscaled (latent modes), or decoded, upscaled and encoded
         again, then the img2img pass from them with the image's seed -> the larger image's latents."""
-        larger, spec, sigmas, conds, upscaler = second
+        larger, spec, sigmas, conds, upscaler, refine = second
         if upscaler in LATENT_MODES:
             size = (larger.height // self.config.vae.downscale, larger.width // self.config.vae.downscale)
             init = upscale_latents(latents, upscaler, size)
-            return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback, init_latents=init)
+            return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback, refine, init)
         image = upscale_image(self.decode(latents)[0], upscaler, (larger.width, larger.height), self.upscalers)
         larger = dataclasses.replace(larger, init_image=image, image_tensor=image_to_tensor(image))
-        return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback)
+        return self._sample(larger, spec, schedule, sigmas, conds, seed, index, callback, refine)
 
     def _sample(
         self, request, spec, schedule, sigmas, conds, seed, index, callback, refine=None, init_latents=None

@@ -212,7 +212,7 @@ def check_request(
             "raise the strength or the steps"
         )
     if hires is not None:
-        _check_hires(pipe, hires, width, height, steps, init, refiner)
+        _check_hires(pipe, hires, width, height, steps, init)
     speed = _speed(pipe, speed, refiner)
     image_tensor = mask_tensor = None
     if init is not None:
@@ -265,15 +265,13 @@ def _speed(pipe, speed: object, refiner=None) -> Shortcuts:
     return speed
 
 
-def _check_hires(pipe, hires: object, width: int, height: int, steps: int, init: object, refiner: object) -> None:
+def _check_hires(pipe, hires: object, width: int, height: int, steps: int, init: object) -> None:
     """The hires fix is a txt2img second pass that fits the limits, runs at least one step, and has an
     upscaler that exists."""
     if not isinstance(hires, Hires):
         raise ValueError(f"hires must be a latentforge.hires.Hires, got {type(hires).__name__}")
     if init is not None:
         raise ValueError("the hires fix is for txt2img; for img2img give the larger size and the image directly")
-    if refiner is not None:
-        raise ValueError("the hires fix with a refiner is not supported yet; use one or the other")
     larger = hires.size(width, height, pipe.config.vae.downscale)
     for name, side in zip(("hires width", "hires height"), larger, strict=True):
         if side > MAX_SIDE:
