@@ -171,6 +171,9 @@ def test_guidance_runs_and_fast_decode(shipped, sd1_folder):
     without = latentforge.load(sd1_folder, dtype="float32")
     with pytest.raises(ValueError, match="--tiny-decoder"):
         explain(without, PROMPT, steps=2, fast_decode=True)
+    for steps, message in ((2.5, "steps must be a whole number, got 2.5"), (0, "steps must be between 1 and")):
+        with pytest.raises(ValueError, match=message):
+            explain(shipped, PROMPT, steps=steps)
 
 
 def test_a_clip_run_adds_images_against_captions(tmp_path_factory, tmp_path, capsys):

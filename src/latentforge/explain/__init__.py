@@ -99,6 +99,8 @@ def explain(
     defaults = pipe.config.defaults
     clip_model = read_clip(clip) if clip is not None else None  # a bad folder is said before the run
     steps = defaults.steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int):  # the figures' steps are chosen before the run checks it
+        raise ValueError(f"steps must be a whole number, got {steps!r}")
     if fast_decode and pipe.tiny_decoder is None:
         raise ValueError("fast decoding needs a tiny decoder: give one (taesd_decoder) with --tiny-decoder FILE")
     tokenizer = _tokenizer(pipe)
