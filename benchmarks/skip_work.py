@@ -1,6 +1,6 @@
 """What each way of skipping work (speed.py) saves, and what it costs in the picture.
 
-    python -m benchmarks.skip_work [--part shipped|sd15|both] [-n 100] [--no-doc]
+    python -m benchmarks.skip_work [--part shipped|sd15|sdxl|both] [-n 100] [--no-doc]
 
 shipped: on the shipped model, `latentforge eval -n 100 --seed 0` (the same prompts and image seeds, guidance 1
 and the model's default) with each option and without: prompt adherence ("all"), the time of the 100 images,
@@ -9,8 +9,10 @@ sd15: on the random-weight SD 1.5-sized checkpoint (benchmarks.load), bfloat16, 
 guidance 7, one process: the time of one whole txt2img with each option (after a warm-up image), and the
 relative difference of its final latents from those of the full computation; then a 4-step LCM image
 (guidance 1, a random rank-32 LoRA merged, as an LCM-LoRA would be) decoded by a random-weight tiny decoder.
+sdxl: the same measure on the random-weight SDXL base-sized checkpoint (benchmarks.sdxl), bfloat16, 1024 x 1024,
+8 steps, with the options that act on SDXL (token merging does not: SDXL has no attention at full resolution).
 Random weights say nothing about the quality of real images: the quality columns there only show how far each
-option moves the computation. Writes the 'skipping work' section of docs/benchmarks.md.
+option moves the computation. `both` is shipped and sd15. Writes the 'skipping work' section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -80,6 +82,39 @@ def shipped(n: int) -> dict[str, Any]:
     return {"model": pipe.name, "defaults": pipe.config.defaults.describe(), "n": n, "rows": rows}
 
 
+SDXL_OPTIONS = ("off", "NGMS 2 (odd steps)", "NGMS 2, all steps", "Skip Early CFG 0.2", "DeepCache 3", "--speed fast",
+                "--speed fastest")  # fmt: skip
+
+
+class Timed:
+    """Whole txt2img runs of one pipeline with fixed settings: seconds, and the final latents kept."""
+
+    def __init__(self, pipe: Any, **settings: Any) -> None:
+        self.pipe, self.settings, self.latents = pipe, settings, None
+
+    def __call__(self, **changes: Any) -> float:
+        start = time.perf_counter()
+        self.pipe.generate(**(self.settings | changes), callback=self.keep)
+        return time.perf_counter() - start
+
+    def keep(self, step: Any) -> None:
+        self.latents = step.latents
+
+    def options(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Each option's time and the relative change of its final latents from the first option's (off)."""
+        self(steps=1)  # warm-up
+        rows: dict[str, Any] = {}
+        full = None
+        for name, speed in options().items():
+            if names is not None and name not in names:
+                continue
+            seconds = self(speed=speed)
+            full = self.latents if full is None else full
+            rows[name] = {"seconds": seconds, "latents": float((self.latents - full).norm() / full.norm())}
+            print(name, json.dumps(rows[name]), flush=True)
+        return rows
+
+
 def sd15() -> dict[str, Any]:
     import torch
 
@@ -95,26 +130,8 @@ def sd15() -> dict[str, Any]:
         torch.manual_seed(0)
         write_tiny_decoder(TinyDecoder(), TINY_DECODER)
     pipe.load_tiny_decoder(TINY_DECODER)
-    settings = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=20, sampler="Euler", cfg_scale=7.0, seed=SEED)
-    last: dict[str, torch.Tensor] = {}
-
-    def keep_last(step) -> None:
-        last["latents"] = step.latents
-
-    def run(**changes) -> float:
-        start = time.perf_counter()
-        pipe.generate(**(settings | changes), callback=keep_last)
-        return time.perf_counter() - start
-
-    run(steps=1)  # warm-up
-    rows: dict[str, Any] = {}
-    full = None
-    for name, speed in options().items():
-        seconds = run(speed=speed)
-        full = last["latents"] if full is None else full
-        change = float((last["latents"] - full).norm() / full.norm())
-        rows[name] = {"seconds": seconds, "latents": change}
-        print(name, json.dumps(rows[name]), flush=True)
+    run = Timed(pipe, prompt=PROMPT, negative_prompt=NEGATIVE, steps=20, sampler="Euler", cfg_scale=7.0, seed=SEED)
+    rows = run.options()
     write_loras(pipe)
     lcm = dict(steps=4, sampler="LCM", cfg_scale=1.0, loras={LORAS["A"]: 1.0}, speed=Shortcuts(tiny_decoder=True))
     run(**lcm)  # merges the LoRA
@@ -125,10 +142,31 @@ def sd15() -> dict[str, Any]:
     return {"dtype": "bfloat16", "rows": rows}
 
 
-def render(info: dict[str, Any], command: str, result: dict[str, Any]) -> str:
+def sdxl() -> dict[str, Any]:
+    import latentforge
+    from benchmarks.sdxl import CHECKPOINT, build_model
+
+    build_model()
+    pipe = latentforge.load(CHECKPOINT, dtype="bfloat16", device="cpu")
+    run = Timed(pipe, prompt=PROMPT, negative_prompt=NEGATIVE, steps=8, sampler="Euler", cfg_scale=7.0, seed=SEED)
+    return {"dtype": "bfloat16", "rows": run.options(SDXL_OPTIONS)}
+
+
+def measured(part: dict[str, Any]) -> str:
+    """Where a part was measured: its command, commit and date (older results may lack some)."""
+    m = part.get("measured", {})
+    where = ", ".join(x for x in (f"`{m['command']}`" if "command" in m else "", f"commit {m['git']}" if "git" in m else "",
+                                  m.get("date", "")) if x)  # fmt: skip
+    return f"Measured with {where}. " if where else ""
+
+
+def render(info: dict[str, Any], result: dict[str, Any]) -> str:
     from latentforge.speed import PRESETS
 
-    parts = [f"## Skipping work: speed and what it costs\n\n`{command}`, {THREADS} threads.\n"]
+    parts = [
+        "## Skipping work: speed and what it costs\n\n`python -m benchmarks.skip_work`, one part at a time (a part "
+        f"not run keeps its last results; each says where it was measured), {THREADS} threads.\n"
+    ]
     if "shipped" in result:
         s = result["shipped"]
         cfgs = list(next(iter(s["rows"].values())))
@@ -139,7 +177,7 @@ def render(info: dict[str, Any], command: str, result: dict[str, Any]) -> str:
                                   (f"{row[c]['all']:.2f}", f"{row[c]['seconds']:.1f}", f"{row[c]['pixels']:.2f}")])  # fmt: skip
         parts.append(
             f"### The shipped model: `latentforge eval -n {s['n']} --seed 0` with each option\n\n"
-            f"{s['model']} ({s['defaults']}). Adherence: the judge's whole-prompt accuracy (1.00 = every prompt "
+            f"{measured(s)}{s['model']} ({s['defaults']}). Adherence: the judge's whole-prompt accuracy (1.00 = every prompt "
             "drawn right); seconds: the 100 images; pixels: the mean absolute difference (0-255) of each image from "
             "the one made without the option. At guidance 1 there is no unconditional pass to skip.\n\n"
             + markdown_table(headers, rows, "l" + "r" * (len(headers) - 1))
@@ -151,9 +189,20 @@ def render(info: dict[str, Any], command: str, result: dict[str, Any]) -> str:
                 for name, r in rows_.items()]  # fmt: skip
         parts.append(
             "### SD 1.5 shapes, random weights: one 512 x 512 txt2img, bfloat16\n\n"
-            "Euler, 20 steps, guidance 7, each option in turn in one process after a warm-up. Change: the relative "
+            f"{measured(result['sd15'])}Euler, 20 steps, guidance 7, each option in turn in one process after a warm-up. Change: the relative "
             "difference of the final latents from the full computation's (random weights: how far the option moves "
             "the computation, not the quality of a real image).\n\n"
+            + markdown_table(["option", "time", "vs off", "change"], rows, "lrrr")
+        )
+    if "sdxl" in result:
+        rows_ = result["sdxl"]["rows"]
+        off = rows_["off"]["seconds"]
+        rows = [[name, f"{r['seconds']:.1f} s", f"{r['seconds'] / off:.2f}x", f"{r['latents']:.3f}"] for name, r in rows_.items()]
+        parts.append(
+            "### SDXL shapes, random weights: one 1024 x 1024 txt2img, bfloat16\n\n"
+            f"{measured(result['sdxl'])}Euler, 8 steps, guidance 7, each option in turn in one process after a warm-up; the change as above. "
+            "Token merging is left out: it merges only full-resolution self-attention, which SDXL does not have "
+            "(`--speed fast` is then NGMS and Skip Early CFG).\n\n"
             + markdown_table(["option", "time", "vs off", "change"], rows, "lrrr")
         )
     presets = "; ".join(f"`{name}`: {PRESETS[name]}" for name in ("fast", "fastest"))
@@ -163,7 +212,7 @@ def render(info: dict[str, Any], command: str, result: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["shipped", "sd15", "both"], default="both")
+    parser.add_argument("--part", choices=["shipped", "sd15", "sdxl", "both"], default="both")
     parser.add_argument("-n", type=int, default=100, help="prompts of the shipped model's eval (default: 100)")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     return parser.parse_args(argv)
@@ -176,12 +225,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # a part not run this time keeps its last results (benchmarks/out/skip_work.json), so the section shows both
     result: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {}
     result.pop("info", None)
-    if args.part in ("shipped", "both"):
-        result["shipped"] = shipped(args.n)
-    if args.part in ("sd15", "both"):
-        result["sd15"] = sd15()
     command = "python -m benchmarks.skip_work " + " ".join(sys.argv[1:] if argv is None else argv)
-    publish(OUT, {"info": info, **result}, render(info, command.strip(), result), SECTION, not args.no_doc)
+    runs = {"shipped": lambda: shipped(args.n), "sd15": sd15, "sdxl": sdxl}
+    for part in ("shipped", "sd15") if args.part == "both" else (args.part,):
+        result[part] = runs[part]() | {"measured": {"command": command.strip(), "git": info["git"], "date": info["date"]}}
+    publish(OUT, {"info": info, **result}, render(info, result), SECTION, not args.no_doc)
 
 
 if __name__ == "__main__":

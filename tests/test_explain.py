@@ -199,6 +199,16 @@ def test_a_clip_run_adds_images_against_captions(tmp_path_factory, tmp_path, cap
     assert not (tmp_path / "no.html").exists()
 
 
+def test_a_long_prompt_shows_its_first_chunk_without_a_warning(shipped, tmp_path, recwarn):
+    prompt = "a red circle above a blue square, " * 12  # 12 x 8 = 96 tokens: two chunks of 75
+    run = explain(shipped, prompt, seed=1, steps=2)
+    assert run.prompt_tokens == 96 and len(run.ids) == 77 and run.ids[76] == run.special["end"]
+    assert not [w for w in recwarn if "longer than max_length" in str(w.message)]  # all the tokens were read
+    out = tmp_path / "explain.html"
+    write_page(shipped, prompt, out, seed=1, steps=2)
+    assert "This prompt has 96 tokens" in out.read_text(encoding="utf-8")
+
+
 def test_an_image_of_ones_own(shipped, tmp_path):
     source = Image.new("RGB", (64, 64), "white")
     source.paste((0, 0, 255), (8, 8, 30, 30))

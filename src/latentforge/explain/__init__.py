@@ -13,6 +13,7 @@ import functools
 import html
 import io
 import math
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,7 +58,8 @@ class Run:
     sampler: str
     cfg_scale: float
     decoder: str  # what painted the figures' images: "the VAE decoder" or "the tiny decoder (TAESD)"
-    ids: list[int]  # the 77 token ids
+    ids: list[int]  # the 77 token ids (of the first chunk: a longer prompt is read in chunks)
+    prompt_tokens: int  # the prompt's tokens, all chunks, without start and end
     tokens: list[str]  # their strings
     special: dict[str, int]  # "start", "end", "pad" -> id
     context: torch.Tensor  # (77, width) the prompt's text vectors
@@ -104,7 +106,7 @@ def explain(
     if fast_decode and pipe.tiny_decoder is None:
         raise ValueError("fast decoding needs a tiny decoder: give one (taesd_decoder) with --tiny-decoder FILE")
     tokenizer = _tokenizer(pipe)
-    ids = tokenizer(prompt)[0].tolist()
+    ids = _first_chunk(tokenizer, prompt)
     shown = _spread(steps, SHOWN_STEPS)
     # the UNet's outputs are kept at an early and a middle shown step (their input: the step before's latents)
     guidance_steps = sorted({shown[1], shown[len(shown) // 2]}) if len(shown) > 1 else []
@@ -134,7 +136,8 @@ def explain(
     return Run(
         prompt=prompt, model=pipe.name or "latentforge-shapes", seed=seed, sampler=defaults.sampler,
         cfg_scale=defaults.cfg_scale, decoder="the tiny decoder (TAESD)" if fast_decode else "the VAE decoder",
-        ids=ids, tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        ids=ids, prompt_tokens=len(tokenizer.encode(prompt)),
+        tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
         special={"start": tokenizer.bos_id, "end": tokenizer.eos_id, "pad": tokenizer.pad_id},
         context=cond.context[0, : len(ids)].float().cpu(),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models().items()},
@@ -172,6 +175,14 @@ def _tokenizer(pipe: Pipeline):
     if tokenizer is None:
         raise ValueError(f"latentforge explain does not know this model family's tokenizer ({pipe.name})")
     return tokenizer
+
+
+def _first_chunk(tokenizer, text: str) -> list[int]:
+    """The text's first 77 ids: start, up to 75 tokens, end, padding. A longer prompt is generated from all its
+    tokens in chunks of 75 (A1111's long prompts), so the tokenizer's warning about cut tokens is not given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tokenizer(text)[0].tolist()
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -321,7 +332,7 @@ def _text_similarity(pipe: Pipeline, tokenizer, texts: list[str]) -> torch.Tenso
     texts encoded in one batch."""
     native = pipe.config.native_size
     context = pipe.conditioner.encode(texts, None, clip_skip=1, size=(native, native))[0].context.float().cpu()
-    ends = [tokenizer(text)[0].tolist().index(tokenizer.eos_id) for text in texts]
+    ends = [_first_chunk(tokenizer, text).index(tokenizer.eos_id) for text in texts]
     v = F.normalize(context[torch.arange(len(texts)), ends], dim=-1)
     return v @ v.T
 
@@ -411,9 +422,13 @@ def _parts(plt, run: Run) -> str:
                     [f"latent channel {i}" for i in range(len(latents))] + [f"image 3 x {run.image.height} x {run.image.width}"],
                     cmap="gray")  # fmt: skip
     counts = ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in run.parameters.items())
+    longer = run.prompt_tokens > len(run.ids) - 2
     text = (
         f"The prompt becomes {len(run.ids)} token ids ({listed}, ...: the start and end tokens frame it, padding "
-        f"fills the rest). The text encoder turns them into {len(run.ids)} vectors of {run.context.shape[1]} numbers "
+        f"fills the rest)."
+        + (f" This prompt has {run.prompt_tokens} tokens: the model reads them in chunks of {len(run.ids) - 2} "
+           "(each framed the same way, their vectors joined); the first chunk is shown." if longer else "")
+        + f" The text encoder turns them into {len(run.ids)} vectors of {run.context.shape[1]} numbers "
         f"(the heat map). The UNet works on latents of shape {tuple(latents.shape)}, one picture per channel, and the "
         f"VAE decoder paints the image from them. Parameters: {counts}."
     )
