@@ -235,6 +235,16 @@ def test_the_attention_maps_are_distributions_and_find_the_object(shipped, side)
     assert len(columns) and (columns.mean() < red.shape[1] / 2) == (side == "left")
 
 
+def test_text_encoders_freed_after_encoding_are_read_again():
+    """With text_encoders_on_demand the towers are freed after each encoding: the page's text figures read them
+    again, as a generation does, and give the same numbers."""
+    kept = explain(latentforge.load(), PROMPT, seed=1, steps=2)
+    pipe = latentforge.load()
+    pipe.text_encoders_on_demand = True
+    freed = explain(pipe, PROMPT, seed=1, steps=2)
+    assert torch.equal(freed.similarity, kept.similarity) and torch.equal(freed.context, kept.context)
+
+
 def test_the_probe_is_off_by_default_and_changes_nothing(shipped):
     from latentforge.unet import Attention
 

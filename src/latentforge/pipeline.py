@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,10 +105,12 @@ class Pipeline:
     _own_vae: VAEState | None = field(default=None, repr=False)
 
     def encode_prompt(
-        self, prompt: str, negative: str | None = None, clip_skip: int = 1, size: tuple[int, int] | None = None
+        self, prompt: str | Sequence[str], negative: str | Sequence[str] | None = None, clip_skip: int = 1,
+        size: tuple[int, int] | None = None,
     ) -> tuple[Cond, Cond | None]:
         """The prompt's conditioning, and the negative prompt's (None when `negative` is None), in the
-        model's dtype; `size` (height, width) defaults to the native size (families that condition on it)."""
+        model's dtype; `size` (height, width) defaults to the native size (families that condition on it).
+        Several prompts (a sequence) are encoded in one text-encoder batch: a Cond with a row each."""
         return self._encode_texts(prompt, negative, clip_skip, size)
 
     def encode_plan(

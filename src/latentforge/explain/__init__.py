@@ -330,8 +330,7 @@ def _forward_diffusion(pipe: Pipeline, source: Image.Image, cond, seed: int) -> 
 def _text_similarity(pipe: Pipeline, tokenizer, texts: list[str]) -> torch.Tensor:
     """(n, n) cosine similarities of the texts' vectors at their end token (what CLIP's text side pools), the
     texts encoded in one batch."""
-    native = pipe.config.native_size
-    context = pipe.conditioner.encode(texts, None, clip_skip=1, size=(native, native))[0].context.float().cpu()
+    context = pipe.encode_prompt(texts)[0].context.float().cpu()
     ends = [_first_chunk(tokenizer, text).index(tokenizer.eos_id) for text in texts]
     v = F.normalize(context[torch.arange(len(texts)), ends], dim=-1)
     return v @ v.T
