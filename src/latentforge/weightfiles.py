@@ -83,7 +83,7 @@ def check_weights_of(
     for key, value in tensors.items():
         weight = f"{what} weight {key!r}"
         if tuple(value.shape) != expected[key]:
-            raise CheckpointError(name, f"{weight} has shape {tuple(value.shape)}, expected {expected[key]}")
+            raise CheckpointError(name, f"{weight} has shape {tuple(value.shape)}, expected {expected[key]}", fix)
         if not value.is_floating_point():
             raise CheckpointError(name, f"{weight} is {str(value.dtype).removeprefix('torch.')}, not a float")
         if not bool(torch.isfinite(value).all()):

@@ -25,10 +25,12 @@ from ..training.configs import CONFIG_FILE, CONFIGS, CLIPTrainConfig, config_fro
 from ..training.data import Item, open_heldout, stream
 from ..training.loop import checkpoint_weights, latest_checkpoint
 from ..training.world import ShapesWorld
+from ..weightfiles import check_weights_of
 
 SEED_STRIDE = 1_000_000  # shapes world: seed s reads the held-out items from s * SEED_STRIDE on
 SCAN_FACTOR = 50  # shapes world: at most count * SCAN_FACTOR items are read looking for distinct captions
 NOT_A_RUN = "not a CLIP training run folder with a checkpoint; give the folder `latentforge train clip` wrote"
+CHANGED = "its config or checkpoint was changed: give the folder as `latentforge train clip` wrote it"
 
 
 @dataclass
@@ -52,11 +54,11 @@ def read_clip(source: str | Path) -> tuple[CLIPModel, CLIPTrainConfig]:
     if not run_dir.is_dir() or _checkpoint(run_dir) is None:
         raise ValueError(f"{run_dir}: {NOT_A_RUN}")
     config = _clip_config(run_dir)
-    tokenizer = Tokenizer(max_length=config.text.max_length)
-    with torch.random.fork_rng(devices=[]):  # the model's random initialisation leaves the caller's RNG alone
-        model = CLIPModel(config, tokenizer.eos_id).float()
+    eos_id = Tokenizer(max_length=config.text.max_length).eos_id
     weights = checkpoint_weights(run_dir)
-    _check_fit(run_dir, model, weights)
+    check_weights_of(lambda: CLIPModel(config, eos_id), weights, run_dir, "CLIP", CHANGED)
+    with torch.random.fork_rng(devices=[]):  # the model's random initialisation leaves the caller's RNG alone
+        model = CLIPModel(config, eos_id).float()
     model.load_state_dict(weights, strict=True)
     return model.eval().requires_grad_(False), config
 
@@ -100,21 +102,6 @@ def _trainer_of(path: Path) -> str | None:
             continue
         return kind
     return None
-
-
-def _check_fit(run_dir: Path, model: CLIPModel, weights: dict[str, torch.Tensor]) -> None:
-    """Raise a one-line ValueError unless `weights` has exactly the model's tensor names and shapes."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    reshaped = sorted(n for n in set(expected) & set(weights) if tuple(weights[n].shape) != expected[n])
-    if missing or unexpected or reshaped:
-        first = (missing + unexpected + reshaped)[0]
-        raise ValueError(
-            f"{run_dir}: the checkpoint's weights do not fit the CLIP model of its {CONFIG_FILE} ({len(missing)} "
-            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {first}); "
-            f"the config or checkpoint was changed, give the folder as `latentforge train clip` wrote it"
-        )
 
 
 # --------------------------------------------------------------------------- the batch
