@@ -224,10 +224,16 @@ SPEED_OPTIONS = {
     "deepcache_depth": "deepcache_depth", "sd_vae_decode_method": "tiny_decoder",
 }  # fmt: skip
 DECODE_METHODS = {"Full": False, "TAESD": True}  # sd_vae_decode_method values
-SPEED_DEFAULTS = {"speed_preset": "default"} | {
-    option: ("Full" if option == "sd_vae_decode_method" else getattr(Shortcuts(), field))
-    for option, field in SPEED_OPTIONS.items()
-}
+
+
+def option_values(shortcuts: Shortcuts) -> dict[str, Any]:
+    """The speed options (SPEED_OPTIONS) that hold these shortcuts, as the options name their values."""
+    values = {option: getattr(shortcuts, field) for option, field in SPEED_OPTIONS.items()}
+    values["sd_vae_decode_method"] = "TAESD" if values["sd_vae_decode_method"] is True else "Full"
+    return values
+
+
+SPEED_DEFAULTS = {"speed_preset": "default"} | option_values(Shortcuts())
 
 
 def speed_options(values: dict[str, Any], loc: str = "") -> Shortcuts:
@@ -265,10 +271,7 @@ def set_speed(current: dict[str, Any], changes: dict[str, Any], loc: str = "", o
             shortcuts = preset(name)
         except (ValueError, TypeError) as e:
             raise FieldError(f"{loc}speed_preset", str(e)) from None
-        values["speed_preset"] = name
-        for option, field in SPEED_OPTIONS.items():
-            value = getattr(shortcuts, field)
-            values[option] = ("TAESD" if value is True else "Full") if option == "sd_vae_decode_method" else value
+        values |= {"speed_preset": name} | option_values(shortcuts)
     values |= {key: changes[key] for key in SPEED_OPTIONS if key in changes}
     speed_options(values, loc)
     return values
