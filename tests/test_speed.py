@@ -122,6 +122,19 @@ def test_step_cache_refreshes_every_nth_call_and_slices_a_smaller_batch():
     assert reuses(StepCache(interval=3, depth=1), (1, 2, 2, 1)) == [None, None, [0, 1], None]
 
 
+def test_a_whole_deepcache_call_keeps_the_unconditional_pass(pipe):
+    """With NGMS skipping odd steps and a whole call every 3rd, calls 3 and 9 (odd steps) keep their
+    unconditional pass, so the guided calls after them reuse the features instead of running whole too."""
+    deep = []
+    hook = pipe.unet.middle_block.register_forward_hook(lambda *args: deep.append(len(args[1][0])))
+    try:
+        seen, _ = batches_per_step(pipe, Shortcuts(s_min_uncond=1e9, deepcache_interval=3))
+    finally:
+        hook.remove()
+    assert seen == [2, 1, 2, 2, 2, 1, 2, 1, 2, 2]
+    assert deep == [2, 2, 2, 2]  # calls 0, 3, 6 and 9 whole, each with both passes
+
+
 def test_deepcache_in_a_run_runs_the_deep_blocks_every_nth_call(pipe):
     calls = []
     hook = pipe.unet.middle_block.register_forward_hook(lambda *args: calls.append(1))

@@ -131,7 +131,10 @@ def make_denoiser(
         return to_x0(out, x, sigma, prediction_type)
 
     def skips(step: int | None, sigma: float) -> bool:
-        return step is not None and shortcuts.skips_uncond(step, len(sigmas) - 1, sigma)
+        # a whole DeepCache call keeps the unconditional pass: with it skipped, its features would lack the
+        # rows the next guided call reuses, and that call would have to run whole as well
+        whole = cache is not None and cache.due()
+        return step is not None and not whole and shortcuts.skips_uncond(step, len(sigmas) - 1, sigma)
 
     return denoise
 

@@ -107,15 +107,20 @@ def preset(name: str) -> Shortcuts:
 class StepCache:
     """Which UNet calls of a run are whole (every `interval`-th, from the first) and the features the others
     reuse. A call with a smaller batch than the stored features (its unconditional pass skipped, which comes
-    first in the batch) reuses their last rows; a call with a larger one is made whole."""
+    first in the batch) reuses their last rows; a call with a larger one is made whole. The denoiser keeps
+    the unconditional pass in a whole call (`due`), so that its features serve both kinds of call."""
 
     def __init__(self, interval: int, depth: int) -> None:
         self.interval = interval
         self.calls = 0
         self.whole = DeepFeatures(depth)  # the last whole call's: it stores its features here
 
+    def due(self) -> bool:
+        """Whether the next call is a whole one."""
+        return self.calls % self.interval == 0
+
     def next_call(self, batch: int) -> DeepFeatures:
-        due, self.calls = self.calls % self.interval == 0, self.calls + 1
+        due, self.calls = self.due(), self.calls + 1
         stored = self.whole.features
         if not due and stored is not None and len(stored) >= batch:
             return DeepFeatures(self.whole.depth, stored[len(stored) - batch :], reuse=True)
