@@ -100,7 +100,7 @@ def bad_inputs(tmp_path):
         "missing image": (["--init-image", str(tmp_path / "nope.png")], "nope.png"),
         "out is a file": (["--out", str(tmp_path / "a_file")], "a_file"),
         "seed high": (["--seed", str(2**32)], "seed must be between 0 and 4294967295"),
-        "seed negative": (["--seed", "-1"], "seed must be between 0 and 4294967295"),
+        "seed negative": (["--seed", "-2"], "seed must be between 0 and 4294967295"),
     }
 
 
@@ -126,6 +126,18 @@ def test_bad_input_is_one_line_and_writes_nothing(model, tmp_path, capsys, case)
     assert stdout == ""
     assert not out.exists() or not any(out.iterdir())  # no PNG written
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == [b for b in before if b != "out"]
+
+
+def test_seed_minus_one_is_random_as_in_a1111(model, tmp_path, capsys):
+    seeds = []
+    for _ in range(2):
+        code, stdout, _ = run(capsys, "generate", "x", "--model", model, "--steps", "1", "--seed", "-1", "--out", str(tmp_path))
+        assert code == 0
+        seeds.append(int(parse_infotext(read_infotext(stdout.split()[0]))["Seed"]))
+    assert all(0 <= seed <= 2**32 - 1 for seed in seeds) and seeds[0] != seeds[1]  # equal once in 2^32 runs
+    with pytest.raises(SystemExit):  # argparse's usage line and its error, as for any malformed number
+        main(["generate", "x", "--seed", "x"])
+    assert "argument --seed: invalid seed value: 'x'" in capsys.readouterr().err
 
 
 def test_unknown_sampler_error_lists_the_known_ones(model, tmp_path, capsys):

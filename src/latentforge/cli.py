@@ -91,6 +91,15 @@ def lora_argument(text: str) -> tuple[str, float]:
         raise ValueError(f"--lora {text}: {weight!r} is not a weight; write FILE or FILE:0.8") from None
 
 
+def seed_argument(text: str) -> int | None:
+    """--seed N; -1 is A1111's "random", the same as leaving it out."""
+    seed = int(text)
+    return None if seed == -1 else seed
+
+
+seed_argument.__name__ = "seed"  # argparse names the type in its message: "invalid seed value: 'x'"
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """txt2img / img2img / inpainting; writes PNGs with their infotext and prints their paths."""
     from tqdm import tqdm
@@ -502,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's; 20 for SD checkpoints)")
     p.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance scale, 0..100; 1 = none (default: the model's; 7 for SD checkpoints)")  # fmt: skip
-    p.add_argument("--seed", type=int, help="0..4294967295; image i of a batch uses seed + i (default: random)")
+    p.add_argument("--seed", type=seed_argument,
+                   help="0..4294967295, or -1 for random; image i of a batch uses seed + i (default: random)")  # fmt: skip
     size = ("pixels, a multiple of 8, at most 4096; width x height at most 2048 x 2048 on the CPU, 4096 x 4096 on a "
             "GPU (default: the init image's size, else the model's native size)")
     p.add_argument("--width", type=int, help=size)

@@ -9,7 +9,8 @@ Each is what another tool calls it, and its infotext field is that tool's where 
   fraction of the steps runs without the unconditional pass.
 - `deepcache_interval` (DeepCache, Ma et al. 2024): the whole UNet runs every N-th call; the calls between
   run only the `deepcache_depth` blocks at the top of each side and reuse the deep features the last whole
-  call left at that point.
+  call left at that point. A whole call keeps its unconditional pass where one of the two options above
+  would skip it, so that its features serve the guided calls after it too.
 - `token_merging` (A1111's ``Token merging ratio``; ToMe for SD, Bolya & Hoffman 2023): that share of the
   tokens of the self-attention at the largest level merged into similar ones (tome.py).
 - `tiny_decoder` (A1111's ``VAE Decoder: TAESD``): the final image decoded by the tiny autoencoder decoder
@@ -88,7 +89,7 @@ class Shortcuts:
 
 # The presets (`--speed NAME`), chosen on the shipped model with `latentforge eval -n 100 --seed 0` (docs/benchmarks.md
 # "Skipping work"): `fast` holds the options whose prompt adherence each stayed within 0.02 of the full run;
-# `fastest` adds DeepCache, which alone cost 0.03-0.04 there (the combination: 0.96 against 0.98 at the model's
+# `fastest` adds DeepCache, which alone cost 0.03-0.04 there (the combination: 0.95 against 0.98 at the model's
 # guidance, 0.90 against 0.94 at guidance 1). Neither
 # decodes with the tiny decoder: the shipped one halves the judged adherence (its shapes' edges are off).
 PRESETS: dict[str, Shortcuts] = {
