@@ -3,6 +3,7 @@
 same settings; bad settings are one line."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from latentforge.infotext import parse_infotext
 from latentforge.request import check_request
 from latentforge.samplers import get_sampler, img2img_sigmas
 from latentforge.schedules import NoiseSchedule
+from latentforge.server.jobs import Job, Worker
 
 PROMPT = "a small red circle on the left, white background"
 
@@ -145,3 +147,38 @@ def test_a_second_pass_beyond_twice_the_native_size_is_decoded_in_tiles(pipe, mo
     assert calls == []
     image = pipe.generate(PROMPT, seed=1, steps=2, hires=Hires(scale=2.5, denoising_strength=0.5))[0]
     assert calls == [(20, 20)] and image.size == (160, 160)
+
+
+class Recording(Worker):
+    """A worker that reads its own /progress answer at every step."""
+
+    def _on_step(self, job, pipe, step):
+        super()._on_step(job, pipe, step)
+        self.seen.append(self.progress(with_image=False))
+
+
+def test_the_hires_pass_continues_the_progress_as_a1111_counts_it(pipe):
+    """Each image is two jobs (A1111's job_count with the hires fix): the bar rises once over both passes of
+    both images instead of starting again at the hires pass."""
+    steps = []
+    hires = Hires(scale=1.5, upscaler="Lanczos", steps=4, denoising_strength=0.5)
+    pipe.generate(PROMPT, seed=1, steps=2, hires=hires, callback=steps.append)
+    assert [(s.pass_no, s.passes, s.step, s.steps) for s in steps] == [(0, 2, 0, 2), (0, 2, 1, 2)] + [
+        (1, 2, i, 2) for i in range(2)  # 4 hires steps at denoising 0.5: 2 of them run (A1111's rule)
+    ]
+    plain = []
+    pipe.generate(PROMPT, seed=1, steps=2, callback=plain.append)
+    assert {(s.pass_no, s.passes) for s in plain} == {(0, 1)}
+
+    models = types.SimpleNamespace(get=lambda name: pipe, entries={"shipped": None})
+    worker = Recording(models)
+    worker.seen = []
+    job = Job("shipped", [dict(prompt=PROMPT, seed=seed, steps=2, hires=hires) for seed in (1, 2)])
+    worker.current = job
+    worker._generate(job)
+    progress = [p["progress"] for p in worker.seen]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert [(p["state"]["job_no"], p["state"]["job_count"]) for p in worker.seen] == [
+        (0, 4), (0, 4), (1, 4), (1, 4), (2, 4), (2, 4), (3, 4), (3, 4)
+    ]
+    assert worker.seen[2]["textinfo"] == "image 1/2, hires pass, step 1/2"

@@ -146,11 +146,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     def on_step(step) -> None:
         bar = bars.get(step.image_index)
         if bar is None:
-            bar = bars[step.image_index] = tqdm(total=step.steps, desc=f"image {step.image_index + 1}", unit="step")
+            desc = f"image {step.image_index + 1}" + (", hires pass" if step.pass_no else "")
+            bar = bars[step.image_index] = tqdm(total=step.steps, desc=desc, unit="step")
         bar.update(1)
         every = args.preview_every
         if every and ((step.step + 1) % every == 0 or step.step + 1 == step.steps):
-            previews.setdefault(step.image_index, []).append((step.step + 1, pipe.preview(step.denoised)[0]))
+            label = f"{'hires step' if step.pass_no else 'step'} {step.step + 1}"
+            previews.setdefault(step.image_index, []).append((label, pipe.preview(step.denoised)[0]))
         if step.step + 1 == step.steps:
             bar.close()
             del bars[step.image_index]  # a hires pass reports its steps under the same image again
@@ -169,8 +171,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         path = pngfiles.save_png(image, out)
         print(path)
         if i in previews:
-            steps, frames = zip(*previews[i])
-            strip = images.image_strip(list(frames), [f"step {n}" for n in steps])
+            labels, frames = zip(*previews[i])
+            strip = images.image_strip(list(frames), list(labels))
             print(pngfiles.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
 
 

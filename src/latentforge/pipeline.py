@@ -72,6 +72,15 @@ class Step:
     sigma: float
     latents: torch.Tensor  # (1, 4, h, w) the current noisy latents
     denoised: torch.Tensor  # (1, 4, h, w) the predicted clean latents: decode them to watch the image emerge
+    pass_no: int = 0  # which pass over the image: 1 is the hires fix's second pass
+    passes: int = 1  # passes each image gets: 2 with the hires fix
+
+
+def in_pass(callback: Callable[[Step], None] | None, pass_no: int, passes: int) -> Callable[[Step], None] | None:
+    """`callback` told which pass over the image its steps belong to."""
+    if callback is None or passes == 1:
+        return callback
+    return lambda step: callback(dataclasses.replace(step, pass_no=pass_no, passes=passes))
 
 
 @dataclass
@@ -290,12 +299,14 @@ class Pipeline:
             split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
             refine = (split, request.refiner.encode_plan(plan, guided, request.clip_skip, size))
         second = None if request.hires is None else self._second_pass(request, schedule, prompt, negative)
+        passes = 1 if second is None else 2
+        first_pass, hires_pass = in_pass(callback, 0, passes), in_pass(callback, 1, passes)
         images = []
         for i in range(request.batch_size):
-            latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, callback, refine)
+            latents = self._sample(request, spec, schedule, sigmas, conds, request.seed + i, i, first_pass, refine)
             self._check_finite(latents, f"the latents of image {i + 1}")
             if second is not None:
-                latents = self._refine_larger(second, latents, schedule, request.seed + i, i, callback)
+                latents = self._refine_larger(second, latents, schedule, request.seed + i, i, hires_pass)
                 self._check_finite(latents, f"the hires pass's latents of image {i + 1}")
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
             # a hires pass beyond twice the native size is decoded in tiles (its whole decode's memory grows

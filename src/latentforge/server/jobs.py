@@ -118,7 +118,9 @@ class Job:
     skipped: int | None = None  # the image /skip asked to drop
     started: float = 0.0
     image: int = 0  # the image being made
-    step: int = 0  # sampler steps done of it
+    pass_no: int = 0  # its pass: 1 is the hires fix's second pass (A1111 counts each pass as a job)
+    passes: int = 1
+    step: int = 0  # sampler steps done of the pass
     steps: int = 0
     preview: str | None = None  # base64 PNG of the latest step's predicted image
     preview_at: float = 0.0
@@ -213,7 +215,7 @@ class Worker:
         on_step = functools.partial(self._on_step, job, pipe)
         try:
             for i, call in enumerate(job.calls):
-                job.image, job.step = i, 0
+                job.image, job.pass_no, job.step = i, 0, 0
                 try:
                     done += pipe.generate(**call, **refiner, callback=on_step)
                 except Skipped:
@@ -227,7 +229,7 @@ class Worker:
             raise Interrupted
         if job.skipped == job.image:
             raise Skipped
-        job.step, job.steps = step.step + 1, step.steps
+        job.step, job.steps, job.pass_no, job.passes = step.step + 1, step.steps, step.pass_no, step.passes
         now = time.monotonic()
         wait = max(PREVIEW_EVERY_S, job.preview_cost / PREVIEW_COST)
         if now - self.preview_wanted < PREVIEW_WANTED_S and now - job.preview_at >= wait:
@@ -248,20 +250,21 @@ class Worker:
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
         count = len(job.calls)
-        fraction = (job.image + (job.step / job.steps if job.steps else 0.0)) / count
+        # with the hires fix each image is two jobs, as A1111 counts them: the bar runs once over both passes
+        jobs, job_no = count * job.passes, job.image * job.passes + job.pass_no
+        fraction = (job_no + (job.step / job.steps if job.steps else 0.0)) / jobs
         elapsed = time.monotonic() - job.started
+        where = f"image {job.image + 1}/{count}" + (", hires pass" if job.pass_no else "")
         state |= {
-            "skipped": job.skipped == job.image, "interrupted": job.interrupted,
-            "job": f"image {job.image + 1}/{count}", "job_count": count,
-            "job_timestamp": job.timestamp, "job_no": job.image, "sampling_step": job.step,
-            "sampling_steps": job.steps,
+            "skipped": job.skipped == job.image, "interrupted": job.interrupted, "job": where, "job_count": jobs,
+            "job_timestamp": job.timestamp, "job_no": job_no, "sampling_step": job.step, "sampling_steps": job.steps,
         }  # fmt: skip
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
             "state": state,
             "current_image": job.preview if with_image else None,
-            "textinfo": f"image {job.image + 1}/{count}, step {job.step}/{job.steps}",
+            "textinfo": f"{where}, step {job.step}/{job.steps}",
         }
 
 
