@@ -271,9 +271,14 @@ def test_the_server_answers_the_page_for_its_current_model(sd1_folder):
     with ServerThread(create_app(Settings(models=[str(sd1_folder)]))) as url:
         answer = requests.get(f"{url}/explain", params={"prompt": PROMPT, "seed": 1, "steps": 2}, timeout=300)
         missing = requests.get(f"{url}/explain", timeout=30)
+        runs = requests.get(f"{url}/explain", params={"prompt": PROMPT, "steps": 2, "guidance_runs": "true"}, timeout=300)
+        no_tiny = requests.get(f"{url}/explain", params={"prompt": PROMPT, "fast_decode": "true"}, timeout=300)
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     assert "img-src data:" in answer.headers["content-security-policy"]
     parser = Sections()
     parser.feed(answer.text)
     assert list(parser.sections) == SECTIONS and all(parser.sections.values())
     assert missing.status_code == 422  # the prompt is required
+    assert "generated to the end" not in answer.text
+    assert runs.status_code == 200 and "the same seed generated to the end at each of those scales" in runs.text
+    assert no_tiny.status_code == 422 and "tiny decoder" in no_tiny.json()["detail"][0]["msg"]

@@ -104,7 +104,10 @@ def explain(
     if isinstance(steps, bool) or not isinstance(steps, int):  # the figures' steps are chosen before the run checks it
         raise ValueError(f"steps must be a whole number, got {steps!r}")
     if fast_decode and pipe.tiny_decoder is None:
-        raise ValueError("fast decoding needs a tiny decoder: give one (taesd_decoder) with --tiny-decoder FILE")
+        raise ValueError(
+            "fast decoding needs a tiny decoder: give one (taesd_decoder) with --tiny-decoder FILE, or to the server "
+            "with serve --tiny-decoder-dir DIR"
+        )
     tokenizer = _tokenizer(pipe)
     ids = _first_chunk(tokenizer, prompt)
     shown = _spread(steps, SHOWN_STEPS)

@@ -378,13 +378,17 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
         return {"txt2img": [], "img2img": []}
 
     @app.get("/explain", include_in_schema=False)
-    async def explain_page(prompt: str, seed: int = 0, steps: int | None = None) -> Response:
-        """`latentforge explain`'s page for the current model, made by the worker between generations."""
+    async def explain_page(
+        prompt: str, seed: int = 0, steps: int | None = None, fast_decode: bool = False, guidance_runs: bool = False
+    ) -> Response:  # fmt: skip
+        """`latentforge explain`'s page for the current model, made by the worker between generations; the
+        options are the command's `--fast-decode` (with the model's tiny decoder) and `--guidance-runs`."""
 
         def page(pipe: Pipeline) -> str:
             from ..explain import explain, render
 
-            return render(explain(pipe, prompt, seed=seed, steps=steps))
+            run = explain(pipe, prompt, seed=seed, steps=steps, fast_decode=fast_decode, guidance_runs=guidance_runs)
+            return render(run)
 
         html = await asyncio.wrap_future(worker.submit(Job(models.current, [], run=page)))
         return Response(html, media_type="text/html", headers=EXPLAIN_HEADERS)
