@@ -209,6 +209,19 @@ def test_a_long_prompt_shows_its_first_chunk_without_a_warning(shipped, tmp_path
     assert "This prompt has 96 tokens" in out.read_text(encoding="utf-8")
 
 
+def test_emphasis_is_read_as_the_run_reads_it(shipped, tmp_path):
+    """The page's tokens are the run's: (red:1.4) is the token red at weight 1.4, not brackets and digits, so
+    each attention map sits under its word."""
+    plain = explain(shipped, "a red circle above a blue square", seed=1, steps=2)
+    run = explain(shipped, "a (red:1.4) circle above a blue square", seed=1, steps=2)
+    assert run.ids == plain.ids and run.tokens == plain.tokens
+    red = run.tokens.index(next(t for t in run.tokens if t.strip().startswith("red")))
+    assert run.weights[red] == pytest.approx(1.4) and sum(w != 1 for w in run.weights) == 1
+    out = tmp_path / "explain.html"
+    write_page(shipped, "a (red:1.4) circle above a blue square", out, seed=1, steps=2)
+    assert "(x1.4)" in out.read_text(encoding="utf-8")
+
+
 def test_an_image_of_ones_own(shipped, tmp_path):
     source = Image.new("RGB", (64, 64), "white")
     source.paste((0, 0, 255), (8, 8, 30, 30))

@@ -13,7 +13,6 @@ import functools
 import html
 import io
 import math
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from ..guidance import to_x0
 from ..images import image_to_tensor
 from ..pipeline import Pipeline, Step
+from ..prompts import chunk_prompt
 from ..schedules import NoiseSchedule
 from ..unet import Attention
 from .clip import ClipBatch, image_caption_similarity, read_clip
@@ -59,6 +59,7 @@ class Run:
     cfg_scale: float
     decoder: str  # what painted the figures' images: "the VAE decoder" or "the tiny decoder (TAESD)"
     ids: list[int]  # the 77 token ids (of the first chunk: a longer prompt is read in chunks)
+    weights: list[float]  # their emphasis weights ("(red:1.3)" gives red 1.3)
     prompt_tokens: int  # the prompt's tokens, all chunks, without start and end
     tokens: list[str]  # their strings
     special: dict[str, int]  # "start", "end", "pad" -> id
@@ -109,7 +110,8 @@ def explain(
             "with serve --tiny-decoder-dir DIR"
         )
     tokenizer = _tokenizer(pipe)
-    ids = _first_chunk(tokenizer, prompt)
+    chunks = chunk_prompt(tokenizer, prompt)  # what the run reads: emphasis and BREAK parsed, as generate does
+    ids = chunks.ids[0].tolist()
     shown = _spread(steps, SHOWN_STEPS)
     # the UNet's outputs are kept at an early and a middle shown step (their input: the step before's latents)
     guidance_steps = sorted({shown[1], shown[len(shown) // 2]}) if len(shown) > 1 else []
@@ -139,7 +141,7 @@ def explain(
     return Run(
         prompt=prompt, model=pipe.name or "latentforge-shapes", seed=seed, sampler=defaults.sampler,
         cfg_scale=defaults.cfg_scale, decoder="the tiny decoder (TAESD)" if fast_decode else "the VAE decoder",
-        ids=ids, prompt_tokens=len(tokenizer.encode(prompt)),
+        ids=ids, weights=chunks.weights[0].tolist(), prompt_tokens=_token_count(chunks, tokenizer.eos_id),
         tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
         special={"start": tokenizer.bos_id, "end": tokenizer.eos_id, "pad": tokenizer.pad_id},
         context=cond.context[0, : len(ids)].float().cpu(),
@@ -181,11 +183,13 @@ def _tokenizer(pipe: Pipeline):
 
 
 def _first_chunk(tokenizer, text: str) -> list[int]:
-    """The text's first 77 ids: start, up to 75 tokens, end, padding. A longer prompt is generated from all its
-    tokens in chunks of 75 (A1111's long prompts), so the tokenizer's warning about cut tokens is not given."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return tokenizer(text)[0].tolist()
+    """The ids of the text's first window of 77 (start, up to 75 tokens, end, padding), as the run reads them."""
+    return chunk_prompt(tokenizer, text).ids[0].tolist()
+
+
+def _token_count(chunks, end: int) -> int:
+    """The prompt's tokens in all its windows (a longer prompt is generated from all of them, 75 at a time)."""
+    return sum(row.index(end) - 1 for row in chunks.ids.tolist())
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -412,7 +416,8 @@ def _prompt_tokens(run: Run) -> list[int]:
 def _parts(plt, run: Run) -> str:
     end = run.ids.index(run.special["end"])
     listed = ", ".join(
-        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}" for i in range(min(end + 3, len(run.ids)))
+        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}" + (f" (x{run.weights[i]:g})" if run.weights[i] != 1 else "")
+        for i in range(min(end + 3, len(run.ids)))
     )
     fig, ax = plt.subplots(figsize=(9, 3))
     ax.imshow(run.context.numpy().T, aspect="auto", cmap="coolwarm")
@@ -428,6 +433,8 @@ def _parts(plt, run: Run) -> str:
     text = (
         f"The prompt becomes {len(run.ids)} token ids ({listed}, ...: the start and end tokens frame it, padding "
         f"fills the rest)."
+        + (" Emphasis such as (word:1.3) or [word] weights a token's vector (the x numbers)."
+           if any(w != 1 for w in run.weights) else "")
         + (f" This prompt has {run.prompt_tokens} tokens: the model reads them in chunks of {len(run.ids) - 2} "
            "(each framed the same way, their vectors joined); the first chunk is shown." if longer else "")
         + f" The text encoder turns them into {len(run.ids)} vectors of {run.context.shape[1]} numbers "
