@@ -456,21 +456,21 @@ def test_the_shipped_star_lora_loads_in_diffusers_with_the_same_image(tmp_path):
 
 def test_at_most_a_few_placed_files_are_kept(sd1, monkeypatch):
     """A server that meets many LoRAs keeps only the last KEEP_PLACED read; a dropped one is read again."""
-    from latentforge import pipeline as pipeline_module
+    from latentforge.adapters import addons as addons_module
 
     ours, _, folder = sd1
-    monkeypatch.setattr(pipeline_module, "KEEP_PLACED", 2)
+    monkeypatch.setattr(addons_module, "KEEP_PLACED", 2)
     paths = [save(kohya_lora(ours, parts=("text_encoder",), seed=20 + i), folder, f"kept{i}") for i in range(3)]
     reads = []
-    real = pipeline_module.read_lora
-    monkeypatch.setattr(pipeline_module, "read_lora", lambda path: reads.append(path.name) or real(path))
+    real = addons_module.read_lora
+    monkeypatch.setattr(addons_module, "read_lora", lambda path: reads.append(path.name) or real(path))
     try:
         for path in [*paths, paths[2], paths[0]]:
             ours.use_loras({path: 1.0})
     finally:
         ours.use_loras({})
     assert reads == ["kept0.safetensors", "kept1.safetensors", "kept2.safetensors", "kept0.safetensors"]
-    assert len(ours._placed) == 2
+    assert len(ours.addons.placed) == 2
 
 
 def test_lcm_lora_recipe_matches_diffusers(sd1):

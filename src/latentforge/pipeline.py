@@ -17,9 +17,10 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoints
-from .adapters.embeddings import Embedding, embedding_problem, read_embedding
-from .adapters.library import LORA_SUFFIXES, Library, split_tags
-from .adapters.lora import Merger, Placed, Use, place, read_lora
+from .adapters.addons import AddOns
+from .adapters.embeddings import Embedding
+from .adapters.library import Library, split_tags
+from .adapters.lora import Use
 from .adapters.vae_file import VAEState, apply_vae, restore_vae
 from .checkpoints import Parts
 from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
@@ -32,7 +33,6 @@ from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
 from .prompt_schedule import PromptPlan, plan_prompts
-from .prompts import embeddings_in
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
@@ -53,7 +53,6 @@ DTYPES = {
 }  # fmt: skip
 
 CPUINFO = "/proc/cpuinfo"  # read by native_bfloat16
-KEEP_PLACED = 8  # LoRA files kept read and placed (each some MB to 100s of MB), the least recently used dropped
 HIRES_TILED = 2  # hires passes larger than this times the native size (a side) are decoded in tiles
 
 # trained by this project on the shapes world (docs/default-model.md has the recipe and the command)
@@ -100,13 +99,10 @@ class Pipeline:
     # free the text encoders' weights once a prompt is encoded, and read them again from `source` for the next
     # one: the UNet and VAE then run without them in memory (SDXL's two towers: 1.6 GB in bfloat16)
     text_encoders_on_demand: bool = False
-    # the add-on folders: `<lora:NAME:W>` in a prompt and `loras={"NAME": W}` are looked up in library.loras
-    library: Library = field(default_factory=Library)
+    # the add-on folders (`library`), the LoRAs merged into the weights now, the add-on files read
+    addons: AddOns = field(default_factory=AddOns)
     # the hires fix's upscalers: the built-ins and the model files of upscalers.folder, by name
     upscalers: Upscalers = field(default_factory=Upscalers)
-    merger: Merger = field(default_factory=Merger, repr=False)  # the networks merged into the weights now
-    _placed: dict[tuple[str, int], Placed] = field(default_factory=dict, repr=False)
-    _embedding_files: dict[tuple[str, int], Embedding | str] = field(default_factory=dict, repr=False)
     vae_file: Path | None = None  # a VAE file used instead of the model's own (see load_vae)
     # a tiny autoencoder decoder (TAESD) of this model's latent space: step previews, and the final decode when
     # a request's speed.tiny_decoder asks (see load_tiny_decoder)
@@ -158,7 +154,7 @@ class Pipeline:
         for name in released:  # the conditioner holds each text encoder under its part's name
             text_config = getattr(config, name)
             setattr(self.conditioner, name, build(TextEncoder, text_config, parts.pop(name), self.device, self.dtype))
-        self.merger.remerge(self.models(), released)  # the fresh weights get the merged networks again
+        self.addons.merger.remerge(self.models(), released)  # the fresh weights get the merged networks again
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
@@ -283,7 +279,7 @@ class Pipeline:
             if request.init_image is None
             else img2img_sigmas(spec, schedule, request.steps, request.strength)
         )
-        prompt, negative, tagged = self._without_tags(request.prompt, request.negative_prompt)
+        prompt, negative, tagged = self.addons.without_tags(request.prompt, request.negative_prompt)
         uses = self.use_loras({**request.loras, **tagged})
         words = self._use_embeddings(prompt, negative)
         if request.refiner is not None:
@@ -449,91 +445,30 @@ class Pipeline:
         self._own_vae = self._own_vae or replaced  # the model's own, kept for going back
         self.vae_file = Path(path)
 
+    @property
+    def library(self) -> Library:
+        """The add-on folders: `<lora:NAME:W>` in a prompt and `loras={"NAME": W}` are looked up in library.loras,
+        embeddings in library.embeddings."""
+        return self.addons.library
+
+    @library.setter
+    def library(self, library: Library) -> None:
+        self.addons.library = library
+
     def embeddings(self) -> tuple[dict[str, Embedding], dict[str, str]]:
         """The embeddings in library.embeddings this model can use, by name, and those it cannot, with why
         (another family's, damaged); files are read once while unchanged."""
-        usable, skipped = {}, {}
-        for name, path in self.library.embeddings.files().items():
-            item = self._embedding_file(path)
-            problem = item if isinstance(item, str) else embedding_problem(item, self.conditioner.models())
-            if problem is None:
-                usable[name] = item
-            else:
-                skipped[name] = problem
-        return usable, skipped
-
-    def _embedding_file(self, path: Path) -> Embedding | str:
-        """An embedding file as read, or the one line that says why it cannot be."""
-        try:
-            key = (str(path), path.stat().st_mtime_ns)
-        except OSError as exc:
-            return f"{path}: cannot be read ({exc.strerror or exc})"
-        if key not in self._embedding_files:
-            try:
-                self._embedding_files[key] = read_embedding(path)
-            except ValueError as exc:
-                self._embedding_files[key] = str(exc)
-        return self._embedding_files[key]
+        return self.addons.embeddings(self.conditioner)
 
     def _use_embeddings(self, prompt: str, negative: str) -> list[Embedding]:
-        """Give the conditioner the library's usable embeddings (when it has an embeddings folder); return the
-        conditioner's embeddings that the prompts use (for the infotext).
-        A prompt naming one this model cannot use is an error saying why, not text encoded in its place."""
-        if not self.library.embeddings.roots and not self.conditioner.embeddings:
-            return []  # nothing to find (and no tokenizer needed)
-        usable, skipped = self.embeddings()
-        tokenizer = self.conditioner.tokenizer
-        unusable = embeddings_in(tokenizer, prompt, skipped) + embeddings_in(tokenizer, negative, skipped)
-        if unusable:
-            name = unusable[0]
-            raise ValueError(f"the prompt uses embedding {name!r}, which this model cannot: {skipped[name]}")
-        if self.library.embeddings.roots:  # else the conditioner keeps what the caller gave it
-            self.conditioner.embeddings = usable
-        known = self.conditioner.embeddings
-        used = dict.fromkeys(embeddings_in(tokenizer, prompt, known) + embeddings_in(tokenizer, negative, known))
-        return [known[name] for name in used]
-
-    def _without_tags(self, prompt: str, negative: str) -> tuple[str, str, dict[Path, tuple[float, float]]]:
-        """The prompts without their `<lora:...>` tags, and the tags' files in library.loras {path: (te, unet)}
-        (both prompts' tags are applied, as A1111 does; a later tag of the same name wins). A tag's name is
-        only ever looked up in the library, never read as a path."""
-        prompt, tags = split_tags(prompt)
-        negative, negative_tags = split_tags(negative)
-        return prompt, negative, {self.library.loras.find(t.name): (t.te, t.unet) for t in [*tags, *negative_tags]}
+        """Give the conditioner the usable embeddings; those the prompts use (AddOns.use_embeddings)."""
+        return self.addons.use_embeddings(self.conditioner, prompt, negative)
 
     def use_loras(self, loras: Mapping[str | os.PathLike, float | tuple[float, float]]) -> list[Use]:
         """Merge exactly these networks into the weights: {a file path, or a name in library.loras: weight or
         (text-encoder weight, UNet weight)}. The weights they change are kept, so `use_loras({})` (or another
         set) first puts back the model's own values, bit for bit. Asking for what is merged now costs nothing."""
-        weights: dict[Path, tuple[float, float]] = {}
-        for key, weight in loras.items():
-            te, unet = weight if isinstance(weight, tuple) else (weight, weight)
-            weights[self._lora_path(key)] = (float(te), float(unet))
-        uses = [Use(self._placed_lora(path), te, unet) for path, (te, unet) in weights.items()]
-        self.merger.apply(self.models(), uses)
-        return uses
-
-    def _lora_path(self, key: str | os.PathLike) -> Path:
-        """A path as given (the caller's own file), or a bare name's file in library.loras."""
-        text = os.fspath(key)
-        if isinstance(key, os.PathLike) or "/" in text or "\\" in text or Path(text).suffix.lower() in LORA_SUFFIXES:
-            return Path(text)
-        return self.library.loras.find(text)
-
-    def _placed_lora(self, path: Path) -> Placed:
-        """A network file read and placed in this model (the last KEEP_PLACED kept while their files are unchanged)."""
-        try:
-            stamp = path.stat().st_mtime_ns
-        except OSError as exc:
-            raise CheckpointError(path, f"cannot be read ({exc.strerror or exc}); check the LoRA's path") from None
-        key = (str(path), stamp)
-        placed = self._placed.pop(key, None)
-        if placed is None:
-            placed = place(read_lora(path), self.models(), self.config.unet)
-        self._placed[key] = placed  # the most recently used last; the least recently used beyond the bound go
-        while len(self._placed) > KEEP_PLACED:
-            del self._placed[next(iter(self._placed))]
-        return placed
+        return self.addons.use_loras(self.models(), self.config.unet, loras)
 
     def models(self) -> dict[str, nn.Module]:
         """Every network of the model by part name: the family's text encoder(s), "unet", "vae"."""
