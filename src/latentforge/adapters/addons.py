@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,6 +20,10 @@ from ..weightfiles import CheckpointError
 from .embeddings import Embedding, embedding_problem, read_embedding
 from .library import LORA_SUFFIXES, Library, split_tags
 from .lora import Merger, Placed, Use, place, read_lora
+
+if TYPE_CHECKING:
+    from ..conditioning import Conditioner
+    from ..unet import UNetConfig
 
 KEEP_PLACED = 8  # LoRA files kept read and placed (each some MB to 100s of MB), the least recently used dropped
 
@@ -41,8 +46,11 @@ class AddOns:
         return prompt, negative, {self.library.loras.find(t.name): (t.te, t.unet) for t in [*tags, *negative_tags]}
 
     def use_loras(
-        self, models: dict[str, nn.Module], unet_config, loras: Mapping[str | os.PathLike, float | tuple[float, float]]
-    ) -> list[Use]:  # fmt: skip
+        self,
+        models: dict[str, nn.Module],
+        unet_config: UNetConfig,
+        loras: Mapping[str | os.PathLike, float | tuple[float, float]],
+    ) -> list[Use]:
         """Merge exactly these networks into `models` (the model's parts by name): {a file path, or a name in
         library.loras: weight or (text-encoder weight, UNet weight)}. The weights they change are kept, so
         `use_loras(models, config, {})` (or another set) first puts back the model's own values, bit for bit.
@@ -62,7 +70,7 @@ class AddOns:
             return Path(text)
         return self.library.loras.find(text)
 
-    def _placed_lora(self, path: Path, models: dict[str, nn.Module], unet_config) -> Placed:
+    def _placed_lora(self, path: Path, models: dict[str, nn.Module], unet_config: UNetConfig) -> Placed:
         """A network file read and placed in this model (the last KEEP_PLACED kept while their files are unchanged)."""
         try:
             stamp = path.stat().st_mtime_ns
@@ -77,7 +85,7 @@ class AddOns:
             del self.placed[next(iter(self.placed))]
         return placed
 
-    def embeddings(self, conditioner) -> tuple[dict[str, Embedding], dict[str, str]]:
+    def embeddings(self, conditioner: Conditioner) -> tuple[dict[str, Embedding], dict[str, str]]:
         """The embeddings in library.embeddings that `conditioner`'s model can use, by name, and those it cannot,
         with why (another family's, damaged); files are read once while unchanged."""
         usable, skipped = {}, {}
@@ -103,7 +111,7 @@ class AddOns:
                 self.embedding_files[key] = str(exc)
         return self.embedding_files[key]
 
-    def use_embeddings(self, conditioner, prompt: str, negative: str) -> list[Embedding]:
+    def use_embeddings(self, conditioner: Conditioner, prompt: str, negative: str) -> list[Embedding]:
         """Give `conditioner` the library's usable embeddings (when it has an embeddings folder); return the
         conditioner's embeddings that the prompts use (for the infotext).
         A prompt naming one this model cannot use is an error saying why, not text encoded in its place."""

@@ -415,9 +415,9 @@ def _prompt_tokens(run: Run) -> list[int]:
 
 def _parts(plt, run: Run) -> str:
     end = run.ids.index(run.special["end"])
+    weight = {i: f" (x{w:g})" for i, w in enumerate(run.weights) if w != 1}
     listed = ", ".join(
-        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}" + (f" (x{run.weights[i]:g})" if run.weights[i] != 1 else "")
-        for i in range(min(end + 3, len(run.ids)))
+        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}{weight.get(i, '')}" for i in range(min(end + 3, len(run.ids)))
     )
     fig, ax = plt.subplots(figsize=(9, 3))
     ax.imshow(run.context.numpy().T, aspect="auto", cmap="coolwarm")
@@ -434,7 +434,7 @@ def _parts(plt, run: Run) -> str:
         f"The prompt becomes {len(run.ids)} token ids ({listed}, ...: the start and end tokens frame it, padding "
         f"fills the rest)."
         + (" Emphasis such as (word:1.3) or [word] weights a token's vector (the x numbers)."
-           if any(w != 1 for w in run.weights) else "")
+           if weight else "")
         + (f" This prompt has {run.prompt_tokens} tokens: the model reads them in chunks of {len(run.ids) - 2} "
            "(each framed the same way, their vectors joined); the first chunk is shown." if longer else "")
         + f" The text encoder turns them into {len(run.ids)} vectors of {run.context.shape[1]} numbers "
