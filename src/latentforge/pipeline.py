@@ -290,10 +290,8 @@ class Pipeline:
         guided = request.cfg_scale != 1 or plan.composed
         size = (request.height, request.width)
         conds = self.encode_plan(plan, guided, request.clip_skip, size)
-        refine = None
-        if request.refiner is not None and request.hires is None:  # with the hires fix, it refines the hires pass
-            split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
-            refine = (split, request.refiner.encode_plan(plan, guided, request.clip_skip, size))
+        # with the hires fix, the refiner refines the hires pass
+        refine = self._refiner_part(request, spec, schedule, sigmas, plan, guided) if request.hires is None else None
         second = None if request.hires is None else self._second_pass(request, schedule, prompt, negative)
         passes = 1 if second is None else 2
         first_pass, hires_pass = in_pass(callback, 0, passes), in_pass(callback, 1, passes)
@@ -334,11 +332,19 @@ class Pipeline:
         plan = plan_prompts(hr_prompt, hr_negative, request.steps, larger.steps)
         guided = larger.cfg_scale != 1 or plan.composed
         conds = self.encode_plan(plan, guided, larger.clip_skip, (height, width))
-        refine = None
-        if request.refiner is not None:
-            split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
-            refine = (split, request.refiner.encode_plan(plan, guided, larger.clip_skip, (height, width)))
+        refine = self._refiner_part(larger, spec, schedule, sigmas, plan, guided)
         return larger, spec, sigmas, conds, hires.upscaler, refine
+
+    def _refiner_part(
+        self, request, spec, schedule: NoiseSchedule, sigmas: torch.Tensor, plan: PromptPlan, guided: bool
+    ) -> tuple[int, PromptConds] | None:
+        """The refiner's share of a sampler run over `sigmas`: (the step it takes over at, its conditioning of
+        the prompt plan at the request's size), or None without a refiner."""
+        if request.refiner is None:
+            return None
+        split = refiner_split(spec, schedule, sigmas, request.refiner_switch_at)
+        size = (request.height, request.width)
+        return split, request.refiner.encode_plan(plan, guided, request.clip_skip, size)
 
     def _refine_larger(self, second, latents: torch.Tensor, schedule, seed: int, index: int, callback) -> torch.Tensor:
         """The hires fix for one image: its latents upscaled (latent modes), or decoded, upscaled and encoded
