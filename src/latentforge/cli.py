@@ -380,12 +380,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         pipe.load_tiny_decoder(args.tiny_decoder)
     speed = speed_argument(args)
     result = evaluate(pipe, args.prompts, args.seed, scales, args.steps, args.sampler, args.two_objects, speed)
-    skipped = ", ".join(f"{name}: {value}" for name, value in speed.infotext().items()) or "none"
+    fields = speed.infotext()
+    skipped = ", ".join(f"{name}: {value}" for name, value in fields.items()) or "none"
     print(f"model: {pipe.name} ({pipe.config.describe()}; defaults: {pipe.config.defaults.describe()})")
     print(f"skipping work: {skipped}\n")
     print(format_report(result))
     if out is not None:
-        write_json({"model": pipe.name, "speed": speed.infotext(), **result}, out)
+        write_json({"model": pipe.name, "speed": fields, **result}, out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -417,7 +417,8 @@ def _parts(plt, run: Run) -> str:
     end = run.ids.index(run.special["end"])
     weight = {i: f" (x{w:g})" for i, w in enumerate(run.weights) if w != 1}
     listed = ", ".join(
-        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}{weight.get(i, '')}" for i in range(min(end + 3, len(run.ids)))
+        f"{i}:{html.escape(_token_label(run, i))}={run.ids[i]}{weight.get(i, '')}"
+        for i in range(min(end + 3, len(run.ids)))
     )
     fig, ax = plt.subplots(figsize=(9, 3))
     ax.imshow(run.context.numpy().T, aspect="auto", cmap="coolwarm")
