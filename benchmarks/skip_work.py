@@ -160,6 +160,14 @@ def measured(part: dict[str, Any]) -> str:
     return f"Measured with {where}. " if where else ""
 
 
+def timed_table(rows: dict[str, Any]) -> str:
+    """A part's Timed rows: each option's time, its ratio to the option "off", its change ("-": not measured)."""
+    off = rows["off"]["seconds"]
+    cells = [[name, f"{r['seconds']:.1f} s", f"{r['seconds'] / off:.2f}x", "-" if r["latents"] is None else f"{r['latents']:.3f}"]
+             for name, r in rows.items()]  # fmt: skip
+    return markdown_table(["option", "time", "vs off", "change"], cells, "lrrr")
+
+
 def render(info: dict[str, Any], result: dict[str, Any]) -> str:
     from latentforge.speed import PRESETS
 
@@ -183,27 +191,18 @@ def render(info: dict[str, Any], result: dict[str, Any]) -> str:
             + markdown_table(headers, rows, "l" + "r" * (len(headers) - 1))
         )
     if "sd15" in result:
-        rows_ = result["sd15"]["rows"]
-        off = rows_["off"]["seconds"]
-        rows = [[name, f"{r['seconds']:.1f} s", f"{r['seconds'] / off:.2f}x", "-" if r["latents"] is None else f"{r['latents']:.3f}"]
-                for name, r in rows_.items()]  # fmt: skip
         parts.append(
             "### SD 1.5 shapes, random weights: one 512 x 512 txt2img, bfloat16\n\n"
             f"{measured(result['sd15'])}Euler, 20 steps, guidance 7, each option in turn in one process after a warm-up. Change: the relative "
             "difference of the final latents from the full computation's (random weights: how far the option moves "
-            "the computation, not the quality of a real image).\n\n"
-            + markdown_table(["option", "time", "vs off", "change"], rows, "lrrr")
+            "the computation, not the quality of a real image).\n\n" + timed_table(result["sd15"]["rows"])
         )
     if "sdxl" in result:
-        rows_ = result["sdxl"]["rows"]
-        off = rows_["off"]["seconds"]
-        rows = [[name, f"{r['seconds']:.1f} s", f"{r['seconds'] / off:.2f}x", f"{r['latents']:.3f}"] for name, r in rows_.items()]
         parts.append(
             "### SDXL shapes, random weights: one 1024 x 1024 txt2img, bfloat16\n\n"
             f"{measured(result['sdxl'])}Euler, 8 steps, guidance 7, each option in turn in one process after a warm-up; the change as above. "
             "Token merging is left out: it merges only full-resolution self-attention, which SDXL does not have "
-            "(`--speed fast` is then NGMS and Skip Early CFG).\n\n"
-            + markdown_table(["option", "time", "vs off", "change"], rows, "lrrr")
+            "(`--speed fast` is then NGMS and Skip Early CFG).\n\n" + timed_table(result["sdxl"]["rows"])
         )
     presets = "; ".join(f"`{name}`: {PRESETS[name]}" for name in ("fast", "fastest"))
     parts.append(f"The presets: {presets}.\n\n{machine_markdown(info)}")
