@@ -65,7 +65,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
                 stop = min(n, start + BLOCK_QUERIES)
                 block = scores[: stop - start]
                 torch.addmm(block, q[b, h, start:stop], keys_t, beta=0, alpha=scale, out=block)
-                probabilities = torch.softmax(block, dim=-1)
+                probabilities = torch.softmax(block, dim=-1, out=block)  # in place: no 4 MB allocation per block
                 if padded is None:
                     torch.mm(probabilities, values, out=out[b, start:stop, h])
                 else:
