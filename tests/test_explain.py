@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import latentforge
+from latentforge.adapters.embeddings import read_embedding
 from latentforge.cli import main
 from latentforge.explain import MISSING, explain, write_page
 from latentforge.images import image_to_tensor
@@ -220,6 +222,25 @@ def test_emphasis_is_read_as_the_run_reads_it(shipped, tmp_path):
     out = tmp_path / "explain.html"
     write_page(shipped, "a (red:1.4) circle above a blue square", out, seed=1, steps=2)
     assert "(x1.4)" in out.read_text(encoding="utf-8")
+
+
+def test_an_embedding_is_listed_by_name_in_the_slots_the_run_gave_it(tmp_path):
+    """A textual-inversion embedding of 2 vectors takes 2 slots in the run's window: the page names them
+    (shinystyle#0, #1) where the run put them, and the attention maps of the words after it move with them."""
+    pipe = latentforge.load()
+    width = pipe.conditioner.text_encoder.config.width
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    save_file({"emb_params": vectors}, tmp_path / "shinystyle.safetensors")
+    pipe.conditioner.embeddings = {"shinystyle": read_embedding(tmp_path / "shinystyle.safetensors")}
+    plain = explain(pipe, "a red circle", seed=1, steps=2)
+    run = explain(pipe, "a shinystyle red circle", seed=1, steps=2)
+    assert run.tokens[1:6] == [plain.tokens[1], "shinystyle#0", "shinystyle#1", *plain.tokens[2:4]]
+    assert run.ids[2:4] == list(range(pipe.conditioner.tokenizer.vocab_size, pipe.conditioner.tokenizer.vocab_size + 2))
+    assert run.prompt_tokens == plain.prompt_tokens + 2
+    assert run.image.tobytes() != plain.image.tobytes()  # the run read the vectors, not the name as words
+    out = tmp_path / "explain.html"
+    write_page(pipe, "a shinystyle red circle", out, seed=1, steps=2)
+    assert "shinystyle#1" in out.read_text(encoding="utf-8")
 
 
 def test_an_image_of_ones_own(shipped, tmp_path):

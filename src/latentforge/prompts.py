@@ -66,6 +66,7 @@ __all__ = [
     "COMMA_BACKTRACK",
     "PromptChunks",
     "chunk_prompt",
+    "embedding_slots",
     "embeddings_in",
     "encode_prompt",
     "encode_prompts",
@@ -254,6 +255,16 @@ class _Found:
     ids: tuple[int, ...]
 
 
+def embedding_slots(tokenizer: Tokenizer, embeddings: Mapping[str, int]) -> dict[str, range]:
+    """The ids each embedding's slots get in `chunk_prompt`'s windows (name -> vector count in, name -> ids
+    out): counted on from ``tokenizer.vocab_size``, in the mapping's order."""
+    slots, first = {}, tokenizer.vocab_size
+    for name, count in embeddings.items():
+        slots[name] = range(first, first + count)
+        first += count
+    return slots
+
+
 def _name_lookup(
     tokenizer: Tokenizer, embeddings: Mapping[str, int], length: int
 ) -> dict[int, list[tuple[list[int], _Found]]]:
@@ -263,17 +274,16 @@ def _name_lookup(
     at ``tokenizer.vocab_size``. Names that tokenize to nothing cannot be written in a prompt and are skipped.
     """
     lookup: dict[int, list[tuple[list[int], _Found]]] = {}
-    first = tokenizer.vocab_size
     for name, count in embeddings.items():
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= length:
             raise ValueError(
                 f"embedding {name!r} has {count!r} vectors; a prompt chunk holds 1 to {length}: "
                 "use an embedding with fewer vectors"
             )
+    for name, slots in embedding_slots(tokenizer, embeddings).items():
         name_ids = tokenizer.encode(name)
         if name_ids:
-            lookup.setdefault(name_ids[0], []).append((name_ids, _Found(name, tuple(range(first, first + count)))))
-        first += count
+            lookup.setdefault(name_ids[0], []).append((name_ids, _Found(name, tuple(slots))))
     for matches in lookup.values():
         matches.sort(key=lambda match: len(match[0]), reverse=True)  # stable: equal lengths keep their order
     return lookup

@@ -25,7 +25,7 @@ from PIL import Image
 from ..guidance import to_x0
 from ..images import image_to_tensor
 from ..pipeline import Pipeline, Step
-from ..prompts import chunk_prompt
+from ..prompts import chunk_prompt, embedding_slots
 from ..schedules import NoiseSchedule
 from ..unet import Attention
 from .clip import ClipBatch, image_caption_similarity, read_clip
@@ -110,12 +110,14 @@ def explain(
             "with serve --tiny-decoder-dir DIR"
         )
     tokenizer = _tokenizer(pipe)
-    chunks = chunk_prompt(tokenizer, prompt)  # what the run reads: emphasis and BREAK parsed, as generate does
-    ids = chunks.ids[0].tolist()
     shown = _spread(steps, SHOWN_STEPS)
     # the UNet's outputs are kept at an early and a middle shown step (their input: the step before's latents)
     guidance_steps = sorted({shown[1], shown[len(shown) // 2]}) if len(shown) > 1 else []
-    result, collected, maps, outputs = _probed_run(pipe, prompt, seed, steps, ids, guidance_steps)
+    result, collected, maps, outputs = _probed_run(pipe, prompt, seed, steps, tokenizer.max_length, guidance_steps)
+    # what the run read: emphasis and BREAK parsed, and the embeddings it used (the conditioner holds them now)
+    slots = {name: e.n_vectors for name, e in pipe.conditioner.embeddings.items()}
+    chunks = chunk_prompt(tokenizer, prompt, embeddings=slots)
+    ids = chunks.ids[0].tolist()
     high = max(HIGH_GUIDANCE, 2 * defaults.cfg_scale)
     scales = [1.0, defaults.cfg_scale, high]
     guidance_steps = sorted(outputs)  # none when the run was not guided
@@ -142,7 +144,7 @@ def explain(
         prompt=prompt, model=pipe.name or "latentforge-shapes", seed=seed, sampler=defaults.sampler,
         cfg_scale=defaults.cfg_scale, decoder="the tiny decoder (TAESD)" if fast_decode else "the VAE decoder",
         ids=ids, weights=chunks.weights[0].tolist(), prompt_tokens=_token_count(chunks, tokenizer.eos_id),
-        tokens=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        tokens=_token_strings(tokenizer, ids, slots),
         special={"start": tokenizer.bos_id, "end": tokenizer.eos_id, "pad": tokenizer.pad_id},
         context=cond.context[0, : len(ids)].float().cpu(),
         parameters={name: sum(p.numel() for p in m.parameters()) for name, m in pipe.models().items()},
@@ -156,14 +158,14 @@ def explain(
     )  # fmt: skip
 
 
-def _probed_run(pipe: Pipeline, prompt: str, seed: int, steps: int, ids: list[int], guidance_steps: list[int]):
+def _probed_run(pipe: Pipeline, prompt: str, seed: int, steps: int, tokens: int, guidance_steps: list[int]):
     """The generation with its probes -> (image, every step's callback, attention maps, the UNet's outputs at
     `guidance_steps` (unguided steps left out))."""
     collected: list[Step] = []
     maps, outputs = AttentionMaps(), {}
     step = collected.__len__  # the step the UNet is in: the callbacks so far
     with (
-        attention_probes(pipe, maps, step, _attention_steps(steps), ids) as probes,
+        attention_probes(pipe, maps, step, _attention_steps(steps), tokens) as probes,
         unet_outputs(pipe, outputs, step, guidance_steps),
     ):
 
@@ -185,6 +187,14 @@ def _tokenizer(pipe: Pipeline):
 def _first_chunk(tokenizer, text: str) -> list[int]:
     """The ids of the text's first window of 77 (start, up to 75 tokens, end, padding), as the run reads them."""
     return chunk_prompt(tokenizer, text).ids[0].tolist()
+
+
+def _token_strings(tokenizer, ids: list[int], embeddings: dict[str, int]) -> list[str]:
+    """Each id's text; an embedding's slots show its name ("name#k" for the k-th of several vectors)."""
+    names = {}
+    for name, slots in embedding_slots(tokenizer, embeddings).items():
+        names.update({i: name if len(slots) == 1 else f"{name}#{k}" for k, i in enumerate(slots)})
+    return [names[i] if i in names else tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
 def _token_count(chunks, end: int) -> int:
@@ -232,11 +242,11 @@ class attention_probes:
     over heads and upsampled to the latent size, to `maps` for the steps in `wanted` (`step()` tells the
     step: the callbacks so far). The probes are on only during those steps: call `follow()` after each step."""
 
-    def __init__(self, pipe: Pipeline, maps: AttentionMaps, step, wanted: set[int], ids: list[int]):
+    def __init__(self, pipe: Pipeline, maps: AttentionMaps, step, wanted: set[int], tokens: int):
         self.modules = [
             m for name, m in pipe.unet.named_modules() if name.endswith("attn2") and isinstance(m, Attention)
         ]
-        self.maps, self.step, self.wanted, self.tokens = maps, step, wanted, len(ids)
+        self.maps, self.step, self.wanted, self.tokens = maps, step, wanted, tokens
         h = pipe.config.native_size // pipe.config.vae.downscale  # generate's default size
         self.size = (h, h)
 
