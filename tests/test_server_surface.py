@@ -14,6 +14,7 @@ from PIL import Image
 import latentforge
 from latentforge.hires import Hires
 from latentforge.server import ServerThread, Settings, create_app
+from latentforge.server.jobs import Models
 
 BASE = {"width": 64, "height": 64, "steps": 4, "sampler_name": "Euler", "cfg_scale": 5, "seed": 9}
 STYLES = 'name,prompt,negative_prompt\nframed,"a framed picture of {prompt}",blurry\nplain,white background,\n'
@@ -129,3 +130,51 @@ def test_skip_drops_the_running_image_and_the_job_goes_on(served):
     assert len(images) == 1  # the first image was dropped, the second made
     want = pipe.generate("a red circle", seed=10, steps=200, sampler="Euler", cfg_scale=5, width=64, height=64)[0]
     assert np.array_equal(image_of(result["r"]), np.asarray(want))
+
+
+def test_the_rest_of_a1111s_routes_answer(sd1_folder, tmp_path):
+    """Listings of parts latentforge has none of are empty; the upscaler files are A1111's Real-ESRGAN models;
+    the routes that need a part it lacks (a captioner, embedding and hypernetwork training) are 501 with one
+    line saying what to use instead, never a 404."""
+    (tmp_path / "upscale").mkdir()
+    (tmp_path / "upscale" / "4x-tiny.pth").write_bytes(b"\0")  # listed by name; read only when used
+    settings = Settings(models=[str(sd1_folder)], upscaler_dirs=[str(tmp_path / "upscale")])
+    with ServerThread(create_app(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        assert api.get_hypernetworks() == [] and requests.get(f"{url}/sdapi/v1/script-info", timeout=60).json() == []
+        assert requests.get(f"{url}/sdapi/v1/extensions", timeout=60).json() == []
+        assert api.get_realesrgan_models() == [
+            {"name": "4x-tiny", "path": str(tmp_path / "upscale" / "4x-tiny.pth"), "scale": None}
+        ]
+        for path in ("interrogate", "create/embedding", "train/embedding", "create/hypernetwork", "train/hypernetwork"):
+            response = requests.post(f"{url}/sdapi/v1/{path}", json={"image": "", "model": "clip"}, timeout=60)
+            assert response.status_code == 501, path
+            assert "latentforge" in response.json()["detail"] and "\n" not in response.json()["detail"]
+        assert "png-info" in requests.post(f"{url}/sdapi/v1/interrogate", json={}, timeout=60).json()["detail"]
+
+
+def test_unload_and_reload_checkpoint(sd1_folder):
+    """unload-checkpoint frees the model (nothing holds it after); reload-checkpoint and the next request load
+    it again, and the image is the one the model makes."""
+    import gc
+    import weakref
+
+    loads = []
+
+    def loader(path):
+        loads.append(latentforge.load(path))
+        return loads[-1]
+
+    models = Models([str(sd1_folder)], loader=loader)
+    with ServerThread(create_app(Settings(models=[str(sd1_folder)]), models)) as url:
+        first = requests.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "prompt": "a red circle"}, timeout=120)
+        assert first.status_code == 200 and len(loads) == 1
+        freed = weakref.ref(loads.pop())
+        assert requests.post(f"{url}/sdapi/v1/unload-checkpoint", timeout=60).json() == {}
+        gc.collect()
+        assert freed() is None and not models.loaded
+        assert requests.post(f"{url}/sdapi/v1/reload-checkpoint", timeout=120).json() == {}
+        assert len(loads) == 1 and list(models.loaded) == [models.current]
+        again = requests.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "prompt": "a red circle"}, timeout=120)
+        assert len(loads) == 1 and np.array_equal(image_of(again), image_of(first))

@@ -1,8 +1,10 @@
 """`latentforge serve`: AUTOMATIC1111's HTTP API (/sdapi/v1/...) and a web page, over Pipeline.generate.
 
 The routes take AUTOMATIC1111's request fields and answer in its shapes, so that its clients work
-unchanged. Fields this server does not implement (hires fix, face restoration, scripts, extensions,
-variation seeds, ...) are accepted and ignored; a field it uses with a wrong value is HTTP 422 naming it.
+unchanged. Fields this server does not implement (face restoration, scripts, extensions, variation
+seeds, ...) are accepted and ignored; a field it uses with a wrong value is HTTP 422 naming it. Routes
+that need a part latentforge lacks (interrogate, embedding and hypernetwork training) answer 501 with
+what to use instead.
 
 One worker thread runs the jobs one at a time, in the order they came; each request waits for its
 own job. Interrupt stops the running job only; a client that disconnects while waiting takes its job

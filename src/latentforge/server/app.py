@@ -377,6 +377,37 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     def scripts() -> dict[str, list]:
         return {"txt2img": [], "img2img": []}
 
+    @app.get("/sdapi/v1/script-info")
+    def script_info() -> list:
+        return []  # no scripts
+
+    @app.get("/sdapi/v1/extensions")
+    def extensions() -> list:
+        return []  # no extensions
+
+    @app.get("/sdapi/v1/hypernetworks")
+    def hypernetworks() -> list:
+        return []  # latentforge reads no hypernetwork files (LoRA replaced them)
+
+    @app.get("/sdapi/v1/realesrgan-models")
+    def realesrgan_models() -> list[dict[str, Any]]:
+        """The (Real-)ESRGAN files of the upscaler folder: A1111 lists its Real-ESRGAN models here."""
+        return [{"name": u["name"], "path": u["model_path"], "scale": u["scale"]}
+                for u in upscalers.listing() if u["model_path"] is not None]  # fmt: skip
+
+    @app.post("/sdapi/v1/unload-checkpoint")
+    def unload_checkpoint() -> dict:
+        models.unload()
+        return {}
+
+    @app.post("/sdapi/v1/reload-checkpoint")
+    def reload_checkpoint() -> dict:
+        models.get(models.current)  # a model that cannot be loaded is ModelError's 500, as in a switch
+        return {}
+
+    for route, what in NOT_HERE.items():
+        app.add_api_route(route, not_here(what), methods=["POST"])
+
     @app.get("/explain", include_in_schema=False)
     async def explain_page(
         prompt: str, seed: int = 0, steps: int | None = None, fast_decode: bool = False, guidance_runs: bool = False
@@ -403,6 +434,25 @@ def embedding_entry(embedding: Embedding) -> dict[str, Any]:
     first = next(iter(embedding.vectors.values()))
     return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": first.shape[1],
             "vectors": first.shape[0]}  # fmt: skip
+
+
+NOT_HERE = {  # A1111 routes that need parts latentforge does not have: each answers 501 with what to do instead
+    "/sdapi/v1/interrogate": "describing an image needs a captioning model (BLIP, DeepDanbooru), which latentforge "
+    "does not have; an image made here carries its prompt: read it with POST /sdapi/v1/png-info",
+    "/sdapi/v1/create/embedding": "latentforge does not train embeddings; `latentforge train lora` trains a LoRA",
+    "/sdapi/v1/train/embedding": "latentforge does not train embeddings; `latentforge train lora` trains a LoRA",
+    "/sdapi/v1/create/hypernetwork": "latentforge has no hypernetworks; `latentforge train lora` trains a LoRA",
+    "/sdapi/v1/train/hypernetwork": "latentforge has no hypernetworks; `latentforge train lora` trains a LoRA",
+}
+
+
+def not_here(what: str) -> Callable[[], JSONResponse]:
+    """A route that answers 501 Not Implemented with one line saying why and what to use instead."""
+
+    def route() -> JSONResponse:
+        return JSONResponse({"detail": what}, status_code=501)
+
+    return route
 
 
 def static_page(name: str, media_type: str) -> Callable[[], Response]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gc
 import concurrent.futures
 import functools
 import io
@@ -86,6 +87,13 @@ class Models:
         """The loaded model, loading it first (dropping the least recently used beyond `keep`)."""
         with self.lock:
             return self._get(name)
+
+    def unload(self) -> None:
+        """Drop every loaded model from memory (A1111's unload-checkpoint); a running job keeps the one it
+        uses until it ends, and the next job or `get` loads its model again."""
+        with self.lock:
+            self.loaded.clear()
+        gc.collect()
 
     def _get(self, name: str) -> Pipeline:
         if name in self.loaded:
