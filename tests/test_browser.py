@@ -128,6 +128,20 @@ def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
         assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
 
 
+def test_the_page_sends_the_variation_seed(sd1_folder):
+    """The variation panel's seed, strength and seed-resize size reach txt2img and the image's infotext."""
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "4")
+        page.click("#variation summary")
+        page.fill("#subseed", "77")
+        page.fill("#subseed_strength", "0.25")
+        page.fill("#seed_resize_from_w", "48")
+        page.fill("#seed_resize_from_h", "72")
+        caption = generated_caption(page)
+        assert "Variation seed: 77, Variation seed strength: 0.25, Seed resize from: 48x72" in caption
+
+
 def test_the_page_hands_the_last_steps_to_a_refiner(sd1_folder, tmp_path):
     """The refiner panel lists the configured models; choosing one sends refiner_checkpoint and
     refiner_switch_at, and the image's infotext names the refiner as A1111 writes it."""

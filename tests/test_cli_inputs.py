@@ -54,6 +54,9 @@ GENERATE = {
     "dtype": (["--dtype", "float8"], "unknown dtype 'float8'"),
     "batch 0": (["--batch-size", "0"], "batch_size must be between 1 and 64, got 0"),
     "clip skip": (["--clip-skip", "0"], "clip_skip must be between 1 and"),
+    "subseed strength": (["--subseed-strength", "2"], "subseed_strength must be between 0 and 1 (0: no variation), got 2"),
+    "seed resize not WxH": (["--seed-resize-from", "512"], "--seed-resize-from 512: write WIDTHxHEIGHT, e.g. 512x768"),
+    "seed resize not x8": (["--seed-resize-from", "50x64"], "seed_resize_from's width must be a multiple of 8, got 50"),
 }
 
 

@@ -161,7 +161,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt=prompt, negative_prompt=negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, init_image=init,
         strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
-        refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed,
+        refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed, subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
+        if args.seed_resize_from else None,
     )  # fmt: skip
     if axes[0] is not None:
         save_plot(pipe, call, axes, out)
@@ -189,16 +192,21 @@ def hires_argument(args: argparse.Namespace):
         return None
     resize = None
     if args.hires_resize is not None:
-        width, sep, height = args.hires_resize.lower().partition("x")
-        if not sep or not width.isdigit() or not height.isdigit():
-            raise ValueError(f"--hires-resize {args.hires_resize}: write WIDTHxHEIGHT, e.g. 1024x768 (0 keeps the ratio)")
-        resize = (int(width), int(height))
+        resize = size_argument("--hires-resize", args.hires_resize, "1024x768 (0 keeps the ratio)")
     return Hires(
         scale=2.0 if args.hires_scale is None else args.hires_scale, resize=resize,
         upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps or 0,
         denoising_strength=0.7 if args.hires_denoise is None else args.hires_denoise, sampler=args.hires_sampler,
         prompt=args.hires_prompt, negative_prompt=args.hires_negative_prompt, cfg_scale=args.hires_cfg_scale,
     )  # fmt: skip
+
+
+def size_argument(flag: str, text: str, example: str) -> tuple[int, int]:
+    """A WIDTHxHEIGHT option's (width, height); a malformed one is a ValueError with an example."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f"{flag} {text}: write WIDTHxHEIGHT, e.g. {example}")
+    return int(width), int(height)
 
 
 def save_plot(pipe, call: dict, axes: list, out: Path) -> None:
@@ -520,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
             "GPU (default: the init image's size, else the model's native size)")
     p.add_argument("--width", type=int, help=size)
     p.add_argument("--height", type=int, help=size)
+    p.add_argument("--subseed", type=seed_argument, metavar="SEED",
+                   help="variation seed: with --subseed-strength, image i's noise moves toward this seed + i's "
+                   "(A1111's \"Variation seed\"; default: random)")  # fmt: skip
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
+                   help="how far toward the variation seed's noise, 0..1 (default: 0, no variation)")
+    p.add_argument("--seed-resize-from", metavar="WxH",
+                   help="start from the noise the seed makes at this size, centred (A1111's \"Resize seed from\")")
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, 0..1 (default: 0.75)")

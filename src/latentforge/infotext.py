@@ -39,7 +39,8 @@ class GenerationInfo:
     written only above 1, `denoising_strength` only for img2img, `mask_blur` only for inpainting.
     `refiner_name`, `refiner_hash` and `refiner_switch_at` are set when SDXL's refiner took over: the
     webui writes "Refiner: <name> [<short hash>]" (its checkpoint's short_title; the name alone without
-    a hash) and "Refiner switch at: 0.8", after "Mask blur" among its extra parameters. `vae_name` and
+    a hash) and "Refiner switch at: 0.8", after "Mask blur" among its extra parameters. `variation_seed`,
+    `variation_seed_strength` and `seed_resize_from` ("WxH") are A1111's seed options (seeds.py). `vae_name` and
     `vae_hash` name a VAE file used instead of the checkpoint's own ("VAE hash", "VAE", after "Model").
     `extra` holds any further keys in A1111 spelling (its `extra_generation_params`), written after
     the standard ones and before "Version".
@@ -58,6 +59,9 @@ class GenerationInfo:
     model_name: str | None = None
     vae_hash: str | None = None
     vae_name: str | None = None
+    variation_seed: int | None = None
+    variation_seed_strength: float | None = None
+    seed_resize_from: str | None = None  # "WxH"
     denoising_strength: float | None = None
     conditional_mask_weight: float | None = None
     clip_skip: int = 1
@@ -102,6 +106,9 @@ def infotext_params(info: GenerationInfo) -> dict[str, object]:
         "Model": info.model_name,
         "VAE hash": info.vae_hash,
         "VAE": info.vae_name,
+        "Variation seed": info.variation_seed,
+        "Variation seed strength": info.variation_seed_strength,
+        "Seed resize from": info.seed_resize_from,
         "Denoising strength": info.denoising_strength,
         "Conditional mask weight": info.conditional_mask_weight,
         "Clip skip": info.clip_skip if info.clip_skip is not None and info.clip_skip > 1 else None,

@@ -36,6 +36,7 @@ from .prompt_schedule import PromptPlan, plan_prompts
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
+from .seeds import initial_noise
 from .speed import Shortcuts
 from .text_encoder import TextEncoder
 from .tiny_decoder import TinyDecoder, read_tiny_decoder
@@ -241,6 +242,9 @@ class Pipeline:
         loras: Mapping[str | os.PathLike, float | tuple[float, float]] | None = None,
         hires: Hires | None = None,
         speed: Shortcuts | None = None,
+        subseed: int | None = None,
+        subseed_strength: float = 0.0,
+        seed_resize_from: tuple[int, int] | None = None,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -260,12 +264,15 @@ class Pipeline:
         passes, deep UNet features reused, tokens merged, the tiny decoder. None: nothing skipped.
 
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
-        can be made again alone. Returns PIL images whose info["parameters"] is the infotext."""
+        can be made again alone. A1111's seed options (seeds.py): `subseed_strength` above 0 moves each image's
+        starting noise toward the noise of `subseed` + i (None: a random variation seed); `seed_resize_from`
+        (width, height) starts from the noise the seed makes at that size, centred. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
-            hires=hires, speed=speed,
+            hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
+            seed_resize_from=seed_resize_from,
         )  # fmt: skip
         with merged_tokens([self, request.refiner], request.speed.token_merging):
             return self._generate(request, callback)
@@ -308,7 +315,7 @@ class Pipeline:
             tiled = second is not None and max(latents.shape[-2:]) > HIRES_TILED * self.config.unet.sample_size
             last = request.refiner or self
             image = last.preview(latents)[0] if request.speed.tiny_decoder else last.decode(latents, tiled)[0]
-            image.info["parameters"] = format_infotext(self._info(request, spec, request.seed + i, uses, words))
+            image.info["parameters"] = format_infotext(self._info(request, spec, i, uses, words))
             images.append(image)
         return images
 
@@ -375,7 +382,8 @@ class Pipeline:
         if not from_noise and init_latents is None:
             # drawn first, as diffusers does: the posterior sample of the image, then the noise
             init_latents = self.encode_image(request.image_tensor, g)
-        noise = torch.randn((1, self.config.unet.out_channels, h, w), generator=g).to(self.device)
+        shape = (1, self.config.unet.out_channels, h, w)
+        noise = initial_noise(shape, seed, g, request.seeds, index, self.config.vae.downscale).to(self.device)
         if self.config.inpainting:
             extra = self._inpaint_extra(request, h, w, g)
         elif request.mask_tensor is not None:
@@ -499,7 +507,8 @@ class Pipeline:
             return f"its weights are finite, so the model overflowed in {name}: run it in float32 (--dtype float32)"
         return "its weights are finite and it ran in float32, so the settings drove it out of range: lower cfg_scale"
 
-    def _info(self, request, spec, seed: int, uses: list[Use], words: list[Embedding]) -> GenerationInfo:
+    def _info(self, request, spec, index: int, uses: list[Use], words: list[Embedding]) -> GenerationInfo:
+        """Image `index`'s infotext fields."""
         refiner = request.refiner
         extra = {}
         if words:  # A1111: TI hashes: "name: 12 digits of the file's sha256, ..."
@@ -516,7 +525,8 @@ class Pipeline:
             sampler=spec.infotext_name,
             schedule_type=spec.schedule,
             cfg_scale=request.cfg_scale,
-            seed=seed,
+            seed=request.seed + index,
+            **request.seeds.info_fields(index),
             width=request.width,
             height=request.height,
             model_hash=self.model_hash,

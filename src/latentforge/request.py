@@ -16,6 +16,7 @@ from PIL import Image
 from .hires import Hires, check_upscaler
 from .images import image_to_tensor, mask_to_tensor
 from .samplers import get_sampler
+from .seeds import SeedOptions
 from .speed import Shortcuts
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class Request:
     loras: dict = field(default_factory=dict)  # {file path or library name: (text-encoder weight, UNet weight)}
     hires: Hires | None = None  # the hires fix's second pass (txt2img only)
     speed: Shortcuts = field(default_factory=Shortcuts)  # work skipped for speed (speed.py), none by default
+    seeds: SeedOptions = field(default_factory=SeedOptions)  # A1111's variation seed and seed resize (seeds.py)
 
 
 def _loras(value: object) -> dict:
@@ -160,6 +162,9 @@ def check_request(
     loras: Mapping | None = None,
     hires: Hires | None = None,
     speed: Shortcuts | None = None,
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -214,6 +219,7 @@ def check_request(
     if hires is not None:
         _check_hires(pipe, hires, width, height, steps, init)
     speed = _speed(pipe, speed, refiner)
+    seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple)
     image_tensor = mask_tensor = None
     if init is not None:
         # an explicit width/height different from the image's asks for the image at that size
@@ -242,7 +248,23 @@ def check_request(
         loras=_loras(loras),
         hires=hires,
         speed=speed,
+        seeds=seeds,
     )
+
+
+def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int) -> SeedOptions:
+    """A1111's variation seed (None: a random one) and strength, and the size to resize the seed from."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"subseed_strength must be between 0 and 1 (0: no variation), got {strength!r}")
+    subseed = secrets.randbelow(MAX_SEED + 1) if subseed is None else _int("subseed", subseed, 0, MAX_SEED)
+    if resize_from is not None:
+        if not isinstance(resize_from, (tuple, list)) or len(resize_from) != 2:
+            raise ValueError(f"seed_resize_from must be (width, height) in pixels, got {resize_from!r}")
+        resize_from = (
+            _size("seed_resize_from's width", resize_from[0], multiple),
+            _size("seed_resize_from's height", resize_from[1], multiple),
+        )
+    return SeedOptions(subseed, float(strength), resize_from)
 
 
 def _speed(pipe, speed: object, refiner=None) -> Shortcuts:

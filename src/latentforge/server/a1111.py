@@ -53,6 +53,10 @@ class Txt2Img(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int = Field(-1, ge=-1)  # -1: a random one
+    subseed: int = Field(-1, ge=-1)  # the variation seed (-1: a random one), used when subseed_strength > 0
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_w: int = 0  # both above 0: start from the noise the seed makes at that size
+    seed_resize_from_h: int = 0
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
     scheduler: str | None = None  # "automatic" or "karras" (A1111 1.9+ splits "DPM++ 2M Karras" in two)
@@ -280,8 +284,9 @@ def set_speed(current: dict[str, Any], changes: dict[str, Any], loc: str = "", o
 def make_job(
     req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
     styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None, speed: dict[str, Any] | None = None,
-) -> tuple[Job, list[int]]:  # fmt: skip
-    """The job for a txt2img / img2img request, and its seeds (image i: seed + i); `vae` is the sd_vae
+) -> tuple[Job, list[int], list[int]]:  # fmt: skip
+    """The job for a txt2img / img2img request, its seeds and variation seeds (image i: seed + i, subseed + i);
+    `vae` is the sd_vae
     option, which the request's override_settings may change for itself; `styles` those the request may
     name; `upscalers` those the hires fix may use; `speed` the speed options (SPEED_OPTIONS), which the request's
     override_settings and s_min_uncond may change for itself."""
@@ -294,8 +299,11 @@ def make_job(
         model = find_model(models, settings["sd_model_checkpoint"], "override_settings.sd_model_checkpoint").name
     seed = req.seed if req.seed != -1 else secrets.randbelow(MAX_SEED + 2 - count)
     seeds = [seed + i for i in range(count)]
-    if seeds[-1] > MAX_SEED:  # refused now, not after the first images are made
-        raise FieldError("seed", f"seed + images - 1 must be at most {MAX_SEED}, got {seeds[-1]}")
+    subseed = req.subseed if req.subseed != -1 else secrets.randbelow(MAX_SEED + 2 - count)
+    subseeds = [subseed + i for i in range(count)]
+    for field, values in (("seed", seeds), ("subseed", subseeds)):
+        if values[-1] > MAX_SEED:  # refused now, not after the first images are made
+            raise FieldError(field, f"{field} + images - 1 must be at most {MAX_SEED}, got {values[-1]}")
     vae = vae_option(models.library, settings.get("sd_vae", vae), "override_settings.sd_vae")
     refiner = None
     if req.refiner_checkpoint not in NO_REFINER:
@@ -317,7 +325,10 @@ def make_job(
     common["speed"] = speed_options(asked, "override_settings.")
     if req.enable_hr and not isinstance(req, Img2Img):  # A1111 ignores enable_hr in img2img too
         common["hires"] = hires_fix(req, upscalers or Upscalers())
-    calls = [common | {"seed": s} for s in seeds]
+    common["subseed_strength"] = req.subseed_strength
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:  # A1111: off unless both are set
+        common["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
+    calls = [common | {"seed": s, "subseed": sub} for s, sub in zip(seeds, subseeds)]
     if isinstance(req, Img2Img):
         texts = {f"init_images.{i}": text for i, text in enumerate(req.init_images)}
         read = read_images(texts | ({"mask": req.mask} if req.mask is not None else {}), max_pixels)
@@ -330,13 +341,15 @@ def make_job(
                 if init.size not in masks:
                     masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
                 call["mask"] = masks[init.size]
-    return Job(model, calls, refiner, None if vae in MODEL_VAE else models.library.vaes.find(vae)), seeds
+    return Job(model, calls, refiner, None if vae in MODEL_VAE else models.library.vaes.find(vae)), seeds, subseeds
 
 
 # generate()'s arguments as its error messages name them -> the A1111 request field
 GENERATE_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
     "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
+    "subseed": "subseed", "seed_resize_from's width": "seed_resize_from_w",
+    "seed_resize_from's height": "seed_resize_from_h",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
@@ -368,7 +381,7 @@ def extra_params(made: dict[str, str]) -> dict[str, Any]:
     return extra
 
 
-def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> dict[str, Any]:
+def answer(req: Txt2Img, result: Result, seeds: list[int], subseeds: list[int], clip_skip: int) -> dict[str, Any]:
     """A1111's response: base64 PNGs with their infotexts, the request, and the info JSON."""
     texts = [image.info.get(pngfiles.PNG_TEXT_KEY, "") for image in result.images]
     made = infotext.parse_infotext(texts[0]) if texts else {}  # what was used, defaults filled in
@@ -379,13 +392,15 @@ def answer(req: Txt2Img, result: Result, seeds: list[int], clip_skip: int) -> di
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds),
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(seeds),
-        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "seed": seeds[0], "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength,
         "width": used("Size-1", int, req.width), "height": used("Size-2", int, req.height),
         "sampler_name": used("Sampler", str, req.sampler_name), "scheduler": used("Schedule type", str, req.scheduler),
         "cfg_scale": used("CFG scale", float, req.cfg_scale), "steps": used("Steps", int, req.steps),
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": result.model.name, "sd_model_hash": result.model.hash, "sd_vae_name": made.get("VAE"),
-        "sd_vae_hash": made.get("VAE hash"), "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_hash": made.get("VAE hash"), "seed_resize_from_w": req.seed_resize_from_w,
+        "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": used("Denoising strength", float, None), "extra_generation_params": extra_params(made),
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": used("Clip skip", int, clip_skip),

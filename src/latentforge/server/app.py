@@ -201,7 +201,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     async def generate(request: Request, req: Txt2Img) -> Any:
         clip_skip = options["CLIP_stop_at_last_layers"]
-        job, seeds = await run_in_threadpool(
+        job, seeds, subseeds = await run_in_threadpool(
             make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"], styles, upscalers,
             {key: options[key] for key in SPEED_DEFAULTS},
         )
@@ -211,7 +211,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
             if not waiting.done() and await request.is_disconnected():
                 worker.cancel(job)
                 return Response(status_code=499)
-        return await run_in_threadpool(answer, req, waiting.result(), seeds, clip_skip)
+        return await run_in_threadpool(answer, req, waiting.result(), seeds, subseeds, clip_skip)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(req: Txt2Img, request: Request) -> Any:

@@ -35,6 +35,11 @@ function request() {
     body.refiner_switch_at = Number($("refiner_switch_at").value);
   }
   if ($("fast").checked) body.override_settings = { speed_preset: "fast" };
+  if (Number($("subseed_strength").value) > 0) {
+    body.subseed = $("subseed").value === "" ? -1 : Number($("subseed").value);
+    body.subseed_strength = Number($("subseed_strength").value);
+  }
+  for (const id of ["seed_resize_from_w", "seed_resize_from_h"]) body[id] = Number($(id).value || 0);
   if ($("enable_hr").checked) {
     body.enable_hr = true;
     body.hr_upscaler = $("hr_upscaler").value;
