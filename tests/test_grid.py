@@ -19,6 +19,8 @@ from latentforge.grid import Axis, axis_names, parse_axis, xyz_plot
         ("CFG Scale=7, 7.5", "cfg", (7.0, 7.5)),
         ("sampler=Euler,DPM++ 2M Karras", "sampler", ("Euler", "DPM++ 2M Karras")),
         ("Prompt S/R=red,blue,green", "prompt_sr", ("red", "blue", "green")),
+        ("Var. seed=5-6", "subseed", (5, 6)),
+        ("subseed_strength=0-0.5 [3]", "subseed_strength", (0.0, 0.25, 0.5)),
     ],
 )
 def test_axes(text, kind, values):
@@ -86,3 +88,12 @@ def test_each_cell_is_the_image_its_settings_make_alone():
     alone = pipe.generate(call["prompt"], seed=3, steps=8, sampler="DDIM")[0]
     assert np.array_equal(np.asarray(plot.cells[0][1][1]), np.asarray(alone))
     assert "Steps: 8, Sampler: DDIM" in plot.cells[0][1][1].info["parameters"]
+
+
+def test_a_variation_strength_axis_makes_each_cells_variation():
+    pipe = latentforge.load()
+    call = {"prompt": "a red circle", "seed": 3, "steps": 4, "subseed": 9}
+    plot = xyz_plot(pipe.generate, call, parse_axis("Var. strength=0,0.5"))
+    assert np.array_equal(np.asarray(plot.cells[0][0][0]), np.asarray(pipe.generate("a red circle", seed=3, steps=4)[0]))
+    alone = pipe.generate("a red circle", seed=3, steps=4, subseed=9, subseed_strength=0.5)[0]
+    assert np.array_equal(np.asarray(plot.cells[0][0][1]), np.asarray(alone)) and plot.labels[1] == "Var. strength: 0.5"

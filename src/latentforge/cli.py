@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of ESRGAN / Real-ESRGAN upscaler files, by name for --hires-upscaler (repeatable)")
     plot = p.add_argument_group("X/Y/Z plot (one image per combination, and a labelled grid)")
     plot.add_argument("--x", metavar="KIND=V1,V2", help="an axis: seed, steps, cfg, sampler, prompt_sr (the first "
-                      "value is replaced by each), lora=NAME:W1,W2; ranges as in A1111: 10-30 (+10), 1-2 [5]")
+                      "value is replaced by each), lora=NAME:W1,W2, subseed, subseed_strength; ranges as in A1111: 10-30 (+10), 1-2 [5]")
     plot.add_argument("--y", metavar="KIND=V1,V2", help="a second axis (rows)")
     plot.add_argument("--z", metavar="KIND=V1,V2", help="a third axis (one grid per value, side by side)")
     p.add_argument("--style", action="append", default=[], metavar="NAME",

@@ -1,7 +1,8 @@
 """AUTOMATIC1111's X/Y/Z plot: one generation per combination of axis values, laid out as a labelled grid.
 
-An axis is written `KIND=V1,V2,...` with KIND one of seed, steps, cfg, sampler, prompt_sr, lora (and
-their A1111 labels: "Seed", "Steps", "CFG Scale", "Sampler", "Prompt S/R"). Numbers may be written as
+An axis is written `KIND=V1,V2,...` with KIND one of seed, steps, cfg, sampler, prompt_sr, lora, subseed,
+subseed_strength (and their A1111 labels: "Seed", "Steps", "CFG Scale", "Sampler", "Prompt S/R", "Var. seed",
+"Var. strength"). Numbers may be written as
 A1111's ranges: `10-30 (+10)` (a step), `1-2 [5]` (a count), `1-3` (integers, step 1). Prompt S/R: the first
 value is the text searched for in the prompts, each value (the first too) replaces it. `lora=NAME:0,0.5,1`
 varies the weight of one LoRA (a name in the pipeline's library, or a path). X varies fastest; each
@@ -17,8 +18,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-AXES = {"seed": "seed", "steps": "steps", "cfg": "cfg_scale", "sampler": "sampler", "prompt_sr": "prompt", "lora": "loras"}
-LABELS = {"seed": "Seed", "steps": "Steps", "cfg": "CFG Scale", "sampler": "Sampler", "prompt_sr": "Prompt S/R", "lora": "LoRA"}
+AXES = {"seed": "seed", "steps": "steps", "cfg": "cfg_scale", "sampler": "sampler", "prompt_sr": "prompt", "lora": "loras",
+        "subseed": "subseed", "subseed_strength": "subseed_strength"}  # fmt: skip
+LABELS = {"seed": "Seed", "steps": "Steps", "cfg": "CFG Scale", "sampler": "Sampler", "prompt_sr": "Prompt S/R", "lora": "LoRA",
+          "subseed": "Var. seed", "subseed_strength": "Var. strength"}  # fmt: skip
 ALIASES = {label.lower(): kind for kind, label in LABELS.items()} | {"cfg scale": "cfg", "prompt s/r": "prompt_sr"}
 MAX_CELLS = 256  # images in one plot
 _STEP = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*\(\s*([+-]?[\d.]+)\s*\)\s*$")  # 10-30 (+10)
@@ -64,9 +67,9 @@ def parse_axis(text: str) -> Axis:
     parts = [part.strip() for part in rest.split(",") if part.strip()]
     if not parts:
         raise ValueError(f"axis {text!r} has no values")
-    if kind in ("seed", "steps"):
+    if kind in ("seed", "steps", "subseed"):
         values = [v for part in parts for v in _numbers(part, int, text)]
-    elif kind in ("cfg", "lora"):
+    elif kind in ("cfg", "lora", "subseed_strength"):
         values = [v for part in parts for v in _numbers(part, float, text)]
     else:
         values = parts
