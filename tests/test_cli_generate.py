@@ -53,6 +53,22 @@ def test_generate_writes_pngs_with_infotext_and_previews(model, tmp_path, capsys
     assert code == 0 and stdout.startswith("a red circle\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras")
 
 
+def test_the_hires_pass_previews_are_in_the_strip_at_the_images_size(model, tmp_path, capsys):
+    code, stdout, _ = run(
+        capsys, "generate", "a red circle", "--model", model, "--steps", "2", "--seed", "4", "--hires-scale", "2",
+        "--hires-steps", "4", "--preview-every", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0
+    image, strip = (Image.open(p) for p in stdout.split())
+    assert image.size == (128, 128)
+    # 2 first-pass frames (enlarged) and the hires pass's int(4 x 0.7) = 2, side by side; the labels above them
+    assert strip.width == 4 * 128 and 128 < strip.height < 2 * 128
+    first = np.asarray(strip)[-128:, :128]  # a 64 x 64 first-pass frame, each pixel doubled
+    assert np.array_equal(first[0::2, 0::2], first[1::2, 1::2])
+    assert first.std() > 5  # a picture, not a flat fill that any resize keeps
+    assert np.array_equal(np.asarray(strip)[-128:, -128:], np.asarray(image.convert("RGB")))  # the last step's is the image
+
+
 def test_img2img_and_inpaint_from_the_command_line(model, tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "init.png")

@@ -175,7 +175,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(path)
         if i in previews:
             labels, frames = zip(*previews[i])
-            strip = images.image_strip(list(frames), list(labels))
+            # the hires pass's frames are larger: every frame at the image's size, so that the strip reads evenly
+            frames = [f if f.size == image.size else f.resize(image.size, images.Image.NEAREST) for f in frames]
+            strip = images.image_strip(frames, list(labels))
             print(pngfiles.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
 
 
