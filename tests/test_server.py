@@ -359,6 +359,24 @@ def broken_model(folder):
     return path
 
 
+def test_a_file_that_cannot_be_read_drops_no_loaded_model(sd1_folder, tmp_path):
+    """With room for one model, switching to a broken file is refused before the loaded one makes room:
+    the current model stays in memory (no second load), and a good switch still drops it."""
+    from latentforge.server.jobs import ModelError, Models
+
+    loads = []
+    other = tmp_path / "other"
+    other.symlink_to(sd1_folder, target_is_directory=True)
+    models = Models([str(sd1_folder), str(broken_model(tmp_path)), str(other)], keep=1,
+                    loader=lambda path: loads.append(path) or latentforge.load(path))  # fmt: skip
+    first = models.get("model")
+    with pytest.raises(ModelError, match="cannot load model broken.safetensors: .*truncated"):
+        models.select("broken")
+    assert models.current == "model" and models.loaded["model"] is first and len(loads) == 1
+    models.select("other")
+    assert list(models.loaded) == ["other"] and len(loads) == 2
+
+
 def test_a_model_that_fails_to_load_leaves_the_current_one(sd1_folder, tmp_path):
     settings = Settings(models=[str(sd1_folder), str(broken_model(tmp_path))])
     with ServerThread(create_app(settings)) as url:

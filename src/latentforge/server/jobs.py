@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import collections
-import gc
 import concurrent.futures
+import gc
 import functools
 import io
 import re
@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .. import pngfiles
+from ..checkpoints import read_checkpoint
 from ..adapters.library import Library
 from ..pipeline import Pipeline, Step, default_model_path, load
 
@@ -55,7 +56,10 @@ class Models:
     """The configured models by name, the selected one, and up to `keep` of them loaded (one load at a time:
     the worker and a request selecting a model may both load)."""
 
-    def __init__(self, paths: list[str | None], keep: int = 2, loader: Callable[[Path], Pipeline] = load) -> None:
+    def __init__(
+        self, paths: list[str | None], keep: int = 2, loader: Callable[[Path], Pipeline] = load,
+        check: Callable[[Path], object] = read_checkpoint,
+    ) -> None:  # fmt: skip
         self.entries: dict[str, ModelEntry] = {}
         for given in paths or [None]:
             path = default_model_path() if given is None else Path(given)
@@ -67,7 +71,7 @@ class Models:
             self.entries[entry.name] = entry
         self.current = next(iter(self.entries))
         self.keep = max(1, keep)
-        self.loader = loader
+        self.loader, self.check = loader, check  # check: reads a model's file without building it (memory-mapped)
         self.loaded: collections.OrderedDict[str, Pipeline] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.library = Library()  # the add-on folders every loaded model uses (the app sets its own)
@@ -79,7 +83,8 @@ class Models:
 
     def select(self, name: str) -> None:
         """Make `name` the current model, loaded first: one that cannot be loaded (ModelError) leaves the
-        current one current (the least recently used may have been dropped from memory to make room)."""
+        current one current. A file that cannot be read is found before anything is dropped from memory; one
+        that fails later (building the model) may have cost the least recently used its place."""
         self.get(name)
         self.current = name
 
@@ -99,10 +104,12 @@ class Models:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self.loaded[name]
-        while len(self.loaded) >= self.keep:
-            self.loaded.popitem(last=False)
         entry = self.entries[name]
         try:
+            if len(self.loaded) >= self.keep:  # read before a loaded model makes room: a bad file costs none
+                self.check(entry.path)
+            while len(self.loaded) >= self.keep:
+                self.loaded.popitem(last=False)
             pipe = self.loader(entry.path)
             entry.hash = pipe.model_hash
         except (ValueError, OSError) as e:
