@@ -199,6 +199,18 @@ def test_a_clip_run_adds_images_against_captions(tmp_path_factory, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "not a CLIP training run folder" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "no.html").exists()
+    # the server's --explain-clip: its pages have the same figure; a folder that is no CLIP run fails at start
+    import requests
+
+    from latentforge.server import ServerThread, Settings, create_app
+
+    with ServerThread(create_app(Settings(models=[None], explain_clip=str(run_dir)))) as url:
+        page = requests.get(f"{url}/explain", params={"prompt": PROMPT, "seed": 3, "steps": 2}, timeout=300)
+    parser = Sections()
+    parser.feed(page.text)
+    assert page.status_code == 200 and len(parser.sections["clip"]) == 3
+    with pytest.raises(ValueError, match="not a CLIP training run folder"):
+        create_app(Settings(models=[None], explain_clip=str(tmp_path)))
 
 
 def test_a_long_prompt_shows_its_first_chunk_without_a_warning(shipped, tmp_path, recwarn):

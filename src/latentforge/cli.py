@@ -298,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             upscaler_dirs=args.upscaler_dir,
             styles_file=args.styles_file,
             tiny_decoder_dir=args.tiny_decoder_dir,
+            explain_clip=args.explain_clip,
         )
     )
 
@@ -680,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-decoder-dir", metavar="DIR",
                    help="A1111's VAE-approx folder: taesd_decoder.safetensors / .pth (SD 1.x/2.x) and taesdxl_decoder "
                    "(SDXL) draw the live previews, and the image when sd_vae_decode_method is TAESD")  # fmt: skip
+    p.add_argument("--explain-clip", metavar="RUN",
+                   help="a `latentforge train clip` run folder: /explain pages get its images-against-captions figure "
+                   "(explain's --clip)")  # fmt: skip
     add_device_options(p)
     add_vae_tiling_option(p)
     p.set_defaults(func=cmd_serve)

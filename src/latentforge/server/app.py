@@ -77,6 +77,7 @@ class Settings:
     # A1111's VAE-approx folder: taesd_decoder.* (SD 1.x/2.x) and taesdxl_decoder.* (SDXL), the tiny decoders
     # that draw the live previews and the final image when sd_vae_decode_method is TAESD
     tiny_decoder_dir: str | None = None
+    explain_clip: str | None = None  # a `latentforge train clip` run folder: /explain's images-against-captions figure
 
 
 def configured_models(settings: Settings, library: Library | None = None, upscalers: Upscalers | None = None) -> Models:
@@ -162,6 +163,10 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     """The ASGI app: the API under /sdapi/v1 and the web page at /. Its worker runs while the app does."""
     library, upscalers = settings_library(settings), settings_upscalers(settings)
     styles = read_styles(settings.styles_file) if settings.styles_file else {}
+    if settings.explain_clip is not None:  # a folder that is not a CLIP run is said at start, not per page
+        from ..explain.clip import read_clip
+
+        read_clip(settings.explain_clip)
     models = models or configured_models(settings, library, upscalers)
     for pipe in models.loaded.values():  # models loaded before the app (serve loads the first) share them too
         pipe.library, pipe.upscalers = library, upscalers
@@ -413,12 +418,16 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
         prompt: str, seed: int = 0, steps: int | None = None, fast_decode: bool = False, guidance_runs: bool = False
     ) -> Response:  # fmt: skip
         """`latentforge explain`'s page for the current model, made by the worker between generations; the
-        options are the command's `--fast-decode` (with the model's tiny decoder) and `--guidance-runs`."""
+        options are the command's `--fast-decode` (with the model's tiny decoder) and `--guidance-runs`; the
+        server's --explain-clip is the command's --clip."""
 
         def page(pipe: Pipeline) -> str:
             from ..explain import explain, render
 
-            run = explain(pipe, prompt, seed=seed, steps=steps, fast_decode=fast_decode, guidance_runs=guidance_runs)
+            run = explain(
+                pipe, prompt, seed=seed, steps=steps, fast_decode=fast_decode, guidance_runs=guidance_runs,
+                clip=settings.explain_clip,
+            )  # fmt: skip
             return render(run)
 
         html = await asyncio.wrap_future(worker.submit(Job(models.current, [], run=page)))
