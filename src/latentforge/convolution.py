@@ -43,6 +43,8 @@ bfloat16 at 8 x 8, with the same number of multiplies and the same float32 accum
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -247,6 +249,22 @@ def folded_kernels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.cat(fold(rows, -1)).to(weight.dtype).contiguous(memory_format=torch.channels_last)
         for rows in fold(exact, -2)
     )
+
+
+@contextlib.contextmanager
+def circular_padding(models: Iterable[nn.Module | None], on: bool = True):
+    """Within it (when `on`), every convolution of these models pads by wrapping around the image instead of
+    with zeros, so that what they make tiles seamlessly (A1111's "Tiling"); the padding modes are put back
+    after. The faster ways above need zero padding, so those layers take nn.Conv2d's way meanwhile."""
+    convs = [m for model in models if model is not None and on for m in model.modules() if isinstance(m, nn.Conv2d)]
+    modes = [conv.padding_mode for conv in convs]
+    for conv in convs:
+        conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv, mode in zip(convs, modes):
+            conv.padding_mode = mode
 
 
 class Conv2d(nn.Conv2d):

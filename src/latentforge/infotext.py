@@ -66,6 +66,7 @@ class GenerationInfo:
     conditional_mask_weight: float | None = None
     clip_skip: int = 1
     rng: str | None = None
+    tiling: bool | None = None  # A1111's "Tiling: True"
     mask_blur: int | None = None
     refiner_name: str | None = None
     refiner_hash: str | None = None
@@ -113,6 +114,7 @@ def infotext_params(info: GenerationInfo) -> dict[str, object]:
         "Conditional mask weight": info.conditional_mask_weight,
         "Clip skip": info.clip_skip if info.clip_skip is not None and info.clip_skip > 1 else None,
         "RNG": info.rng,
+        "Tiling": info.tiling,
     }
     # like the webui's **p.extra_generation_params: a key already listed keeps its place
     refiner = _refiner(info)

@@ -29,6 +29,7 @@ from .errors import GenerationError
 from .guidance import Denoiser, PromptConds, make_denoiser
 from .hires import LATENT_MODES, Hires, upscale_image, upscale_latents
 from .images import image_to_tensor, tensor_to_images
+from .convolution import circular_padding
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
@@ -245,6 +246,7 @@ class Pipeline:
         subseed: int | None = None,
         subseed_strength: float = 0.0,
         seed_resize_from: tuple[int, int] | None = None,
+        tiling: bool = False,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -266,15 +268,18 @@ class Pipeline:
         Image i of the batch starts from a CPU generator seeded with seed + i, so any image of a batch
         can be made again alone. A1111's seed options (seeds.py): `subseed_strength` above 0 moves each image's
         starting noise toward the noise of `subseed` + i (None: a random variation seed); `seed_resize_from`
-        (width, height) starts from the noise the seed makes at that size, centred. Returns PIL images whose info["parameters"] is the infotext."""
+        (width, height) starts from the noise the seed makes at that size, centred. `tiling` (A1111's) pads
+        every convolution circularly, so that the image tiles seamlessly. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
             hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
-            seed_resize_from=seed_resize_from,
+            seed_resize_from=seed_resize_from, tiling=tiling,
         )  # fmt: skip
-        with merged_tokens([self, request.refiner], request.speed.token_merging):
+        pipes = [self, request.refiner]
+        convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
+        with merged_tokens(pipes, request.speed.token_merging), circular_padding(convolutions, request.tiling):
             return self._generate(request, callback)
 
     def _generate(self, request, callback: Callable[[Step], None] | None) -> list[Image.Image]:
@@ -312,7 +317,11 @@ class Pipeline:
             # the model that ran last decodes, as in diffusers' refiner pipeline and A1111's switch
             # a hires pass beyond twice the native size is decoded in tiles (its whole decode's memory grows
             # with the pixels: 2048 x 2048 in SD 1.5 would need some 16 GB)
-            tiled = second is not None and max(latents.shape[-2:]) > HIRES_TILED * self.config.unet.sample_size
+            # (not with tiling, whose wrap-around would then be each tile's own)
+            tiled = (
+                second is not None and not request.tiling
+                and max(latents.shape[-2:]) > HIRES_TILED * self.config.unet.sample_size
+            )  # fmt: skip
             last = request.refiner or self
             image = last.preview(latents)[0] if request.speed.tiny_decoder else last.decode(latents, tiled)[0]
             image.info["parameters"] = format_infotext(self._info(request, spec, i, uses, words))
@@ -540,6 +549,7 @@ class Pipeline:
             refiner_name=None if refiner is None else refiner.name,
             refiner_hash=None if refiner is None else refiner.model_hash,
             refiner_switch_at=None if refiner is None else request.refiner_switch_at,
+            tiling=request.tiling or None,
             extra=extra,
         )
 

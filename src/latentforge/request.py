@@ -64,6 +64,7 @@ class Request:
     hires: Hires | None = None  # the hires fix's second pass (txt2img only)
     speed: Shortcuts = field(default_factory=Shortcuts)  # work skipped for speed (speed.py), none by default
     seeds: SeedOptions = field(default_factory=SeedOptions)  # A1111's variation seed and seed resize (seeds.py)
+    tiling: bool = False  # A1111's "Tiling": convolutions pad circularly, so the image tiles seamlessly
 
 
 def _loras(value: object) -> dict:
@@ -165,6 +166,7 @@ def check_request(
     subseed: int | None = None,
     subseed_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
+    tiling: bool = False,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -220,6 +222,7 @@ def check_request(
         _check_hires(pipe, hires, width, height, steps, init)
     speed = _speed(pipe, speed, refiner)
     seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple)
+    _check_tiling(tiling, [pipe, refiner])
     image_tensor = mask_tensor = None
     if init is not None:
         # an explicit width/height different from the image's asks for the image at that size
@@ -249,7 +252,19 @@ def check_request(
         hires=hires,
         speed=speed,
         seeds=seeds,
+        tiling=tiling,
     )
+
+
+def _check_tiling(tiling: object, pipes: list) -> None:
+    """Tiling is True or False; a VAE decoding in tiles would wrap each tile on itself, so not with it."""
+    if not isinstance(tiling, bool):
+        raise ValueError(f"tiling must be True or False, got {tiling!r}")
+    if tiling and any(pipe is not None and pipe.vae_tiling for pipe in pipes):
+        raise ValueError(
+            "tiling (an image that tiles seamlessly) cannot be made with VAE tiling, whose tiles would each wrap "
+            "around on themselves: turn vae_tiling (--vae-tiling) off"
+        )
 
 
 def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int) -> SeedOptions:

@@ -57,6 +57,7 @@ class Txt2Img(BaseModel):
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
     seed_resize_from_w: int = 0  # both above 0: start from the noise the seed makes at that size
     seed_resize_from_h: int = 0
+    tiling: bool | None = None  # convolutions pad circularly: an image that tiles seamlessly
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
     scheduler: str | None = None  # "automatic" or "karras" (A1111 1.9+ splits "DPM++ 2M Karras" in two)
@@ -326,6 +327,7 @@ def make_job(
     if req.enable_hr and not isinstance(req, Img2Img):  # A1111 ignores enable_hr in img2img too
         common["hires"] = hires_fix(req, upscalers or Upscalers())
     common["subseed_strength"] = req.subseed_strength
+    common["tiling"] = bool(req.tiling)
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:  # A1111: off unless both are set
         common["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
     calls = [common | {"seed": s, "subseed": sub} for s, sub in zip(seeds, subseeds)]

@@ -35,6 +35,7 @@ function request() {
     body.refiner_switch_at = Number($("refiner_switch_at").value);
   }
   if ($("fast").checked) body.override_settings = { speed_preset: "fast" };
+  if ($("tiling").checked) body.tiling = true;
   if (Number($("subseed_strength").value) > 0) {
     body.subseed = $("subseed").value === "" ? -1 : Number($("subseed").value);
     body.subseed_strength = Number($("subseed_strength").value);
