@@ -163,3 +163,37 @@ def test_the_command_line_options(tmp_path, capsys):
     with Image.open(written[0]) as image:
         text = image.info["parameters"]
     assert "Variation seed: 5, Variation seed strength: 0.3, Seed resize from: 48x72" in text
+
+
+def test_eta_noise_seed_delta_reseeds_a_stochastic_samplers_later_noise(shipped, monkeypatch):
+    """A1111's ENSD: the starting noise is the seed's, the sampler's later draws come from seed + delta; a
+    deterministic sampler is unchanged, and the infotext says ENSD only where it was used."""
+    from latentforge import pipeline as pipeline_module
+
+    given = []
+    usual = pipeline_module.sampler_generator
+    monkeypatch.setattr(pipeline_module, "sampler_generator", lambda *a: given.append(usual(*a).get_state()) or usual(*a))
+    varied = shipped.generate("a red circle", seed=3, steps=4, sampler="Euler a", eta_noise_seed_delta=31337)[0]
+    assert torch.equal(given[-1], torch.Generator().manual_seed(3 + 31337).get_state())
+    assert not same(varied, shipped.generate("a red circle", seed=3, steps=4, sampler="Euler a")[0])
+    assert parse_infotext(varied.info["parameters"])["ENSD"] == "31337"
+    euler = shipped.generate("a red circle", seed=3, steps=4, sampler="Euler", eta_noise_seed_delta=31337)[0]
+    assert same(euler, shipped.generate("a red circle", seed=3, steps=4, sampler="Euler")[0])
+    assert "ENSD" not in euler.info["parameters"]
+    with pytest.raises(ValueError, match="eta_noise_seed_delta must be between 0"):
+        shipped.generate("a red circle", seed=3, eta_noise_seed_delta=-1)
+
+
+def test_the_api_takes_the_ensd_option(sd1_folder):
+    pipe = latentforge.load(sd1_folder)
+    base = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "sampler_name": "Euler a", "seed": 9}
+    want = pipe.generate("a red circle", seed=9, steps=3, sampler="Euler a", width=64, height=64, eta_noise_seed_delta=31337)[0]
+    with ServerThread(create_app(Settings(models=[str(sd1_folder)]))) as url:
+        post = lambda path, body: requests.post(f"{url}/sdapi/v1/{path}", json=body, timeout=120)  # noqa: E731
+        once = post("txt2img", base | {"override_settings": {"eta_noise_seed_delta": 31337}})
+        assert np.array_equal(image_of(once), np.asarray(want))
+        assert post("options", {"eta_noise_seed_delta": 31337}).status_code == 200
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["eta_noise_seed_delta"] == 31337
+        assert np.array_equal(image_of(post("txt2img", base)), np.asarray(want))
+        refused = post("options", {"eta_noise_seed_delta": "x"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "eta_noise_seed_delta"

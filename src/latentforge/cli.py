@@ -162,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, init_image=init,
         strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
         refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed, subseed=args.subseed,
-        subseed_strength=args.subseed_strength, tiling=args.tiling,
+        subseed_strength=args.subseed_strength, tiling=args.tiling, eta_noise_seed_delta=args.eta_noise_seed_delta,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how far toward the variation seed's noise, 0..1 (default: 0, no variation)")
     p.add_argument("--seed-resize-from", metavar="WxH",
                    help="start from the noise the seed makes at this size, centred (A1111's \"Resize seed from\")")
+    p.add_argument("--eta-noise-seed-delta", type=int, default=0, metavar="N",
+                   help="A1111's ENSD setting (e.g. 31337): a stochastic sampler's later noise from seed + N (default: 0)")
     p.add_argument("--tiling", action="store_true",
                    help="an image that tiles seamlessly (A1111's \"Tiling\": the convolutions wrap around the edges)")
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")

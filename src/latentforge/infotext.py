@@ -65,6 +65,7 @@ class GenerationInfo:
     denoising_strength: float | None = None
     conditional_mask_weight: float | None = None
     clip_skip: int = 1
+    ensd: int | None = None  # A1111's eta noise seed delta, written when a stochastic sampler used it
     rng: str | None = None
     tiling: bool | None = None  # A1111's "Tiling: True"
     mask_blur: int | None = None
@@ -113,6 +114,7 @@ def infotext_params(info: GenerationInfo) -> dict[str, object]:
         "Denoising strength": info.denoising_strength,
         "Conditional mask weight": info.conditional_mask_weight,
         "Clip skip": info.clip_skip if info.clip_skip is not None and info.clip_skip > 1 else None,
+        "ENSD": info.ensd,
         "RNG": info.rng,
         "Tiling": info.tiling,
     }

@@ -37,7 +37,7 @@ from .prompt_schedule import PromptPlan, plan_prompts
 from .request import check_request
 from .samplers import get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
-from .seeds import initial_noise
+from .seeds import initial_noise, sampler_generator
 from .speed import Shortcuts
 from .text_encoder import TextEncoder
 from .tiny_decoder import TinyDecoder, read_tiny_decoder
@@ -247,6 +247,7 @@ class Pipeline:
         subseed_strength: float = 0.0,
         seed_resize_from: tuple[int, int] | None = None,
         tiling: bool = False,
+        eta_noise_seed_delta: int = 0,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -269,13 +270,14 @@ class Pipeline:
         can be made again alone. A1111's seed options (seeds.py): `subseed_strength` above 0 moves each image's
         starting noise toward the noise of `subseed` + i (None: a random variation seed); `seed_resize_from`
         (width, height) starts from the noise the seed makes at that size, centred. `tiling` (A1111's) pads
-        every convolution circularly, so that the image tiles seamlessly. Returns PIL images whose info["parameters"] is the infotext."""
+        every convolution circularly, so that the image tiles seamlessly. `eta_noise_seed_delta` (A1111's ENSD)
+        seeds a stochastic sampler's later noise with seed + delta. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
             hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
-            seed_resize_from=seed_resize_from, tiling=tiling,
+            seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
@@ -402,6 +404,7 @@ class Pipeline:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
             x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
+        g = sampler_generator(seed, g, request.seeds)  # what a stochastic sampler draws from now on
         if not isinstance(conds, PromptConds):
             conds = PromptConds(plan_prompts("", "", 1), *conds)  # one fixed conditioning
         guidance = conds.guidance(request.cfg_scale, extra)
@@ -535,7 +538,7 @@ class Pipeline:
             schedule_type=spec.schedule,
             cfg_scale=request.cfg_scale,
             seed=request.seed + index,
-            **request.seeds.info_fields(index),
+            **request.seeds.info_fields(index, spec.stochastic),
             width=request.width,
             height=request.height,
             model_hash=self.model_hash,

@@ -167,6 +167,7 @@ def check_request(
     subseed_strength: float = 0.0,
     seed_resize_from: tuple[int, int] | None = None,
     tiling: bool = False,
+    eta_noise_seed_delta: int = 0,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -221,7 +222,7 @@ def check_request(
     if hires is not None:
         _check_hires(pipe, hires, width, height, steps, init)
     speed = _speed(pipe, speed, refiner)
-    seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple)
+    seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta)
     _check_tiling(tiling, [pipe, refiner])
     image_tensor = mask_tensor = None
     if init is not None:
@@ -267,8 +268,9 @@ def _check_tiling(tiling: object, pipes: list) -> None:
         )
 
 
-def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int) -> SeedOptions:
-    """A1111's variation seed (None: a random one) and strength, and the size to resize the seed from."""
+def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int, delta: object) -> SeedOptions:
+    """A1111's variation seed (None: a random one) and strength, the size to resize the seed from, and the eta
+    noise seed delta."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"subseed_strength must be between 0 and 1 (0: no variation), got {strength!r}")
     subseed = secrets.randbelow(MAX_SEED + 1) if subseed is None else _int("subseed", subseed, 0, MAX_SEED)
@@ -279,7 +281,8 @@ def _seed_options(subseed: object, strength: object, resize_from: object, multip
             _size("seed_resize_from's width", resize_from[0], multiple),
             _size("seed_resize_from's height", resize_from[1], multiple),
         )
-    return SeedOptions(subseed, float(strength), resize_from)
+    delta = _int("eta_noise_seed_delta", delta, 0, MAX_SEED)
+    return SeedOptions(subseed, float(strength), resize_from, delta)
 
 
 def _speed(pipe, speed: object, refiner=None) -> Shortcuts:

@@ -12,6 +12,9 @@ the same numbers as A1111's with its random source set to "CPU".
 - **Seed resize** (A1111's "Resize seed from width/height"): the noise the seed would make at another
   size, centred in this size's noise (cropped where it is larger), so that a seed keeps its composition
   when the size changes. The variation seed's noise is drawn at that other size too.
+- **Eta noise seed delta** (A1111's ENSD setting, 31337 in many shared infotexts): the noise a stochastic
+  sampler draws after the starting noise comes from a generator seeded with seed + delta instead of
+  continuing the seed's (`sampler_generator`).
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ class SeedOptions:
     subseed: int = 0
     strength: float = 0.0
     resize_from: tuple[int, int] | None = None
+    noise_delta: int = 0  # A1111's eta noise seed delta (ENSD)
 
-    def info_fields(self, index: int) -> dict[str, object]:
+    def info_fields(self, index: int, stochastic: bool) -> dict[str, object]:
         """infotext.GenerationInfo's fields for image `index` (A1111's "Variation seed", "Variation seed
-        strength" when the strength is above 0, "Seed resize from"); None where off."""
+        strength" when the strength is above 0, "Seed resize from", and "ENSD" when a `stochastic` sampler
+        used it); None where off."""
         on = self.strength > 0
         return {
             "variation_seed": self.subseed + index if on else None,
             "variation_seed_strength": self.strength if on else None,
             "seed_resize_from": None if self.resize_from is None else "{}x{}".format(*self.resize_from),
+            "ensd": self.noise_delta if self.noise_delta and stochastic else None,
         }
 
 
@@ -62,6 +68,12 @@ def initial_noise(
     if small is None:
         return drawn
     return paste_centred(drawn, noise)
+
+
+def sampler_generator(seed: int, generator: torch.Generator, options: SeedOptions) -> torch.Generator:
+    """The generator a sampler draws its noise from once the starting noise is drawn: the image's own, or with
+    an eta noise seed delta a fresh one seeded with seed + delta (as the webui reseeds after the first noise)."""
+    return torch.Generator().manual_seed(seed + options.noise_delta) if options.noise_delta else generator
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

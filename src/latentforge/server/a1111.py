@@ -285,12 +285,13 @@ def set_speed(current: dict[str, Any], changes: dict[str, Any], loc: str = "", o
 def make_job(
     req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
     styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None, speed: dict[str, Any] | None = None,
+    ensd: int = 0,
 ) -> tuple[Job, list[int], list[int]]:  # fmt: skip
     """The job for a txt2img / img2img request, its seeds and variation seeds (image i: seed + i, subseed + i);
     `vae` is the sd_vae
     option, which the request's override_settings may change for itself; `styles` those the request may
     name; `upscalers` those the hires fix may use; `speed` the speed options (SPEED_OPTIONS), which the request's
-    override_settings and s_min_uncond may change for itself."""
+    override_settings and s_min_uncond may change for itself; `ensd` the eta_noise_seed_delta option (the same)."""
     count = req.batch_size * req.n_iter
     if count > MAX_BATCH:
         raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
@@ -328,6 +329,7 @@ def make_job(
         common["hires"] = hires_fix(req, upscalers or Upscalers())
     common["subseed_strength"] = req.subseed_strength
     common["tiling"] = bool(req.tiling)
+    common["eta_noise_seed_delta"] = settings.get("eta_noise_seed_delta", ensd)
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:  # A1111: off unless both are set
         common["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
     calls = [common | {"seed": s, "subseed": sub} for s, sub in zip(seeds, subseeds)]
@@ -351,6 +353,7 @@ GENERATE_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
     "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
     "subseed": "subseed", "seed_resize_from's width": "seed_resize_from_w",
+    "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "seed_resize_from's height": "seed_resize_from_h",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
