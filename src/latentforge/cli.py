@@ -123,7 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("--y and --z need an --x axis")
     if axes[0] is not None and args.batch_size != 1:
         raise ValueError("--batch-size with --x: a plot makes one image per cell; vary the seed with --x seed=1-4")
-    prompt, negative = args.prompt, args.negative_prompt
+    from_png, notes = png_arguments(args.from_png) if args.from_png else ({}, [])
+    png_prompt, png_negative = from_png.pop("prompt", None), from_png.pop("negative_prompt", "")
+    if args.prompt is None and png_prompt is None:
+        raise ValueError("give a prompt (or --from-png FILE to make an image again from its parameters)")
+    prompt = args.prompt if args.prompt is not None else png_prompt
+    negative = args.negative_prompt if args.negative_prompt is not None else png_negative
     if args.style:
         prompt, negative = apply_styles(prompt, negative, read_styles(args.styles_file) if args.styles_file else {}, args.style)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
@@ -157,6 +162,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             bar.close()
             del bars[step.image_index]  # a hires pass reports its steps under the same image again
 
+    made_with = from_png.pop("model_hash", None)
+    if made_with and pipe.model_hash and made_with != pipe.model_hash:
+        notes.append(f"it was made with model hash {made_with}, not this model's {pipe.model_hash}")
+    for note in notes:
+        print(f"latentforge generate: note: {args.from_png}: {note}", file=sys.stderr)
     call = dict(
         prompt=prompt, negative_prompt=negative, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size, init_image=init,
@@ -166,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
+    call = from_png | {key: value for key, value in call.items() if value is not None}  # given here wins
     if axes[0] is not None:
         save_plot(pipe, call, axes, out)
         return
@@ -179,6 +190,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
             frames = [f if f.size == image.size else f.resize(image.size, images.Image.NEAREST) for f in frames]
             strip = images.image_strip(frames, list(labels))
             print(pngfiles.save_png(strip, out, stem=path.stem + "-steps", parameters=image.info["parameters"]))
+
+
+def png_arguments(path: str) -> tuple[dict, list[str]]:
+    """generate()'s arguments from a PNG's infotext (reproduce.generate_args; its "model_hash" too), and notes."""
+    from .infotext import parse_infotext
+    from .pngfiles import read_infotext
+    from .reproduce import generate_args
+
+    text = read_infotext(path)
+    if not text:
+        raise ValueError(f"{path}: no generation parameters in it (no PNG 'parameters' text); --from-png needs an "
+                         "image made by latentforge or AUTOMATIC1111, with its text kept")  # fmt: skip
+    params = parse_infotext(text)
+    try:
+        args, notes = generate_args(params)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return args | {"model_hash": params.get("Model hash")}, notes
 
 
 def hires_argument(args: argparse.Namespace):
@@ -517,8 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", **prediction)
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img, inpainting)")
-    p.add_argument("prompt", help="what to draw; (word:1.3) / [word] emphasis and BREAK as in AUTOMATIC1111")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("prompt", nargs="?",
+                   help="what to draw; (word:1.3) / [word] emphasis and BREAK as in AUTOMATIC1111")  # fmt: skip
+    p.add_argument("--negative-prompt", help="what to steer away from")
+    p.add_argument("--from-png", metavar="FILE",
+                   help="make an image again from the generation parameters in its PNG (A1111's PNG Info -> Send to "
+                   "txt2img); the prompt and options given here replace the file's")  # fmt: skip
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped in the package)")
     p.add_argument("--sampler", help="sampler name as `latentforge samplers` lists (default: the model's; "
                    "Euler a for SD checkpoints)")  # fmt: skip
@@ -534,19 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subseed", type=seed_argument, metavar="SEED",
                    help="variation seed: with --subseed-strength, image i's noise moves toward this seed + i's "
                    "(A1111's \"Variation seed\"; default: random)")  # fmt: skip
-    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
+    p.add_argument("--subseed-strength", type=float, metavar="F",
                    help="how far toward the variation seed's noise, 0..1 (default: 0, no variation)")
     p.add_argument("--seed-resize-from", metavar="WxH",
                    help="start from the noise the seed makes at this size, centred (A1111's \"Resize seed from\")")
-    p.add_argument("--eta-noise-seed-delta", type=int, default=0, metavar="N",
+    p.add_argument("--eta-noise-seed-delta", type=int, metavar="N",
                    help="A1111's ENSD setting (e.g. 31337): a stochastic sampler's later noise from seed + N (default: 0)")
-    p.add_argument("--tiling", action="store_true",
+    p.add_argument("--tiling", action="store_true", default=None,
                    help="an image that tiles seamlessly (A1111's \"Tiling\": the convolutions wrap around the edges)")
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change, 0..1 (default: 0.75)")
+    p.add_argument("--strength", type=float, help="img2img: how much to change, 0..1 (default: 0.75)")
     p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
-    p.add_argument("--clip-skip", type=int, default=1, help="text-encoder layers to skip from the end, as A1111 counts")
+    p.add_argument("--clip-skip", type=int,
+                   help="text-encoder layers to skip from the end, as A1111 counts (default: 1)")  # fmt: skip
     p.add_argument("--refiner", metavar="FILE",
                    help="SDXL refiner (checkpoint file or diffusers folder) that takes over the last steps, "
                    "loaded with the model's --dtype and --device")  # fmt: skip

@@ -553,6 +553,7 @@ class Pipeline:
             refiner_hash=None if refiner is None else refiner.model_hash,
             refiner_switch_at=None if refiner is None else request.refiner_switch_at,
             tiling=request.tiling or None,
+            rng="CPU",  # A1111's name of the random source whose noise ours is (its default, "GPU", is not)
             extra=extra,
         )
 

@@ -1,0 +1,84 @@
+"""An image's infotext back to `Pipeline.generate`'s arguments: A1111's "PNG Info -> Send to txt2img".
+
+`generate_args(params)` takes what `infotext.parse_infotext` reads from a PNG and returns the arguments that
+make the image again, with notes on what the text alone cannot bring back. Read: the prompts, Steps, Sampler
+with Schedule type (A1111 1.9+ writes "DPM++ 2M" + "Karras", older files "DPM++ 2M Karras"), CFG scale, Seed,
+Size, Clip skip, the seed options (Variation seed and its strength, Seed resize from, ENSD), Tiling and the
+hires fix (`hires.from_infotext`). A value that cannot be read is a one-line ValueError naming the key.
+
+Notes (not errors; the image is made, but may differ): a seed drawn by another random source (A1111's
+default "GPU", or "NV": latentforge always draws on the CPU, as A1111's "CPU" source, which its infotext
+says as "RNG: CPU"); an img2img image (its init image is not in the text); LoRAs and embeddings the prompt
+names (they come from the folders given to the run). The model is the caller's to check (`Model hash`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .hires import from_infotext as hires_from_infotext
+from .samplers import SPECS
+
+CPU_RNG = "CPU"  # A1111's name of the random source latentforge matches; absent means its default, "GPU"
+
+
+def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """(generate() keyword arguments, notes) for an infotext parsed by `infotext.parse_infotext`."""
+    args: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
+    readers: dict[str, tuple[str, Callable[[str], object]]] = {
+        "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+        "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
+        "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+        "ENSD": ("eta_noise_seed_delta", int),
+    }  # fmt: skip
+    for key, (name, cast) in readers.items():
+        if key in params:
+            args[name] = _read(params, key, cast)
+    if "Sampler" in params:
+        args["sampler"] = sampler_name(params["Sampler"], params.get("Schedule type"))
+    if "Seed resize from-1" in params:
+        args["seed_resize_from"] = (_read(params, "Seed resize from-1", int), _read(params, "Seed resize from-2", int))
+    if "Tiling" in params:
+        args["tiling"] = params["Tiling"].strip().lower() == "true"
+    try:
+        hires = hires_from_infotext(params)
+    except ValueError as e:
+        raise ValueError(f"the infotext's hires fix cannot be read: {e}") from None
+    notes = []
+    if hires is not None:
+        args["hires"] = hires
+    elif "Denoising strength" in params:
+        args["strength"] = _read(params, "Denoising strength", float)
+        notes.append("an img2img image: give its init image (--init-image) to make it again")
+    rng = params.get("RNG", "GPU")
+    if rng != CPU_RNG:
+        notes.append(
+            f"its seed's noise was drawn by A1111's {rng!r} random source; latentforge draws on the CPU (A1111's "
+            "'CPU' source), so the same seed makes another picture"
+        )
+    if "<lora:" in args["prompt"] or "<lyco:" in args["prompt"] or "TI hashes" in params:
+        notes.append("its prompt uses LoRAs or embeddings: give their folders (--lora-dir, --embeddings-dir)")
+    return args, notes
+
+
+def sampler_name(sampler: str, schedule: str | None) -> str:
+    """latentforge's sampler for an infotext's Sampler and Schedule type; one line when it has none such."""
+    for spec in SPECS:
+        if schedule in (None, "Automatic") and spec.a1111_name == sampler:
+            return spec.a1111_name
+        if spec.infotext_name == sampler and spec.schedule == schedule:
+            return spec.a1111_name
+    with_schedule = f" with schedule {schedule!r}" if schedule not in (None, "Automatic") else ""
+    raise ValueError(
+        f"the infotext's sampler {sampler!r}{with_schedule} is not one latentforge has; give --sampler "
+        f"(known: {', '.join(spec.a1111_name for spec in SPECS)})"
+    )
+
+
+def _read(params: Mapping[str, str], key: str, cast: Callable[[str], object]) -> Any:
+    try:
+        return cast(params[key])
+    except ValueError:
+        kind = "a whole number" if cast is int else "a number"
+        raise ValueError(f"the infotext's {key!r} is {params[key]!r}, not {kind}") from None
