@@ -173,6 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
         refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed, subseed=args.subseed,
         subseed_strength=args.subseed_strength, tiling=args.tiling, eta_noise_seed_delta=args.eta_noise_seed_delta,
+        resize_mode=int(args.resize_mode) if args.resize_mode and args.resize_mode.isdigit() else args.resize_mode,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
@@ -578,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--strength", type=float, help="img2img: how much to change, 0..1 (default: 0.75)")
+    p.add_argument("--resize-mode", metavar="MODE",
+                   help="img2img to another size: A1111's 'Just resize' (default), 'Crop and resize', 'Resize and "
+                   "fill' or 'Just resize (latent upscale)', or its numbers 0-3")  # fmt: skip
     p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
     p.add_argument("--clip-skip", type=int,
                    help="text-encoder layers to skip from the end, as A1111 counts (default: 1)")  # fmt: skip

@@ -162,6 +162,54 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
+# A1111's img2img resize modes, by its names (its API numbers them 0-3 in this order)
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+
+
+def resize_mode_name(value: object) -> str:
+    """A resize mode by A1111's name (any case) or number -> its name; one line listing them otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(RESIZE_MODES):
+        return RESIZE_MODES[value]
+    found = next((name for name in RESIZE_MODES if str(value).strip().lower() == name.lower()), None)
+    if found is None:
+        known = ", ".join(f"{i}: {name!r}" for i, name in enumerate(RESIZE_MODES))
+        raise ValueError(f"resize_mode must be one of {known}; got {value!r}")
+    return found
+
+
+def resize_for(image: Image.Image, size: tuple[int, int], mode: str, resample: int = Image.LANCZOS) -> Image.Image:
+    """`image` at `size` (width, height) by one of A1111's first three resize modes: stretched ("Just resize"),
+    scaled to cover and centre-cropped ("Crop and resize"), or scaled to fit, centred, with the bands left over
+    filled by stretching the scaled image's edge rows or columns ("Resize and fill"); A1111's rounding."""
+    width, height = size
+    if mode == RESIZE_MODES[0] or image.size == size:
+        return image if image.size == size else image.resize(size, resample)
+    ratio, image_ratio = width / height, image.width / image.height
+    cover = mode == RESIZE_MODES[1]
+    by_width = ratio > image_ratio if cover else ratio < image_ratio  # scale to the target's width, else its height
+    scaled = (width, image.height * width // image.width) if by_width else (image.width * height // image.height, height)
+    resized = image.resize(scaled, resample)
+    out = Image.new(image.mode, size)
+    left, top = width // 2 - scaled[0] // 2, height // 2 - scaled[1] // 2
+    out.paste(resized, (left, top))
+    if not cover:
+        _fill_bands(out, resized, left, top, resample)
+    return out
+
+
+def _fill_bands(out: Image.Image, resized: Image.Image, left: int, top: int, resample: int) -> None:
+    """"Resize and fill": the bands beside the centred image get its first / last row or column, stretched; both
+    bands are as wide as the first, as in A1111 (the second runs over the edge by a line when the scaled image's
+    side is odd)."""
+    w, h = resized.size
+    if top > 0:  # bands above and below
+        out.paste(resized.resize((out.width, top), resample, box=(0, 0, w, 0)), (0, 0))
+        out.paste(resized.resize((out.width, top), resample, box=(0, h, w, h)), (0, top + h))
+    elif left > 0:  # bands left and right
+        out.paste(resized.resize((left, out.height), resample, box=(0, 0, 0, h)), (0, 0))
+        out.paste(resized.resize((left, out.height), resample, box=(w, 0, w, h)), (left + w, 0))
+
+
 def image_strip(images: Sequence[Image.Image], labels: Sequence[str] | None = None) -> Image.Image:
     """The images side by side (top-aligned, RGB), each with its label in a band above it, if given."""
     if not images:

@@ -248,6 +248,7 @@ class Pipeline:
         seed_resize_from: tuple[int, int] | None = None,
         tiling: bool = False,
         eta_noise_seed_delta: int = 0,
+        resize_mode: str | int = "Just resize",
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -271,13 +272,16 @@ class Pipeline:
         starting noise toward the noise of `subseed` + i (None: a random variation seed); `seed_resize_from`
         (width, height) starts from the noise the seed makes at that size, centred. `tiling` (A1111's) pads
         every convolution circularly, so that the image tiles seamlessly. `eta_noise_seed_delta` (A1111's ENSD)
-        seeds a stochastic sampler's later noise with seed + delta. Returns PIL images whose info["parameters"] is the infotext."""
+        seeds a stochastic sampler's later noise with seed + delta. `resize_mode` is how an init image of another
+        size is brought to width x height: A1111's "Just resize", "Crop and resize", "Resize and fill" or "Just
+        resize (latent upscale)" (or its numbers 0-3). Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
             hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
+            resize_mode=resize_mode,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
@@ -393,6 +397,8 @@ class Pipeline:
         if not from_noise and init_latents is None:
             # drawn first, as diffusers does: the posterior sample of the image, then the noise
             init_latents = self.encode_image(request.image_tensor, g)
+            if init_latents.shape[-2:] != (h, w):  # A1111's "Just resize (latent upscale)": encoded at its own size
+                init_latents = F.interpolate(init_latents, size=(h, w), mode="bilinear")
         shape = (1, self.config.unet.out_channels, h, w)
         noise = initial_noise(shape, seed, g, request.seeds, index, self.config.vae.downscale).to(self.device)
         if self.config.inpainting:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .hires import Hires, check_upscaler
-from .images import image_to_tensor, mask_to_tensor
+from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, resize_for, resize_mode_name
 from .samplers import get_sampler
 from .seeds import SeedOptions
 from .speed import Shortcuts
@@ -168,6 +168,7 @@ def check_request(
     seed_resize_from: tuple[int, int] | None = None,
     tiling: bool = False,
     eta_noise_seed_delta: int = 0,
+    resize_mode: str | int = "Just resize",
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -225,13 +226,15 @@ def check_request(
     seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta)
     _check_tiling(tiling, [pipe, refiner])
     image_tensor = mask_tensor = None
+    resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
     if init is not None:
-        # an explicit width/height different from the image's asks for the image at that size
-        init = init.convert("RGB").resize((width, height), Image.LANCZOS) if init.size != (width, height) else init
+        # an explicit width/height different from the image's asks for the image at that size (resize_mode: how)
+        mode = resize_mode_for(pipe, resize_mode, init, mask, multiple)
+        if mode != RESIZE_MODES[3]:  # else encoded at its own size, its latents upscaled (Pipeline._sample)
+            init = resize_for(init.convert("RGB"), (width, height), mode)
         image_tensor = image_to_tensor(init.convert("RGB"))
         if mask is not None:
-            mask = mask.resize((width, height), Image.NEAREST) if mask.size != (width, height) else mask
-            mask_tensor = mask_to_tensor(mask)
+            mask_tensor = mask_to_tensor(resize_for(mask, (width, height), mode, Image.NEAREST))
     return Request(
         prompt=prompt,
         negative_prompt=negative,
@@ -266,6 +269,19 @@ def _check_tiling(tiling: object, pipes: list) -> None:
             "tiling (an image that tiles seamlessly) cannot be made with VAE tiling, whose tiles would each wrap "
             "around on themselves: turn vae_tiling (--vae-tiling) off"
         )
+
+
+def resize_mode_for(pipe, value: object, init: Image.Image, mask: Image.Image | None, multiple: int) -> str:
+    """The init image's resize mode (images.RESIZE_MODES); the latent upscale encodes the image at its own
+    size, which must suit the VAE, and has no mask or inpainting model to resize along."""
+    mode = resize_mode_name(value)
+    if mode == RESIZE_MODES[3]:
+        if mask is not None or pipe.config.inpainting:
+            raise ValueError(f"resize_mode {mode!r} is for img2img without a mask or an inpainting model; use another")
+        for i, name in enumerate(("width", "height")):
+            _size(f"with {mode!r}, the init image's {name}", init.size[i], multiple)
+        _check_pixels(*init.size, pipe.device)  # the VAE encodes it at that size
+    return mode
 
 
 def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int, delta: object) -> SeedOptions:

@@ -94,6 +94,7 @@ class Img2Img(Txt2Img):
     init_images: list[str] = Field(min_length=1, max_length=MAX_INIT_IMAGES)  # base64, maybe with a data: prefix
     denoising_strength: float = 0.75
     mask: str | None = None
+    resize_mode: int = Field(0, ge=0, le=3)  # an init image of another size: images.RESIZE_MODES, by number
     mask_blur: int = Field(4, ge=0, le=256)  # Gaussian blur of the mask, in pixels
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: black is repainted
     include_init_images: bool = False  # echo init_images and mask back in "parameters"
@@ -340,7 +341,7 @@ def make_job(
         masks: dict[tuple[int, int], Image.Image] = {}  # the mask made ready for each init image size
         for i, call in enumerate(calls):  # as in A1111, image i starts from init_images[i % count]
             init = inits[i % len(inits)]
-            call |= {"init_image": init, "strength": req.denoising_strength}
+            call |= {"init_image": init, "strength": req.denoising_strength, "resize_mode": req.resize_mode}
             if mask is not None:
                 if init.size not in masks:
                     masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
