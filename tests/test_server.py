@@ -139,8 +139,11 @@ def test_img2img_inpainting_with_inverted_mask(api, pipe):
     )  # fmt: skip
     assert "Denoising strength: 0.6" in result.info["infotexts"][0]
     assert result.parameters["init_images"] is None  # not echoed back unless include_init_images
-    expected = made_alone(pipe, 3, prompt="a blue triangle", steps=10, init_image=init,
-                          mask=ImageOps.invert(mask), strength=0.6)  # fmt: skip
+    # webuiapi sends A1111's API defaults: masked content "fill", only the masked part (no padding), pasted back
+    expected = made_alone(pipe, 3, prompt="a blue triangle", steps=10, init_image=init, mask=ImageOps.invert(mask),
+                          strength=0.6, masked_content="fill", inpaint_area="only masked", inpaint_padding=0,
+                          overlay=True)  # fmt: skip
+    assert "Masked content: fill, Inpaint area: Only masked, Masked area padding: 0" in result.info["infotexts"][0]
     assert np.array_equal(pixels(result.image), expected)
 
 

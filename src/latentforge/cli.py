@@ -174,10 +174,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed, subseed=args.subseed,
         subseed_strength=args.subseed_strength, tiling=args.tiling, eta_noise_seed_delta=args.eta_noise_seed_delta,
         resize_mode=int(args.resize_mode) if args.resize_mode and args.resize_mode.isdigit() else args.resize_mode,
+        masked_content=int(args.masked_content) if args.masked_content and args.masked_content.isdigit()
+        else args.masked_content,
+        inpaint_area=args.inpaint_area, inpaint_padding=args.inpaint_padding, mask_blur=args.mask_blur,
+        overlay=args.overlay,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
     call = from_png | {key: value for key, value in call.items() if value is not None}  # given here wins
+    if mask is not None:  # A1111's page: the mask blurred by 4 pixels, the unmasked pixels put back
+        call = {"mask_blur": 4, "overlay": True} | call
     if axes[0] is not None:
         save_plot(pipe, call, axes, out)
         return
@@ -583,6 +589,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img to another size: A1111's 'Just resize' (default), 'Crop and resize', 'Resize and "
                    "fill' or 'Just resize (latent upscale)', or its numbers 0-3")  # fmt: skip
     p.add_argument("--mask", help="inpainting: white is repainted, black kept (same size as --init-image)")
+    inpaint = p.add_argument_group("inpainting (with --mask; the defaults are A1111's page's)")
+    inpaint.add_argument("--mask-blur", type=int, metavar="PX", help="blur the mask by this radius first (default: 4)")
+    inpaint.add_argument("--masked-content", metavar="KIND",
+                         help="what the masked part starts from: fill, original (default), latent noise, latent "
+                         "nothing (A1111's 0-3)")  # fmt: skip
+    inpaint.add_argument("--inpaint-area", metavar="AREA",
+                         help="whole picture (default), or only masked: the mask's box painted at the full size and "
+                         "pasted back")  # fmt: skip
+    inpaint.add_argument("--inpaint-padding", type=int, metavar="PX",
+                         help="only masked: pixels around the mask's box (default: 32)")
+    inpaint.add_argument("--no-overlay", dest="overlay", action="store_false", default=None,
+                         help="keep the whole picture as the VAE paints it, instead of putting the image's unmasked "
+                         "pixels back (A1111 puts them back)")  # fmt: skip
     p.add_argument("--clip-skip", type=int,
                    help="text-encoder layers to skip from the end, as A1111 counts (default: 1)")  # fmt: skip
     p.add_argument("--refiner", metavar="FILE",

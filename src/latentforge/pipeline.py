@@ -249,6 +249,11 @@ class Pipeline:
         tiling: bool = False,
         eta_noise_seed_delta: int = 0,
         resize_mode: str | int = "Just resize",
+        masked_content: str | int = "original",
+        inpaint_area: str | bool = "whole picture",
+        inpaint_padding: int = 32,
+        overlay: bool = False,
+        mask_blur: int = 0,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -274,19 +279,25 @@ class Pipeline:
         every convolution circularly, so that the image tiles seamlessly. `eta_noise_seed_delta` (A1111's ENSD)
         seeds a stochastic sampler's later noise with seed + delta. `resize_mode` is how an init image of another
         size is brought to width x height: A1111's "Just resize", "Crop and resize", "Resize and fill" or "Just
-        resize (latent upscale)" (or its numbers 0-3). Returns PIL images whose info["parameters"] is the infotext."""
+        resize (latent upscale)" (or its numbers 0-3). Inpainting takes A1111's `masked_content` ("fill",
+        "original", "latent noise", "latent nothing", or 0-3) and `inpaint_area` "only masked" (the mask's box
+        grown by `inpaint_padding` pixels, painted at width x height, default the native size, and pasted back
+        through the mask), see inpaint.py; `overlay` puts the init image's unmasked pixels back over a whole-picture
+        inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur"). Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
             mask=mask, clip_skip=clip_skip, refiner=refiner, refiner_switch_at=refiner_switch_at, loras=loras,
             hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
-            resize_mode=resize_mode,
+            resize_mode=resize_mode, masked_content=masked_content, inpaint_area=inpaint_area,
+            inpaint_padding=inpaint_padding, overlay=overlay, mask_blur=mask_blur,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
         with merged_tokens(pipes, request.speed.token_merging), circular_padding(convolutions, request.tiling):
-            return self._generate(request, callback)
+            images = self._generate(request, callback)
+        return images if request.paste_back is None else [request.paste_back.paste(image) for image in images]
 
     def _generate(self, request, callback: Callable[[Step], None] | None) -> list[Image.Image]:
         """generate() for a checked request."""
@@ -401,6 +412,10 @@ class Pipeline:
                 init_latents = F.interpolate(init_latents, size=(h, w), mode="bilinear")
         shape = (1, self.config.unet.out_channels, h, w)
         noise = initial_noise(shape, seed, g, request.seeds, index, self.config.vae.downscale).to(self.device)
+        if init_latents is not None and request.masked_content in ("latent noise", "latent nothing"):  # A1111's
+            masked = F.interpolate(request.mask_tensor, size=(h, w)).to(self.device)
+            start = noise if request.masked_content == "latent noise" else torch.zeros_like(noise)
+            init_latents = blend_latents(start, masked, init_latents)
         if self.config.inpainting:
             extra = self._inpaint_extra(request, h, w, g)
         elif request.mask_tensor is not None:
@@ -533,6 +548,10 @@ class Pipeline:
             extra["TI hashes"] = ", ".join(f"{e.name}: {cached_hash(e.path, 'sha256')[:12]}" for e in words)
         if request.hires is not None:
             extra |= request.hires.infotext(request.steps, spec.a1111_name, request.cfg_scale, request.prompt, request.negative_prompt)
+        if request.masked_content != "original":
+            extra["Masked content"] = request.masked_content
+        if request.paste_back is not None and request.paste_back.box is not None:
+            extra |= {"Inpaint area": "Only masked", "Masked area padding": request.inpaint_padding}
         extra |= request.speed.infotext()
         if uses:  # A1111: Lora hashes: "name: 12 digits of its addnet hash, ..."
             extra["Lora hashes"] = ", ".join(f"{u.placed.file.name}: {cached_hash(u.placed.file.path, 'addnet')[:12]}" for u in uses)
@@ -559,6 +578,7 @@ class Pipeline:
             refiner_hash=None if refiner is None else refiner.model_hash,
             refiner_switch_at=None if refiner is None else request.refiner_switch_at,
             tiling=request.tiling or None,
+            mask_blur=request.mask_blur if request.mask_tensor is not None else None,
             rng="CPU",  # A1111's name of the random source whose noise ours is (its default, "GPU", is not)
             extra=extra,
         )

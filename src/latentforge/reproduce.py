@@ -3,8 +3,8 @@
 `generate_args(params)` takes what `infotext.parse_infotext` reads from a PNG and returns the arguments that
 make the image again, with notes on what the text alone cannot bring back. Read: the prompts, Steps, Sampler
 with Schedule type (A1111 1.9+ writes "DPM++ 2M" + "Karras", older files "DPM++ 2M Karras"), CFG scale, Seed,
-Size, Clip skip, the seed options (Variation seed and its strength, Seed resize from, ENSD), Tiling and the
-hires fix (`hires.from_infotext`). A value that cannot be read is a one-line ValueError naming the key.
+Size, Clip skip, the seed options (Variation seed and its strength, Seed resize from, ENSD), Tiling, the
+hires fix (`hires.from_infotext`) and inpainting's Mask blur, Masked content, Inpaint area and Masked area padding. A value that cannot be read is a one-line ValueError naming the key.
 
 Notes (not errors; the image is made, but may differ): a seed drawn by another random source (A1111's
 default "GPU", or "NV": latentforge always draws on the CPU, as A1111's "CPU" source, which its infotext
@@ -30,7 +30,8 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
         "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
         "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
-        "ENSD": ("eta_noise_seed_delta", int),
+        "ENSD": ("eta_noise_seed_delta", int), "Mask blur": ("mask_blur", int),
+        "Masked area padding": ("inpaint_padding", int),
     }  # fmt: skip
     for key, (name, cast) in readers.items():
         if key in params:
@@ -41,6 +42,10 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         args["seed_resize_from"] = (_read(params, "Seed resize from-1", int), _read(params, "Seed resize from-2", int))
     if "Tiling" in params:
         args["tiling"] = params["Tiling"].strip().lower() == "true"
+    if "Masked content" in params:
+        args["masked_content"] = params["Masked content"]
+    if "Inpaint area" in params:
+        args["inpaint_area"] = params["Inpaint area"].lower()
     try:
         hires = hires_from_infotext(params)
     except ValueError as e:
@@ -50,7 +55,10 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         args["hires"] = hires
     elif "Denoising strength" in params:
         args["strength"] = _read(params, "Denoising strength", float)
-        notes.append("an img2img image: give its init image (--init-image) to make it again")
+        if "Mask blur" in params:
+            notes.append("an inpainting image: give its init image and mask (--init-image, --mask) to make it again")
+        else:
+            notes.append("an img2img image: give its init image (--init-image) to make it again")
     rng = params.get("RNG", "GPU")
     if rng != CPU_RNG:
         notes.append(

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .hires import Hires, check_upscaler
+from .inpaint import PasteBack, fill, inpaint_area_name, masked_content_name
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, resize_for, resize_mode_name
 from .samplers import get_sampler
 from .seeds import SeedOptions
@@ -65,6 +66,10 @@ class Request:
     speed: Shortcuts = field(default_factory=Shortcuts)  # work skipped for speed (speed.py), none by default
     seeds: SeedOptions = field(default_factory=SeedOptions)  # A1111's variation seed and seed resize (seeds.py)
     tiling: bool = False  # A1111's "Tiling": convolutions pad circularly, so the image tiles seamlessly
+    masked_content: str = "original"  # inpainting: what the masked part starts from (inpaint.MASKED_CONTENT)
+    paste_back: PasteBack | None = None  # inpainting: the original put back over the result (inpaint.py)
+    inpaint_padding: int = 32  # only masked: pixels around the mask's box
+    mask_blur: int = 0  # inpainting: the mask's Gaussian blur radius, in pixels
 
 
 def _loras(value: object) -> dict:
@@ -169,6 +174,11 @@ def check_request(
     tiling: bool = False,
     eta_noise_seed_delta: int = 0,
     resize_mode: str | int = "Just resize",
+    masked_content: str | int = "original",
+    inpaint_area: str | bool = "whole picture",
+    inpaint_padding: int = 32,
+    overlay: bool = False,
+    mask_blur: int = 0,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -199,12 +209,15 @@ def check_request(
         raise ValueError(f"mask must be a PIL image, got {type(mask).__name__}")
     if mask is not None and mask.size != init.size:
         raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x{init.size[1]}")
+    content, only_masked = _inpaint_options(masked_content, inpaint_area, inpaint_padding, overlay, mask)
+    if _int("mask_blur", mask_blur, 0, 256) and mask is not None:  # A1111's: at the mask's own size, first
+        mask = mask.convert("L").filter(ImageFilter.GaussianBlur(mask_blur))
     multiple = pipe.config.vae.downscale
     sides = []
     for i, (name, given) in enumerate((("width", width), ("height", height))):
         if given is not None:
             sides.append(_size(name, given, multiple))
-        elif init is not None:  # left out: the init image's size
+        elif init is not None and not only_masked:  # left out: the init image's size (only masked: the native one)
             try:
                 sides.append(_size(f"the init image's {name}", init.size[i], multiple))
             except ValueError as e:
@@ -227,14 +240,24 @@ def check_request(
     _check_tiling(tiling, [pipe, refiner])
     image_tensor = mask_tensor = None
     resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
-    if init is not None:
+    paste = None
+    if init is not None and only_masked:  # the box around the mask, cut out and scaled to the generation size
+        paste = PasteBack.cut(init, mask, inpaint_padding, (width, height))
+        init, mask = paste.crops((width, height))
+    elif init is not None:
         # an explicit width/height different from the image's asks for the image at that size (resize_mode: how)
         mode = resize_mode_for(pipe, resize_mode, init, mask, multiple)
         if mode != RESIZE_MODES[3]:  # else encoded at its own size, its latents upscaled (Pipeline._sample)
             init = resize_for(init.convert("RGB"), (width, height), mode)
+        if mask is not None:
+            mask = resize_for(mask, (width, height), mode, Image.NEAREST)
+            paste = PasteBack.overlay(init, mask) if overlay else None
+    if mask is not None and content != "original":  # A1111 fills for every masked content but the original
+        init = fill(init, mask)
+    if init is not None:
         image_tensor = image_to_tensor(init.convert("RGB"))
         if mask is not None:
-            mask_tensor = mask_to_tensor(resize_for(mask, (width, height), mode, Image.NEAREST))
+            mask_tensor = mask_to_tensor(mask)
     return Request(
         prompt=prompt,
         negative_prompt=negative,
@@ -257,18 +280,36 @@ def check_request(
         speed=speed,
         seeds=seeds,
         tiling=tiling,
+        masked_content=content,
+        paste_back=paste,
+        inpaint_padding=inpaint_padding,
+        mask_blur=mask_blur,
     )
 
 
 def _check_tiling(tiling: object, pipes: list) -> None:
     """Tiling is True or False; a VAE decoding in tiles would wrap each tile on itself, so not with it."""
-    if not isinstance(tiling, bool):
-        raise ValueError(f"tiling must be True or False, got {tiling!r}")
-    if tiling and any(pipe is not None and pipe.vae_tiling for pipe in pipes):
+    if _bool("tiling", tiling) and any(pipe is not None and pipe.vae_tiling for pipe in pipes):
         raise ValueError(
             "tiling (an image that tiles seamlessly) cannot be made with VAE tiling, whose tiles would each wrap "
             "around on themselves: turn vae_tiling (--vae-tiling) off"
         )
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _inpaint_options(content: object, area: object, padding: object, overlay: object, mask) -> tuple[str, bool]:
+    """(masked content, whether only the masked part is painted); other than the defaults only with a mask."""
+    content, area = masked_content_name(content), inpaint_area_name(area)
+    _int("inpaint_padding", padding, 0, MAX_SIDE)
+    _bool("overlay", overlay)
+    if mask is None and (content != "original" or area != "whole picture"):
+        raise ValueError("masked_content and inpaint_area are for inpainting: give a mask (and an init_image)")
+    return content, area == "only masked"
 
 
 def resize_mode_for(pipe, value: object, init: Image.Image, mask: Image.Image | None, multiple: int) -> str:

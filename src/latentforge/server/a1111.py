@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, images, infotext, pngfiles
@@ -96,6 +96,11 @@ class Img2Img(Txt2Img):
     mask: str | None = None
     resize_mode: int = Field(0, ge=0, le=3)  # an init image of another size: images.RESIZE_MODES, by number
     mask_blur: int = Field(4, ge=0, le=256)  # Gaussian blur of the mask, in pixels
+    # inpainting, with A1111's API defaults (not its page's): the masked part filled from around it, painted
+    # alone at the full size with no padding (inpaint.py)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: black is repainted
     include_init_images: bool = False  # echo init_images and mask back in "parameters"
 
@@ -134,14 +139,12 @@ def read_images(texts: dict[str, str], max_pixels: int) -> dict[str, Image.Image
     return {loc: read_upload(data, loc, load) for loc, data in uploads.items()}
 
 
-def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool) -> Image.Image:
-    """A1111's mask handling before the pipeline: grayscale at the image's size, inverted, blurred."""
+def prepare_mask(mask: Image.Image, size: tuple[int, int], invert: bool) -> Image.Image:
+    """A1111's mask handling before the pipeline (which blurs it): grayscale at the image's size, inverted."""
     mask = mask.convert("L")
     if mask.size != size:
         mask = mask.resize(size, Image.LANCZOS)
-    if invert:
-        mask = ImageOps.invert(mask)
-    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+    return ImageOps.invert(mask) if invert else mask
 
 
 def resolve_sampler(req: Txt2Img) -> str | None:
@@ -344,8 +347,10 @@ def make_job(
             call |= {"init_image": init, "strength": req.denoising_strength, "resize_mode": req.resize_mode}
             if mask is not None:
                 if init.size not in masks:
-                    masks[init.size] = prepare_mask(mask, init.size, req.mask_blur, bool(req.inpainting_mask_invert))
-                call["mask"] = masks[init.size]
+                    masks[init.size] = prepare_mask(mask, init.size, bool(req.inpainting_mask_invert))
+                call |= {"mask": masks[init.size], "mask_blur": req.mask_blur, "masked_content": req.inpainting_fill,
+                         "inpaint_area": req.inpaint_full_res, "inpaint_padding": req.inpaint_full_res_padding,
+                         "overlay": True}  # fmt: skip
     return Job(model, calls, refiner, None if vae in MODEL_VAE else models.library.vaes.find(vae)), seeds, subseeds
 
 
@@ -356,7 +361,8 @@ GENERATE_FIELDS = {
     "subseed": "subseed", "seed_resize_from's width": "seed_resize_from_w",
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "seed_resize_from's height": "seed_resize_from_h",
-    "init_image": "init_images", "strength": "denoising_strength", "mask": "mask",
+    "init_image": "init_images", "strength": "denoising_strength", "mask": "mask", "mask_blur": "mask_blur",
+    "masked_content": "inpainting_fill", "inpaint_area": "inpaint_full_res", "inpaint_padding": "inpaint_full_res_padding",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
     "tiny_decoder": "override_settings.sd_vae_decode_method", "deepcache_depth": "override_settings.deepcache_depth",
