@@ -1,6 +1,7 @@
-"""A1111's img2img resize modes (images.resize_for, generate(resize_mode=)): an init image of another size is
-stretched, scaled to cover and centre-cropped, scaled to fit with its edges stretched into the bands left
-over, or encoded at its own size with its latents upscaled; by name or by A1111's numbers, on every surface."""
+"""A1111's img2img options. Resize modes (images.resize_for, generate(resize_mode=)): an init image of another
+size is stretched, scaled to cover and centre-cropped, scaled to fit with its edges stretched into the bands
+left over, or encoded at its own size with its latents upscaled; by name or by A1111's numbers, on every
+surface. The noise multiplier scales the noise added to the image."""
 
 import base64
 import io
@@ -8,11 +9,13 @@ import io
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 import latentforge
 from latentforge.cli import main
 from latentforge.images import RESIZE_MODES, resize_for
+from latentforge.samplers import SamplerSpec
 from latentforge.server import ServerThread, Settings, create_app
 
 WIDE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 100, 3), dtype=np.uint8))  # 100 x 40
@@ -97,3 +100,20 @@ def test_the_api_and_the_command_line(sd1_folder, tmp_path, capsys):
         assert main(argv) == 0
         with Image.open(capsys.readouterr().out.split()[0]) as written:
             assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(want))
+
+
+def test_the_noise_multiplier_scales_the_noise_added_to_the_image(shipped, monkeypatch):
+    """A1111's "Noise multiplier for img2img": the sampler starts from image + multiplier x noise x first sigma,
+    so the starts at 0, 0.5 and 1 lie on one line, 0.5 halfway."""
+    starts = []
+    usual = SamplerSpec.__call__
+    monkeypatch.setattr(SamplerSpec, "__call__", lambda self, d, x, *a, **k: starts.append(x.float()) or usual(self, d, x, *a, **k))
+    call = {"prompt": "a red circle", "seed": 4, "steps": 4, "strength": 0.6, "init_image": WIDE.resize((64, 64))}
+    made = [shipped.generate(**call, noise_multiplier=m)[0] for m in (0.0, 0.5, 1.0)]
+    image, half, full = starts
+    assert torch.allclose(half - image, (full - image) / 2, atol=1e-5) and (full - image).abs().mean() > 0.1
+    assert "Noise multiplier: 0.5" in made[1].info["parameters"] and "Noise multiplier" not in made[2].info["parameters"]
+    with pytest.raises(ValueError, match="noise_multiplier is for img2img"):
+        shipped.generate("a red circle", steps=4, noise_multiplier=0.5)
+    with pytest.raises(ValueError, match="noise_multiplier must be between 0 and 2"):
+        shipped.generate(**call, noise_multiplier=3)

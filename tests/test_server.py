@@ -102,14 +102,14 @@ def in_thread(function, *args, **kwargs):
 def test_txt2img_returns_each_seeds_image_with_its_infotext(api, pipe):
     result = api.txt2img(
         prompt="a red circle", negative_prompt="blue", seed=7, steps=6, cfg_scale=5, batch_size=2,
-        sampler_name="DPM++ 2M", scheduler="karras", restore_faces=True, **SIZE,
+        sampler_name="DPM++ 2M", scheduler="karras", restore_faces=False, **SIZE,
     )  # fmt: skip
     assert len(result.images) == 2
     assert result.info["all_seeds"] == [7, 8]
     assert result.info["sampler_name"] == "DPM++ 2M" and result.info["scheduler"] == "Karras"
     assert (result.info["steps"], result.info["cfg_scale"], result.info["width"]) == (6, 5.0, 64)
     assert result.info["sd_model_name"] == "alpha" and len(result.info["sd_model_hash"]) == 10
-    assert result.parameters["prompt"] == "a red circle" and result.parameters["restore_faces"] is True
+    assert result.parameters["prompt"] == "a red circle" and result.parameters["restore_faces"] is False
     for i, image in enumerate(result.images):
         assert image.info["parameters"] == result.info["infotexts"][i]
         assert f"Seed: {7 + i}," in image.info["parameters"]

@@ -178,3 +178,31 @@ def test_unload_and_reload_checkpoint(sd1_folder):
         assert len(loads) == 1 and list(models.loaded) == [models.current]
         again = requests.post(f"{url}/sdapi/v1/txt2img", json={**BASE, "prompt": "a red circle"}, timeout=120)
         assert len(loads) == 1 and np.array_equal(image_of(again), image_of(first))
+
+
+@pytest.mark.parametrize(
+    "fields, loc, says",
+    [
+        ({"restore_faces": True}, "restore_faces", "no face restorer"),
+        ({"script_name": "x/y/z plot"}, "script_name", "runs no scripts ('x/y/z plot')"),
+        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts", "no extensions or scripts ('controlnet')"),
+        ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name", "same model"),
+        ({"enable_hr": True, "hr_scheduler": "karras"}, "hr_scheduler", "needs hr_sampler_name"),
+        ({"enable_hr": True, "hr_sampler_name": "Euler", "hr_scheduler": "karras"}, "hr_scheduler", "not available for Euler"),
+    ],
+)
+def test_a_part_latentforge_lacks_is_refused_not_ignored(served, fields, loc, says):
+    url, _ = served
+    response = post(url, "txt2img", {**BASE, "prompt": "a red circle", **fields})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == loc, response.text
+    assert says in response.json()["detail"][0]["msg"]
+
+
+def test_the_hires_scheduler_and_the_defaults_clients_send(served):
+    url, pipe = served
+    payload = {**BASE, "prompt": "a red circle", "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4,
+               "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras", "restore_faces": False, "script_name": "",
+               "alwayson_scripts": {}, "hr_checkpoint_name": "Use same checkpoint"}  # fmt: skip
+    response = post(url, "txt2img", payload)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["extra_generation_params"]["Hires sampler"] == "DPM++ 2M Karras"

@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         masked_content=int(args.masked_content) if args.masked_content and args.masked_content.isdigit()
         else args.masked_content,
         inpaint_area=args.inpaint_area, inpaint_padding=args.inpaint_padding, mask_blur=args.mask_blur,
-        overlay=args.overlay,
+        overlay=args.overlay, noise_multiplier=args.noise_multiplier,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
@@ -585,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images to make (default: 1)")
     p.add_argument("--init-image", help="start from this image (img2img)")
     p.add_argument("--strength", type=float, help="img2img: how much to change, 0..1 (default: 0.75)")
+    p.add_argument("--noise-multiplier", type=float, metavar="F",
+                   help="img2img: scale the noise added to the image, 0..2 (A1111's; default: 1)")
     p.add_argument("--resize-mode", metavar="MODE",
                    help="img2img to another size: A1111's 'Just resize' (default), 'Crop and resize', 'Resize and "
                    "fill' or 'Just resize (latent upscale)', or its numbers 0-3")  # fmt: skip

@@ -254,6 +254,7 @@ class Pipeline:
         inpaint_padding: int = 32,
         overlay: bool = False,
         mask_blur: int = 0,
+        noise_multiplier: float = 1.0,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -283,7 +284,8 @@ class Pipeline:
         "original", "latent noise", "latent nothing", or 0-3) and `inpaint_area` "only masked" (the mask's box
         grown by `inpaint_padding` pixels, painted at width x height, default the native size, and pasted back
         through the mask), see inpaint.py; `overlay` puts the init image's unmasked pixels back over a whole-picture
-        inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur"). Returns PIL images whose info["parameters"] is the infotext."""
+        inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur");
+        `noise_multiplier` scales the noise an img2img adds to its image (A1111's "Noise multiplier for img2img"). Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
@@ -291,7 +293,7 @@ class Pipeline:
             hires=hires, speed=speed, subseed=subseed, subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
             resize_mode=resize_mode, masked_content=masked_content, inpaint_area=inpaint_area,
-            inpaint_padding=inpaint_padding, overlay=overlay, mask_blur=mask_blur,
+            inpaint_padding=inpaint_padding, overlay=overlay, mask_blur=mask_blur, noise_multiplier=noise_multiplier,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
@@ -424,7 +426,7 @@ class Pipeline:
         if from_noise:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
-            x = init_latents + noise * sigmas[0]  # the image, noised to where the schedule starts
+            x = init_latents + noise * sigmas[0] * request.noise_multiplier  # the image, noised to the schedule's start
         g = sampler_generator(seed, g, request.seeds)  # what a stochastic sampler draws from now on
         if not isinstance(conds, PromptConds):
             conds = PromptConds(plan_prompts("", "", 1), *conds)  # one fixed conditioning
@@ -550,6 +552,8 @@ class Pipeline:
             extra |= request.hires.infotext(request.steps, spec.a1111_name, request.cfg_scale, request.prompt, request.negative_prompt)
         if request.masked_content != "original":
             extra["Masked content"] = request.masked_content
+        if request.noise_multiplier != 1:
+            extra["Noise multiplier"] = request.noise_multiplier
         if request.paste_back is not None and request.paste_back.box is not None:
             extra |= {"Inpaint area": "Only masked", "Masked area padding": request.inpaint_padding}
         extra |= request.speed.infotext()

@@ -31,7 +31,7 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
         "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
         "ENSD": ("eta_noise_seed_delta", int), "Mask blur": ("mask_blur", int),
-        "Masked area padding": ("inpaint_padding", int),
+        "Masked area padding": ("inpaint_padding", int), "Noise multiplier": ("noise_multiplier", float),
     }  # fmt: skip
     for key, (name, cast) in readers.items():
         if key in params:

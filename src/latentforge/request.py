@@ -70,6 +70,7 @@ class Request:
     paste_back: PasteBack | None = None  # inpainting: the original put back over the result (inpaint.py)
     inpaint_padding: int = 32  # only masked: pixels around the mask's box
     mask_blur: int = 0  # inpainting: the mask's Gaussian blur radius, in pixels
+    noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier for img2img", on the noise added to the image
 
 
 def _loras(value: object) -> dict:
@@ -179,6 +180,7 @@ def check_request(
     inpaint_padding: int = 32,
     overlay: bool = False,
     mask_blur: int = 0,
+    noise_multiplier: float = 1.0,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -228,6 +230,11 @@ def check_request(
     _check_pixels(width, height, pipe.device)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+    multiplier = noise_multiplier
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0.0 <= multiplier <= 2.0:
+        raise ValueError(f"noise_multiplier must be between 0 and 2 (1: as drawn), got {multiplier!r}")
+    if multiplier != 1 and init is None:
+        raise ValueError("noise_multiplier is for img2img (the noise added to an init image): give an init_image")
     if init is not None and int(steps * strength) < 1:
         raise ValueError(
             f"strength {strength} with {steps} steps runs no denoising step (steps x strength < 1); "
@@ -284,6 +291,7 @@ def check_request(
         paste_back=paste,
         inpaint_padding=inpaint_padding,
         mask_blur=mask_blur,
+        noise_multiplier=float(noise_multiplier),
     )
 
 

@@ -83,6 +83,12 @@ class Txt2Img(BaseModel):
     hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     hr_cfg: float | None = None
+    hr_scheduler: str | None = None  # A1111 1.9+: the hires sampler's schedule type ("karras")
+    hr_checkpoint_name: str | None = None  # only "Use same checkpoint" (another model for the hires pass is not here)
+    # what latentforge has none of: a request asking for it is refused rather than answered without it
+    restore_faces: bool | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     denoising_strength: float | None = None  # the hires pass's (None: 0.7)
     s_min_uncond: float | None = None  # A1111's NGMS for this request (None: the s_min_uncond option)
     send_images: bool = True
@@ -101,6 +107,7 @@ class Img2Img(Txt2Img):
     inpainting_fill: int = Field(0, ge=0, le=3)
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = Field(0, ge=0, le=4096)
+    initial_noise_multiplier: float | None = Field(None, ge=0, le=2)  # None: 1 (A1111's option's default)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: black is repainted
     include_init_images: bool = False  # echo init_images and mask back in "parameters"
 
@@ -150,13 +157,16 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int], invert: bool) -> Imag
 def resolve_sampler(req: Txt2Img) -> str | None:
     """sampler_name (or sampler_index) and scheduler -> a sampler name; None leaves the model's default."""
     name = req.sampler_name or req.sampler_index
-    if not name:
-        return None
+    return sampler_with_schedule(name, req.scheduler, "sampler_name", "scheduler") if name else None
+
+
+def sampler_with_schedule(name: str, scheduler: str | None, name_loc: str, scheduler_loc: str) -> str:
+    """A sampler and A1111 1.9+'s separate schedule type ("DPM++ 2M" + "karras") -> our sampler's name."""
     try:
         spec = get_sampler(name)
     except ValueError as e:
-        raise FieldError("sampler_name", str(e)) from None
-    scheduler = (req.scheduler or "automatic").strip().lower()
+        raise FieldError(name_loc, str(e)) from None
+    scheduler = (scheduler or "automatic").strip().lower()
     if scheduler == "automatic":
         return spec.a1111_name
     family = [s for s in SPECS if s.infotext_name == spec.infotext_name]
@@ -165,7 +175,7 @@ def resolve_sampler(req: Txt2Img) -> str | None:
             return candidate.a1111_name
     known = ", ".join(s.schedule for s in family)
     raise FieldError(
-        "scheduler", f"scheduler {req.scheduler!r} is not available for {spec.infotext_name}; known: {known}"
+        scheduler_loc, f"{scheduler_loc} {scheduler!r} is not available for {spec.infotext_name}; known: {known}"
     )
 
 
@@ -198,6 +208,8 @@ def vae_option(library: Library, value: object, loc: str) -> str:
 
 HIRES_STRENGTH = 0.7  # the hires pass's denoising strength when a request leaves it out (webuiapi's default)
 SAME_SAMPLER = (None, "", "Use same sampler")  # hr_sampler_name values that keep the first pass's sampler
+SAME_SCHEDULER = (None, "", "Use same scheduler")  # hr_scheduler values likewise
+SAME_CHECKPOINT = (None, "", "Use same checkpoint")  # hr_checkpoint_name values that keep the model
 
 
 def hires_fix(req: Txt2Img, upscalers: Upscalers) -> Hires:
@@ -209,10 +221,9 @@ def hires_fix(req: Txt2Img, upscalers: Upscalers) -> Hires:
         raise FieldError("hr_upscaler", str(e)) from None
     sampler = None
     if req.hr_sampler_name not in SAME_SAMPLER:
-        try:
-            sampler = get_sampler(req.hr_sampler_name).a1111_name
-        except ValueError as e:
-            raise FieldError("hr_sampler_name", str(e)) from None
+        sampler = sampler_with_schedule(req.hr_sampler_name, req.hr_scheduler, "hr_sampler_name", "hr_scheduler")
+    elif req.hr_scheduler not in SAME_SCHEDULER:
+        raise FieldError("hr_scheduler", "hr_scheduler needs hr_sampler_name (the first pass's sampler keeps its own)")
     resize = (req.hr_resize_x, req.hr_resize_y) if req.hr_resize_x or req.hr_resize_y else None
     strength = HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength
     try:
@@ -286,6 +297,25 @@ def set_speed(current: dict[str, Any], changes: dict[str, Any], loc: str = "", o
     return values
 
 
+def refuse_missing_parts(req: Txt2Img) -> None:
+    """A field that asks for a part latentforge lacks is a FieldError saying so, not an image made without it."""
+    if req.restore_faces:
+        raise FieldError("restore_faces", "latentforge has no face restorer (GFPGAN, CodeFormer): send restore_faces false")
+    if req.script_name:
+        raise FieldError(
+            "script_name", f"latentforge runs no scripts ({req.script_name!r}); its X/Y/Z plot is `latentforge "
+            "generate --x ... --y ...`: send script_name null"
+        )  # fmt: skip
+    if req.alwayson_scripts:
+        names = ", ".join(repr(name) for name in req.alwayson_scripts)
+        raise FieldError("alwayson_scripts", f"latentforge has no extensions or scripts ({names}): send {{}}")
+    if req.enable_hr and req.hr_checkpoint_name not in SAME_CHECKPOINT:
+        raise FieldError(
+            "hr_checkpoint_name", "the hires pass runs on the same model here: send 'Use same checkpoint' (a refiner "
+            "can take over its last steps: refiner_checkpoint)"
+        )  # fmt: skip
+
+
 def make_job(
     req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
     styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None, speed: dict[str, Any] | None = None,
@@ -296,6 +326,7 @@ def make_job(
     option, which the request's override_settings may change for itself; `styles` those the request may
     name; `upscalers` those the hires fix may use; `speed` the speed options (SPEED_OPTIONS), which the request's
     override_settings and s_min_uncond may change for itself; `ensd` the eta_noise_seed_delta option (the same)."""
+    refuse_missing_parts(req)
     count = req.batch_size * req.n_iter
     if count > MAX_BATCH:
         raise FieldError("n_iter", f"batch_size x n_iter must be at most {MAX_BATCH}, got {count}")
@@ -344,7 +375,8 @@ def make_job(
         masks: dict[tuple[int, int], Image.Image] = {}  # the mask made ready for each init image size
         for i, call in enumerate(calls):  # as in A1111, image i starts from init_images[i % count]
             init = inits[i % len(inits)]
-            call |= {"init_image": init, "strength": req.denoising_strength, "resize_mode": req.resize_mode}
+            call |= {"init_image": init, "strength": req.denoising_strength, "resize_mode": req.resize_mode,
+                     "noise_multiplier": 1.0 if req.initial_noise_multiplier is None else req.initial_noise_multiplier}
             if mask is not None:
                 if init.size not in masks:
                     masks[init.size] = prepare_mask(mask, init.size, bool(req.inpainting_mask_invert))
