@@ -215,26 +215,10 @@ def check_request(
     if _int("mask_blur", mask_blur, 0, 256) and mask is not None:  # A1111's: at the mask's own size, first
         mask = mask.convert("L").filter(ImageFilter.GaussianBlur(mask_blur))
     multiple = pipe.config.vae.downscale
-    sides = []
-    for i, (name, given) in enumerate((("width", width), ("height", height))):
-        if given is not None:
-            sides.append(_size(name, given, multiple))
-        elif init is not None and not only_masked:  # left out: the init image's size (only masked: the native one)
-            try:
-                sides.append(_size(f"the init image's {name}", init.size[i], multiple))
-            except ValueError as e:
-                raise ValueError(f"{e}; give a width and height to resize it to") from None
-        else:  # left out: the model's native size
-            sides.append(_size(name, pipe.config.native_size, multiple))
-    width, height = sides
-    _check_pixels(width, height, pipe.device)
+    width, height = _generation_size(pipe, width, height, None if only_masked else init)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
-    multiplier = noise_multiplier
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0.0 <= multiplier <= 2.0:
-        raise ValueError(f"noise_multiplier must be between 0 and 2 (1: as drawn), got {multiplier!r}")
-    if multiplier != 1 and init is None:
-        raise ValueError("noise_multiplier is for img2img (the noise added to an init image): give an init_image")
+    _check_noise_multiplier(noise_multiplier, init)
     if init is not None and int(steps * strength) < 1:
         raise ValueError(
             f"strength {strength} with {steps} steps runs no denoising step (steps x strength < 1); "
@@ -245,26 +229,19 @@ def check_request(
     speed = _speed(pipe, speed, refiner)
     seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta)
     _check_tiling(tiling, [pipe, refiner])
-    image_tensor = mask_tensor = None
     resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
-    paste = None
-    if init is not None and only_masked:  # the box around the mask, cut out and scaled to the generation size
-        paste = PasteBack.cut(init, mask, inpaint_padding, (width, height))
-        init, mask = paste.crops((width, height))
-    elif init is not None:
-        # an explicit width/height different from the image's asks for the image at that size (resize_mode: how)
-        mode = resize_mode_for(pipe, resize_mode, init, mask, multiple)
-        if mode != RESIZE_MODES[3]:  # else encoded at its own size, its latents upscaled (Pipeline._sample)
-            init = resize_for(init.convert("RGB"), (width, height), mode)
-        if mask is not None:
-            mask = resize_for(mask, (width, height), mode, Image.NEAREST)
-            paste = PasteBack.overlay(init, mask) if overlay else None
-    if mask is not None and content != "original":  # A1111 fills for every masked content but the original
-        init = fill(init, mask)
+    image_tensor = mask_tensor = paste = None
     if init is not None:
+        if only_masked:  # the box around the mask, cut out and scaled to the generation size
+            paste = PasteBack.cut(init, mask, inpaint_padding, (width, height))
+            init, mask = paste.crops((width, height))
+        else:
+            init, mask = _resized(pipe, init, mask, (width, height), resize_mode)
+            paste = PasteBack.overlay(init, mask) if overlay and mask is not None else None
+        if mask is not None and content != "original":  # A1111 fills for every masked content but the original
+            init = fill(init, mask)
         image_tensor = image_to_tensor(init.convert("RGB"))
-        if mask is not None:
-            mask_tensor = mask_to_tensor(mask)
+        mask_tensor = None if mask is None else mask_to_tensor(mask)
     return Request(
         prompt=prompt,
         negative_prompt=negative,
@@ -302,6 +279,39 @@ def _check_tiling(tiling: object, pipes: list) -> None:
             "tiling (an image that tiles seamlessly) cannot be made with VAE tiling, whose tiles would each wrap "
             "around on themselves: turn vae_tiling (--vae-tiling) off"
         )
+
+
+def _generation_size(pipe, width: object, height: object, init: Image.Image | None) -> tuple[int, int]:
+    """The size asked for; a side left out is the init image's (when given), else the model's native one."""
+    multiple, sides = pipe.config.vae.downscale, []
+    for i, (name, given) in enumerate((("width", width), ("height", height))):
+        if given is not None:
+            sides.append(_size(name, given, multiple))
+        elif init is not None:
+            try:
+                sides.append(_size(f"the init image's {name}", init.size[i], multiple))
+            except ValueError as e:
+                raise ValueError(f"{e}; give a width and height to resize it to") from None
+        else:
+            sides.append(_size(name, pipe.config.native_size, multiple))
+    _check_pixels(*sides, pipe.device)
+    return sides[0], sides[1]
+
+
+def _check_noise_multiplier(value: object, init: Image.Image | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 2.0:
+        raise ValueError(f"noise_multiplier must be between 0 and 2 (1: as drawn), got {value!r}")
+    if value != 1 and init is None:
+        raise ValueError("noise_multiplier is for img2img (the noise added to an init image): give an init_image")
+
+
+def _resized(pipe, init: Image.Image, mask, size: tuple[int, int], resize_mode: object):
+    """The init image and mask at the generation size by the resize mode (the latent upscale keeps the image's
+    own size: Pipeline._sample upscales its latents)."""
+    mode = resize_mode_for(pipe, resize_mode, init, mask, pipe.config.vae.downscale)
+    if mode != RESIZE_MODES[3]:
+        init = resize_for(init.convert("RGB"), size, mode)
+    return init, None if mask is None else resize_for(mask, size, mode, Image.NEAREST)
 
 
 def _bool(name: str, value: object) -> bool:
