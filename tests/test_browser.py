@@ -128,6 +128,33 @@ def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
         assert page.eval_on_selector("#gallery img", "image => image.naturalWidth") == 96
 
 
+def test_a_pngs_parameters_fill_the_form(sd1_folder, tmp_path):
+    """A1111's PNG Info -> Send to txt2img: choosing a PNG fills the prompts, settings and seeds from its
+    infotext, and Generate makes that image's settings again."""
+    from PIL import Image, PngImagePlugin
+
+    text = ("a blue square\nNegative prompt: blurry\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 4.5, Seed: 77, Size: 64x64, Variation seed: 5, Variation seed strength: 0.25, Tiling: True")  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(tmp_path / "made.png", pnginfo=info)
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.wait_for_selector("#sampler option[value='DPM++ 2M Karras']", state="attached")
+        page.set_input_files("#png", str(tmp_path / "made.png"))
+        page.wait_for_function("document.getElementById('prompt').value === 'a blue square'")
+        assert page.input_value("#negative_prompt") == "blurry" and page.input_value("#sampler") == "DPM++ 2M Karras"
+        assert (page.input_value("#steps"), page.input_value("#seed"), page.input_value("#subseed")) == ("5", "77", "5")
+        assert page.is_checked("#tiling")
+        caption = generated_caption(page)
+        for part in ("Steps: 5, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 77",
+                     "Variation seed: 5, Variation seed strength: 0.25", "Tiling: True"):  # fmt: skip
+            assert part in caption
+        Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+        page.set_input_files("#png", str(tmp_path / "plain.png"))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "plain.png: no generation parameters in it" in page.text_content("#error")
+
+
 def test_the_page_sends_the_variation_seed(sd1_folder):
     """The variation panel's seed, strength and seed-resize size reach txt2img and the image's infotext."""
     with opened_page(Settings(models=[str(sd1_folder)])) as page:

@@ -159,8 +159,56 @@ function openExplain() {
   window.open("explain?" + query.toString(), "_blank", "noopener");
 }
 
+// A1111's "PNG Info -> Send to txt2img": the infotext keys (as /png-info parses them) -> the form's fields
+const FROM_PNG = {
+  "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "CFG scale": "cfg_scale",
+  "Seed": "seed", "Size-1": "width", "Size-2": "height", "Variation seed": "subseed",
+  "Variation seed strength": "subseed_strength", "Seed resize from-1": "seed_resize_from_w",
+  "Seed resize from-2": "seed_resize_from_h", "Hires upscale": "hr_scale", "Hires steps": "hr_second_pass_steps",
+};
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function fromPng() {
+  const file = $("png").files[0];
+  if (!file) return;
+  showError("");
+  try {
+    const answer = await api("png-info", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image: await readAsDataURL(file) }),
+    });
+    if (!answer.info) throw new Error(`${file.name}: no generation parameters in it`);
+    const p = answer.parameters;
+    for (const [key, id] of Object.entries(FROM_PNG)) if (key in p) $(id).value = p[key];
+    const schedule = p["Schedule type"];
+    const sampler = schedule && schedule !== "Automatic" ? `${p.Sampler} ${schedule}` : p.Sampler;
+    if (sampler && ![...$("sampler").options].some((o) => o.value === sampler)) {
+      throw new Error(`${file.name}: its sampler ${sampler} is not one latentforge has; the rest was filled in`);
+    }
+    if (sampler) $("sampler").value = sampler;
+    $("tiling").checked = p.Tiling === "True";
+    $("enable_hr").checked = "Hires upscale" in p || "Hires upscaler" in p;
+    if ($("enable_hr").checked) {
+      if ("Hires upscaler" in p) $("hr_upscaler").value = p["Hires upscaler"];
+      if ("Denoising strength" in p) $("denoising_strength").value = p["Denoising strength"];
+    }
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
 async function init() {
   $("form").addEventListener("submit", generate);
+  $("png").addEventListener("change", fromPng);
   $("explain").addEventListener("click", openExplain);
   $("interrupt").addEventListener("click", () => api("interrupt", { method: "POST" }).catch(() => {}));
   try {
