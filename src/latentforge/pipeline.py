@@ -35,7 +35,7 @@ from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
 from .prompt_schedule import PromptPlan, plan_prompts
 from .request import check_request
-from .samplers import get_sampler, img2img_sigmas
+from .samplers import eta_options, get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
 from .seeds import initial_noise, sampler_generator
 from .speed import Shortcuts
@@ -255,6 +255,7 @@ class Pipeline:
         overlay: bool = False,
         mask_blur: int = 0,
         noise_multiplier: float = 1.0,
+        eta: float | None = None,
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -285,7 +286,8 @@ class Pipeline:
         grown by `inpaint_padding` pixels, painted at width x height, default the native size, and pasted back
         through the mask), see inpaint.py; `overlay` puts the init image's unmasked pixels back over a whole-picture
         inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur");
-        `noise_multiplier` scales the noise an img2img adds to its image (A1111's "Noise multiplier for img2img"). Returns PIL images whose info["parameters"] is the infotext."""
+        `noise_multiplier` scales the noise an img2img adds to its image (A1111's "Noise multiplier for img2img");
+        `eta` the fresh noise's share in Euler a (default 1) and DDIM (default 0), as A1111's Eta. Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,
@@ -294,6 +296,7 @@ class Pipeline:
             seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
             resize_mode=resize_mode, masked_content=masked_content, inpaint_area=inpaint_area,
             inpaint_padding=inpaint_padding, overlay=overlay, mask_blur=mask_blur, noise_multiplier=noise_multiplier,
+            eta=eta,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
@@ -449,6 +452,7 @@ class Pipeline:
             x = spec(
                 model_denoise, x.to(model.device), part, schedule=schedule,
                 prediction_type=model.config.prediction_type, generator=g, callback=on_step(first),
+                **eta_options(spec, request.eta),
             )  # fmt: skip
             first += len(part) - 1
         latents = x.to(self.device) / torch.sqrt(1.0 + sigmas[-1] ** 2)
@@ -554,6 +558,9 @@ class Pipeline:
             extra["Masked content"] = request.masked_content
         if request.noise_multiplier != 1:
             extra["Noise multiplier"] = request.noise_multiplier
+        eta = eta_options(spec, request.eta).get("eta")
+        if eta is not None and eta != spec.eta:  # A1111 writes a non-default eta: "Eta", or "Eta DDIM"
+            extra[spec.eta_key] = eta
         if request.paste_back is not None and request.paste_back.box is not None:
             extra |= {"Inpaint area": "Only masked", "Masked area padding": request.inpaint_padding}
         extra |= request.speed.infotext()
@@ -567,7 +574,7 @@ class Pipeline:
             schedule_type=spec.schedule,
             cfg_scale=request.cfg_scale,
             seed=request.seed + index,
-            **request.seeds.info_fields(index, spec.stochastic),
+            **request.seeds.info_fields(index, spec.stochastic or bool(eta)),
             width=request.width,
             height=request.height,
             model_hash=self.model_hash,

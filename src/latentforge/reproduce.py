@@ -32,6 +32,7 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
         "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
         "ENSD": ("eta_noise_seed_delta", int), "Mask blur": ("mask_blur", int),
         "Masked area padding": ("inpaint_padding", int), "Noise multiplier": ("noise_multiplier", float),
+        "Eta": ("eta", float), "Eta DDIM": ("eta", float),
     }  # fmt: skip
     for key, (name, cast) in readers.items():
         if key in params:

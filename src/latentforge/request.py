@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from .hires import Hires, check_upscaler
 from .inpaint import PasteBack, fill, inpaint_area_name, masked_content_name
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, resize_for, resize_mode_name
-from .samplers import get_sampler
+from .samplers import check_eta, get_sampler
 from .seeds import SeedOptions
 from .speed import Shortcuts
 
@@ -71,6 +71,7 @@ class Request:
     inpaint_padding: int = 32  # only masked: pixels around the mask's box
     mask_blur: int = 0  # inpainting: the mask's Gaussian blur radius, in pixels
     noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier for img2img", on the noise added to the image
+    eta: float | None = None  # the ancestral noise's share for the samplers that read one (None: their default)
 
 
 def _loras(value: object) -> dict:
@@ -181,6 +182,7 @@ def check_request(
     overlay: bool = False,
     mask_blur: int = 0,
     noise_multiplier: float = 1.0,
+    eta: float | None = None,
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -189,7 +191,7 @@ def check_request(
     defaults = pipe.config.defaults  # for the settings left out (None)
     steps = _int("steps", _given(steps, defaults.steps), 1, MAX_STEPS)
     sampler = _given(sampler, defaults.sampler)
-    get_sampler(sampler)  # unknown names fail here, listing the known ones
+    check_eta(get_sampler(sampler), eta)  # unknown names fail here, listing the known ones
     cfg = _cfg_scale(_given(cfg_scale, defaults.cfg_scale))
     seed = secrets.randbelow(MAX_SEED + 1) if seed is None else _int("seed", seed, 0, MAX_SEED)
     batch = _int("batch_size", batch_size, 1, MAX_BATCH)
@@ -226,6 +228,8 @@ def check_request(
         )
     if hires is not None:
         _check_hires(pipe, hires, width, height, steps, init)
+        if hires.sampler is not None:
+            check_eta(get_sampler(hires.sampler), eta)
     speed = _speed(pipe, speed, refiner)
     seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta)
     _check_tiling(tiling, [pipe, refiner])
@@ -269,6 +273,7 @@ def check_request(
         inpaint_padding=inpaint_padding,
         mask_blur=mask_blur,
         noise_multiplier=float(noise_multiplier),
+        eta=None if eta is None else float(eta),
     )
 
 

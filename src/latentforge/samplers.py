@@ -120,14 +120,15 @@ def sample_euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ge
 
 
 def sample_euler_ancestral(
-    denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None
+    denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None, eta: float = 1.0
 ):
     """Euler step down to sigma_down, then fresh noise up to sigma_{i+1} (EulerAncestralDiscrete).
-    Noise is drawn at every step, the last included (where it is multiplied by 0), as diffusers does."""
+    Noise is drawn at every step, the last included (where it is multiplied by 0), as diffusers does.
+    `eta` scales the noise's share (k-diffusion's and A1111's; 1 is diffusers', 0 an Euler step)."""
     s = _levels(sigmas)
     for i in range(len(s) - 1):
         x0 = denoise(x, sigmas[i])
-        up = math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2)
+        up = min(s[i + 1], eta * math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2))
         down = math.sqrt(s[i + 1] ** 2 - up**2)
         x = x + (x - x0) / s[i] * (down - s[i])
         x = x + _noise(x, generator) * up
@@ -529,6 +530,8 @@ class SamplerSpec:
     init_noise: Callable[[NoiseSchedule, torch.Tensor], float] = _vp_init
     img2img_start: Callable[[int], int] = _same_start  # t_start -> index of the first sigma kept
     context: tuple[str, ...] = ()  # what else fn takes from the pipeline: "schedule", "prediction_type"
+    eta: float | None = None  # the default of the eta that fn takes (A1111's: 1 ancestral, 0 DDIM); None: takes none
+    eta_key: str = "Eta"  # the infotext key A1111 writes a non-default eta under
 
     @property
     def infotext_name(self) -> str:
@@ -568,7 +571,10 @@ def _karras_dpm(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
 
 
 SPECS: tuple[SamplerSpec, ...] = (
-    SamplerSpec("ddim", "DDIM", sample_ddim, "Automatic", False, schedules.ddim_sigmas, "DDIMScheduler, eta 0"),
+    SamplerSpec(
+        "ddim", "DDIM", sample_ddim, "Automatic", False, schedules.ddim_sigmas, "DDIMScheduler, eta 0", eta=0.0,
+        eta_key="Eta DDIM",
+    ),
     SamplerSpec(
         "plms", "PLMS", sample_plms, "Automatic", False, schedules.ddim_sigmas,
         "PNDMScheduler, skip_prk_steps=True", img2img_start=_pndm_start, context=("prediction_type",),
@@ -580,7 +586,7 @@ SPECS: tuple[SamplerSpec, ...] = (
     ),
     SamplerSpec(
         "euler_a", "Euler a", sample_euler_ancestral, "Automatic", True, schedules.euler_sigmas,
-        "EulerAncestralDiscreteScheduler", timestep_interpolation="linear", init_noise=_euler_family_init,
+        "EulerAncestralDiscreteScheduler", timestep_interpolation="linear", init_noise=_euler_family_init, eta=1.0,
     ),
     SamplerSpec(
         "heun", "Heun", sample_heun, "Automatic", False, schedules.euler_sigmas,
@@ -628,6 +634,22 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
 # both names of every sampler -> its spec; get_sampler() looks them up case-insensitively
 SAMPLERS: dict[str, SamplerSpec] = {key: spec for spec in SPECS for key in (spec.a1111_name, spec.name)}
 _BY_FOLDED_NAME = {key.lower(): spec for key, spec in SAMPLERS.items()}
+
+
+def eta_options(spec: SamplerSpec, eta: float | None) -> dict[str, float]:
+    """The sampler's keyword for an eta asked for (None: its default); none for a sampler without one."""
+    return {} if spec.eta is None else {"eta": spec.eta if eta is None else eta}
+
+
+def check_eta(spec: SamplerSpec, eta: object) -> None:
+    """An eta is a number in [0, 1]; a stochastic sampler that reads none runs at 1, so it takes no other."""
+    if eta is None:
+        return
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be between 0 and 1, got {eta!r}")
+    if spec.eta is None and spec.stochastic and eta != 1:
+        readers = ", ".join(s.a1111_name for s in SPECS if s.eta is not None)
+        raise ValueError(f"eta {eta} is read by {readers}; {spec.a1111_name} runs at eta 1: use one of those, or eta 1")
 
 
 def get_sampler(name: str) -> SamplerSpec:

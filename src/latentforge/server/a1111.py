@@ -91,6 +91,7 @@ class Txt2Img(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     denoising_strength: float | None = None  # the hires pass's (None: 0.7)
     s_min_uncond: float | None = None  # A1111's NGMS for this request (None: the s_min_uncond option)
+    eta: float | None = None  # the ancestral noise's share (Euler a, DDIM); None: the sampler's default
     send_images: bool = True
 
 
@@ -364,6 +365,7 @@ def make_job(
         common["hires"] = hires_fix(req, upscalers or Upscalers())
     common["subseed_strength"] = req.subseed_strength
     common["tiling"] = bool(req.tiling)
+    common["eta"] = req.eta
     common["eta_noise_seed_delta"] = settings.get("eta_noise_seed_delta", ensd)
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:  # A1111: off unless both are set
         common["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
@@ -394,7 +396,7 @@ GENERATE_FIELDS = {
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "seed_resize_from's height": "seed_resize_from_h",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask", "mask_blur": "mask_blur",
-    "masked_content": "inpainting_fill", "inpaint_area": "inpaint_full_res", "inpaint_padding": "inpaint_full_res_padding",
+    "masked_content": "inpainting_fill", "eta": "eta", "inpaint_area": "inpaint_full_res", "inpaint_padding": "inpaint_full_res_padding",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
     "tiny_decoder": "override_settings.sd_vae_decode_method", "deepcache_depth": "override_settings.deepcache_depth",
