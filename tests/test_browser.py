@@ -4,12 +4,16 @@ download): type a prompt, press Generate, watch the progress and the step previe
 Without Playwright or Chromium this test fails, saying what to install: it is never skipped.
 """
 
+import base64
 import contextlib
+import io
 import os
 import shutil
 import time
 
+import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 
 from latentforge.server import ServerThread, Settings, create_app
 
@@ -132,8 +136,6 @@ def test_the_page_runs_the_hires_fix(sd1_folder, tmp_path):
 def test_a_pngs_parameters_fill_the_form(sd1_folder, tmp_path):
     """A1111's PNG Info -> Send to txt2img: choosing a PNG fills the prompts, settings and seeds from its
     infotext, and Generate makes that image's settings again."""
-    from PIL import Image, PngImagePlugin
-
     text = ("a blue square\nNegative prompt: blurry\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Karras, "
             "CFG scale: 4.5, Seed: 77, Size: 64x64, Variation seed: 5, Variation seed strength: 0.25, Tiling: True")  # fmt: skip
     info = PngImagePlugin.PngInfo()
@@ -156,6 +158,30 @@ def test_a_pngs_parameters_fill_the_form(sd1_folder, tmp_path):
         page.set_input_files("#png", str(tmp_path / "plain.png"))
         page.wait_for_selector("#error:not([hidden])")
         assert "plain.png: no generation parameters in it" in page.text_content("#error")
+
+
+def test_the_page_inpaints_an_image_of_ones_own(sd1_folder, tmp_path):
+    """The img2img panel: an image and a mask go to /img2img with the panel's settings (A1111's page defaults:
+    original content, whole picture, mask blur 4), and the unmasked pixels come back as they were."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    hole = Image.new("L", (64, 64))
+    hole.paste(255, (16, 16, 48, 48))
+    hole.save(tmp_path / "hole.png")
+    with opened_page(Settings(models=[str(sd1_folder)])) as page:
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "4")
+        page.click("#img2img summary")
+        page.set_input_files("#init_image", str(tmp_path / "picture.png"))
+        page.set_input_files("#mask", str(tmp_path / "hole.png"))
+        page.fill("#img2img_strength", "0.6")
+        page.fill("#mask_blur", "0")
+        caption = generated_caption(page)
+        assert "Denoising strength: 0.6" in caption and "Mask blur: 0" in caption and "Masked content" not in caption
+        shown = page.get_attribute("#gallery figure img", "src")
+    made = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+    outside = np.asarray(hole) == 0
+    assert np.array_equal(made[outside], np.asarray(picture)[outside])  # put back, as A1111 does
 
 
 def test_the_page_sends_the_variation_seed(sd1_folder):

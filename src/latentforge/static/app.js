@@ -19,6 +19,28 @@ async function api(path, options) {
   return body;
 }
 
+// The img2img panel as A1111's img2img fields (with a mask, its inpainting ones), or null without an image
+async function img2imgFields() {
+  const image = $("init_image").files[0];
+  if (!image) return null;
+  const fields = {
+    init_images: [await readAsDataURL(image)],
+    denoising_strength: Number($("img2img_strength").value),
+    resize_mode: Number($("resize_mode").value),
+  };
+  const mask = $("mask").files[0];
+  if (mask) {
+    Object.assign(fields, {
+      mask: await readAsDataURL(mask),
+      inpainting_fill: Number($("inpainting_fill").value),
+      inpaint_full_res: $("inpaint_full_res").value === "true",
+      inpaint_full_res_padding: Number($("inpaint_full_res_padding").value),
+      mask_blur: Number($("mask_blur").value),
+    });
+  }
+  return fields;
+}
+
 // The form as an A1111 request: fields left empty are left out (the model's defaults).
 function request() {
   const body = {
@@ -95,11 +117,16 @@ async function generate(event) {
   $("progress").value = 0;
   lastPreview = null;
   let finished = false;
-  const job = api("txt2img", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(request()),
-  }).finally(() => { finished = true; });
+  const job = (async () => {
+    const body = request();
+    const img2img = await img2imgFields();
+    if (img2img) delete body.enable_hr;  // the hires fix is txt2img's
+    return api(img2img ? "img2img" : "txt2img", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(img2img ? Object.assign(body, img2img) : body),
+    });
+  })().finally(() => { finished = true; });
   const watching = (async () => {
     while (!finished) {
       await showProgress().catch(() => {});
