@@ -25,11 +25,11 @@ from .adapters.vae_file import VAEState, apply_vae, restore_vae
 from .checkpoints import Parts
 from .conditioning import ClipConditioner, Cond, Conditioner, RefinerConditioner, SDXLConditioner
 from .config import ModelConfig
+from .convolution import circular_padding
 from .errors import GenerationError
 from .guidance import Denoiser, PromptConds, make_denoiser
 from .hires import LATENT_MODES, Hires, upscale_image, upscale_latents
 from .images import image_to_tensor, tensor_to_images
-from .convolution import circular_padding
 from .inference import set_inference
 from .infotext import GenerationInfo, format_infotext
 from .modelhash import cached_hash, cached_model_hash
@@ -287,7 +287,9 @@ class Pipeline:
         through the mask), see inpaint.py; `overlay` puts the init image's unmasked pixels back over a whole-picture
         inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur");
         `noise_multiplier` scales the noise an img2img adds to its image (A1111's "Noise multiplier for img2img");
-        `eta` the fresh noise's share in Euler a (default 1) and DDIM (default 0), as A1111's Eta. Returns PIL images whose info["parameters"] is the infotext."""
+        `eta` the fresh noise's share in Euler a (default 1) and DDIM (default 0), as A1111's Eta.
+
+        Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
             seed=seed, width=width, height=height, batch_size=batch_size, init_image=init_image, strength=strength,

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from .hires import Hires, check_upscaler
-from .inpaint import PasteBack, fill, inpaint_area_name, masked_content_name
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, resize_for, resize_mode_name
+from .inpaint import PasteBack, fill, inpaint_area_name, masked_content_name
 from .samplers import check_eta, get_sampler
 from .seeds import SeedOptions
 from .speed import Shortcuts
