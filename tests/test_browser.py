@@ -149,10 +149,10 @@ def test_a_pngs_parameters_fill_the_form(sd1_folder, tmp_path):
             time.sleep(0.05)
         assert page.input_value("#negative_prompt") == "blurry" and page.input_value("#sampler") == "DPM++ 2M Karras"
         assert (page.input_value("#steps"), page.input_value("#seed"), page.input_value("#subseed")) == ("5", "77", "5")
-        assert page.is_checked("#tiling")
+        assert page.is_checked("#tiling") and page.input_value("#randn_source") == "GPU"  # A1111's default
         caption = generated_caption(page)
         for part in ("Steps: 5, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 77",
-                     "Variation seed: 5, Variation seed strength: 0.25", "Tiling: True"):  # fmt: skip
+                     "Variation seed: 5, Variation seed strength: 0.25", "RNG: GPU, Tiling: True"):  # fmt: skip
             assert part in caption
         Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
         page.set_input_files("#png", str(tmp_path / "plain.png"))

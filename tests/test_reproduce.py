@@ -71,14 +71,16 @@ def test_a_sampler_latentforge_lacks_is_one_line(sampler, message):
     assert "\n" not in str(caught.value)
 
 
-def test_what_the_text_cannot_bring_back_is_noted():
-    _, notes = generate_args(parse_infotext(A1111.format("Euler")))
-    assert len(notes) == 1 and "'GPU' random source" in notes[0]  # A1111's default when it writes no RNG
+def test_the_random_source_comes_along_and_what_the_text_cannot_bring_back_is_noted():
+    args, notes = generate_args(parse_infotext(A1111.format("Euler")))
+    assert args["rng"] == "GPU" and notes == []  # A1111's default when it writes no RNG
     args, notes = generate_args(parse_infotext(A1111.format("Euler") + ", Denoising strength: 0.4, RNG: CPU"))
-    assert args["strength"] == 0.4 and len(notes) == 1 and "--init-image" in notes[0]
+    assert args["rng"] == "CPU" and args["strength"] == 0.4 and len(notes) == 1 and "--init-image" in notes[0]
     text = A1111.format("Euler").replace("a cat", "a cat <lora:ink:0.8>") + ", RNG: NV"
-    _, notes = generate_args(parse_infotext(text))
-    assert len(notes) == 2 and "'NV'" in notes[0] and "--lora-dir" in notes[1]
+    args, notes = generate_args(parse_infotext(text))
+    assert args["rng"] == "NV" and len(notes) == 1 and "--lora-dir" in notes[0]
+    # latentforge's own images before it wrote RNG were drawn on the CPU
+    assert generate_args(parse_infotext(A1111.format("Euler") + ", Version: latentforge 0.1.0"))[0]["rng"] == "CPU"
 
 
 @pytest.mark.parametrize(

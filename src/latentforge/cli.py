@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         masked_content=int(args.masked_content) if args.masked_content and args.masked_content.isdigit()
         else args.masked_content,
         inpaint_area=args.inpaint_area, inpaint_padding=args.inpaint_padding, mask_blur=args.mask_blur,
-        overlay=args.overlay, noise_multiplier=args.noise_multiplier, eta=args.eta,
+        overlay=args.overlay, noise_multiplier=args.noise_multiplier, eta=args.eta, rng=args.rng,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
         if args.seed_resize_from else None,
     )  # fmt: skip
@@ -580,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the noise the seed makes at this size, centred (A1111's \"Resize seed from\")")
     p.add_argument("--eta", type=float, metavar="F",
                    help="the fresh noise's share, 0..1, in Euler a (default 1) and DDIM (default 0), as A1111's Eta")
+    p.add_argument("--rng", metavar="SOURCE",
+                   help="A1111's random source: CPU (default), NV or GPU (what an NVIDIA card draws, computed here)")
     p.add_argument("--eta-noise-seed-delta", type=int, metavar="N",
                    help="A1111's ENSD setting (e.g. 31337): a stochastic sampler's later noise from seed + N (default: 0)")
     p.add_argument("--tiling", action="store_true", default=None,

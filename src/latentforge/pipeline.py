@@ -37,7 +37,7 @@ from .prompt_schedule import PromptPlan, plan_prompts
 from .request import check_request
 from .samplers import eta_options, get_sampler, img2img_sigmas
 from .schedules import NoiseSchedule
-from .seeds import initial_noise, sampler_generator
+from .seeds import initial_noise, make_generator, sampler_generator
 from .speed import Shortcuts
 from .text_encoder import TextEncoder
 from .tiny_decoder import TinyDecoder, read_tiny_decoder
@@ -256,6 +256,7 @@ class Pipeline:
         mask_blur: int = 0,
         noise_multiplier: float = 1.0,
         eta: float | None = None,
+        rng: str = "CPU",
     ) -> list[Image.Image]:
         """txt2img, img2img (init_image) or inpainting (init_image + mask: white is repainted).
 
@@ -287,7 +288,8 @@ class Pipeline:
         through the mask), see inpaint.py; `overlay` puts the init image's unmasked pixels back over a whole-picture
         inpainting, as A1111 does (diffusers does not); `mask_blur` blurs the mask first (A1111's "Mask blur");
         `noise_multiplier` scales the noise an img2img adds to its image (A1111's "Noise multiplier for img2img");
-        `eta` the fresh noise's share in Euler a (default 1) and DDIM (default 0), as A1111's Eta.
+        `eta` the fresh noise's share in Euler a (default 1) and DDIM (default 0), as A1111's Eta. `rng` is A1111's
+        random source: "CPU" (torch's CPU generator, the default), "NV" or "GPU" (CUDA's draws, philox.py).
 
         Returns PIL images whose info["parameters"] is the infotext."""
         request = check_request(
@@ -298,7 +300,7 @@ class Pipeline:
             seed_resize_from=seed_resize_from, tiling=tiling, eta_noise_seed_delta=eta_noise_seed_delta,
             resize_mode=resize_mode, masked_content=masked_content, inpaint_area=inpaint_area,
             inpaint_padding=inpaint_padding, overlay=overlay, mask_blur=mask_blur, noise_multiplier=noise_multiplier,
-            eta=eta,
+            eta=eta, rng=rng,
         )  # fmt: skip
         pipes = [self, request.refiner]
         convolutions = [m for p in pipes if p is not None for m in (p.unet, p.vae, p.tiny_decoder)]
@@ -405,7 +407,7 @@ class Pipeline:
         with `refine` = (split, the refiner's PromptConds), the refiner's guided UNet runs the steps from `split`
         on. `conds` (PromptConds, or (cond, uncond) for every step) may change per step: step i is sigmas[i]'s.
         `init_latents` (scaled latents of the image's size) start an img2img from latents, not an image."""
-        g = torch.Generator().manual_seed(seed)
+        g = make_generator(seed, request.seeds.rng)
         h, w = request.height // self.config.vae.downscale, request.width // self.config.vae.downscale
         # the inpainting UNet at full strength starts from pure noise, like txt2img
         from_noise = init_latents is None and (
@@ -592,7 +594,6 @@ class Pipeline:
             refiner_switch_at=None if refiner is None else request.refiner_switch_at,
             tiling=request.tiling or None,
             mask_blur=request.mask_blur if request.mask_tensor is not None else None,
-            rng="CPU",  # A1111's name of the random source whose noise ours is (its default, "GPU", is not)
             extra=extra,
         )
 

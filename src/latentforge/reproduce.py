@@ -6,10 +6,10 @@ with Schedule type (A1111 1.9+ writes "DPM++ 2M" + "Karras", older files "DPM++ 
 Size, Clip skip, the seed options (Variation seed and its strength, Seed resize from, ENSD), Tiling, the
 hires fix (`hires.from_infotext`) and inpainting's Mask blur, Masked content, Inpaint area and Masked area padding. A value that cannot be read is a one-line ValueError naming the key.
 
-Notes (not errors; the image is made, but may differ): a seed drawn by another random source (A1111's
-default "GPU", or "NV": latentforge always draws on the CPU, as A1111's "CPU" source, which its infotext
-says as "RNG: CPU"); an img2img image (its init image is not in the text); LoRAs and embeddings the prompt
-names (they come from the folders given to the run). The model is the caller's to check (`Model hash`).
+The random source comes along too ("RNG"; none written means A1111's default, "GPU", whose draws on an
+NVIDIA card `philox.py` computes). Notes (not errors; the image is made, but may differ): an img2img or
+inpainting image (its source image is not in the text); LoRAs and embeddings the prompt names (they come
+from the folders given to the run). The model is the caller's to check (`Model hash`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 from .hires import from_infotext as hires_from_infotext
 from .samplers import SPECS
 
-CPU_RNG = "CPU"  # A1111's name of the random source latentforge matches; absent means its default, "GPU"
 
 
 def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
@@ -60,12 +59,8 @@ def generate_args(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]
             notes.append("an inpainting image: give its init image and mask (--init-image, --mask) to make it again")
         else:
             notes.append("an img2img image: give its init image (--init-image) to make it again")
-    rng = params.get("RNG", "GPU")
-    if rng != CPU_RNG:
-        notes.append(
-            f"its seed's noise was drawn by A1111's {rng!r} random source; latentforge draws on the CPU (A1111's "
-            "'CPU' source), so the same seed makes another picture"
-        )
+    # no RNG: A1111's default, "GPU" (latentforge's own images before it wrote the key were "CPU")
+    args["rng"] = params.get("RNG", "CPU" if params.get("Version", "").startswith("latentforge") else "GPU")
     if "<lora:" in args["prompt"] or "<lyco:" in args["prompt"] or "TI hashes" in params:
         notes.append("its prompt uses LoRAs or embeddings: give their folders (--lora-dir, --embeddings-dir)")
     return args, notes

@@ -17,7 +17,7 @@ from .hires import Hires, check_upscaler
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, resize_for, resize_mode_name
 from .inpaint import PasteBack, fill, inpaint_area_name, masked_content_name
 from .samplers import check_eta, get_sampler
-from .seeds import SeedOptions
+from .seeds import SeedOptions, rng_source
 from .speed import Shortcuts
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ def check_request(
     mask_blur: int = 0,
     noise_multiplier: float = 1.0,
     eta: float | None = None,
+    rng: str = "CPU",
 ) -> Request:
     """Validate `Pipeline.generate`'s arguments for `pipe` (its model and device); return them completed
     (seed, size, the model's defaults for None) and converted. A value given that cannot be used is a
@@ -231,7 +232,7 @@ def check_request(
         if hires.sampler is not None:
             check_eta(get_sampler(hires.sampler), eta)
     speed = _speed(pipe, speed, refiner)
-    seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta)
+    seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta, rng)
     _check_tiling(tiling, [pipe, refiner])
     resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
     image_tensor = mask_tensor = paste = None
@@ -348,9 +349,11 @@ def resize_mode_for(pipe, value: object, init: Image.Image, mask: Image.Image | 
     return mode
 
 
-def _seed_options(subseed: object, strength: object, resize_from: object, multiple: int, delta: object) -> SeedOptions:
-    """A1111's variation seed (None: a random one) and strength, the size to resize the seed from, and the eta
-    noise seed delta."""
+def _seed_options(
+    subseed: object, strength: object, resize_from: object, multiple: int, delta: object, rng: object
+) -> SeedOptions:
+    """A1111's variation seed (None: a random one) and strength, the size to resize the seed from, the eta
+    noise seed delta and the random source."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"subseed_strength must be between 0 and 1 (0: no variation), got {strength!r}")
     subseed = secrets.randbelow(MAX_SEED + 1) if subseed is None else _int("subseed", subseed, 0, MAX_SEED)
@@ -362,7 +365,7 @@ def _seed_options(subseed: object, strength: object, resize_from: object, multip
             _size("seed_resize_from's height", resize_from[1], multiple),
         )
     delta = _int("eta_noise_seed_delta", delta, 0, MAX_SEED)
-    return SeedOptions(subseed, float(strength), resize_from, delta)
+    return SeedOptions(subseed, float(strength), resize_from, delta, rng_source(rng))
 
 
 def _speed(pipe, speed: object, refiner=None) -> Shortcuts:

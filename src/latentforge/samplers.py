@@ -48,6 +48,7 @@ import torch
 from numpy.polynomial import polynomial as P
 
 from . import schedules
+from .philox import normal
 from .schedules import SD_DEFAULT, NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -92,7 +93,7 @@ def _levels(sigmas: torch.Tensor) -> list[float]:
 def _noise(x: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn on the generator's device, returned on x's."""
     device = generator.device if generator is not None else x.device
-    z = torch.randn(x.shape, generator=generator, dtype=dtype or x.dtype, device=device)
+    z = normal(x.shape, generator, dtype=dtype or x.dtype, device=device)  # a torch or a Philox generator
     return z.to(device=x.device, dtype=x.dtype)
 
 

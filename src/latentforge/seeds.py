@@ -1,7 +1,12 @@
-"""An image's starting noise from its seed, with A1111's two seed options: the variation seed and seed resize.
+"""An image's starting noise from its seed, with A1111's seed options: the random source, the variation
+seed, seed resize and the eta noise seed delta.
 
 Without them the noise is the first draw of the image's generator (a CPU generator seeded with its seed),
 the same numbers as A1111's with its random source set to "CPU".
+
+- **Random source** (A1111's `randn_source`): "CPU" (the default: torch's CPU generator), "NV" (CUDA's draws
+  computed on the CPU, `philox.PhiloxGenerator`) or "GPU" (A1111's default, what an NVIDIA card draws: NV
+  here). Every draw of a generation (starting noise, variation, a sampler's noise) comes from that source.
 
 - **Variation seed** (A1111's ``subseed`` / ``subseed_strength``): the noise is moved toward a second
   seed's noise by spherical interpolation at the strength: 0 keeps the seed's noise, 1 gives the variation
@@ -23,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .philox import PhiloxGenerator, normal
+
+RNG_SOURCES = ("CPU", "NV", "GPU")
 COSINE_LINEAR = 0.9995  # the webui's threshold: above this mean cosine the two noises are mixed linearly
 
 
@@ -35,6 +43,7 @@ class SeedOptions:
     strength: float = 0.0
     resize_from: tuple[int, int] | None = None
     noise_delta: int = 0  # A1111's eta noise seed delta (ENSD)
+    rng: str = "CPU"  # A1111's random source: RNG_SOURCES
 
     def info_fields(self, index: int, stochastic: bool) -> dict[str, object]:
         """infotext.GenerationInfo's fields for image `index` (A1111's "Variation seed", "Variation seed
@@ -46,6 +55,7 @@ class SeedOptions:
             "variation_seed_strength": self.strength if on else None,
             "seed_resize_from": None if self.resize_from is None else "{}x{}".format(*self.resize_from),
             "ensd": self.noise_delta if self.noise_delta and stochastic else None,
+            "rng": self.rng,  # always written (A1111 leaves out its default, GPU; ours is CPU, and old files had none)
         }
 
 
@@ -54,16 +64,16 @@ def initial_noise(
 ) -> torch.Tensor:
     """The (1, C, h, w) starting noise of image `index`, whose generator (seeded with `seed`) draws it first
     unless seed resize is on; `downscale` is the VAE's (pixels per latent)."""
-    noise = torch.randn(shape, generator=generator)
+    noise = normal(shape, generator)
     small = None
     if options.resize_from is not None:
         width, height = options.resize_from
         small = (*shape[:2], height // downscale, width // downscale)
         if small == tuple(shape):
             small = None
-    drawn = noise if small is None else torch.randn(small, generator=torch.Generator().manual_seed(seed))
+    drawn = noise if small is None else normal(small, make_generator(seed, options.rng))
     if options.strength:
-        other = torch.randn(drawn.shape, generator=torch.Generator().manual_seed(options.subseed + index))
+        other = normal(drawn.shape, make_generator(options.subseed + index, options.rng))
         drawn = slerp(options.strength, drawn, other)
     if small is None:
         return drawn
@@ -73,7 +83,20 @@ def initial_noise(
 def sampler_generator(seed: int, generator: torch.Generator, options: SeedOptions) -> torch.Generator:
     """The generator a sampler draws its noise from once the starting noise is drawn: the image's own, or with
     an eta noise seed delta a fresh one seeded with seed + delta (as the webui reseeds after the first noise)."""
-    return torch.Generator().manual_seed(seed + options.noise_delta) if options.noise_delta else generator
+    return make_generator(seed + options.noise_delta, options.rng) if options.noise_delta else generator
+
+
+def make_generator(seed: int, rng: str = "CPU") -> torch.Generator | PhiloxGenerator:
+    """A generator of the random source seeded with `seed`: torch's CPU one, or CUDA's draws (NV, GPU)."""
+    return torch.Generator().manual_seed(seed) if rng == "CPU" else PhiloxGenerator(seed)
+
+
+def rng_source(value: object) -> str:
+    """A1111's random source by name (any case): "CPU", "NV" or "GPU"; one line otherwise."""
+    found = next((name for name in RNG_SOURCES if str(value).strip().upper() == name), None)
+    if found is None:
+        raise ValueError(f"rng must be one of {', '.join(RNG_SOURCES)} (A1111's random sources), got {value!r}")
+    return found
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .philox import normal
+
 from .attention import attention
 from .convolution import Conv2d
 
@@ -404,5 +406,5 @@ def sample_latents(
     # Draw on the generator's own device (torch requires it), then move: a CPU generator thus
     # gives the same latents whatever device the model runs on, as diffusers does.
     noise_device = mean.device if generator is None else generator.device
-    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
+    noise = normal(mean.shape, generator, dtype=mean.dtype, device=noise_device)
     return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)

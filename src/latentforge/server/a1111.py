@@ -320,7 +320,7 @@ def refuse_missing_parts(req: Txt2Img) -> None:
 def make_job(
     req: Txt2Img, models: Models, clip_skip: int, max_pixels: int, vae: str = "Automatic",
     styles: dict[str, Style] | None = None, upscalers: Upscalers | None = None, speed: dict[str, Any] | None = None,
-    ensd: int = 0,
+    ensd: int = 0, rng: str = "CPU",
 ) -> tuple[Job, list[int], list[int]]:  # fmt: skip
     """The job for a txt2img / img2img request, its seeds and variation seeds (image i: seed + i, subseed + i);
     `vae` is the sd_vae
@@ -367,6 +367,7 @@ def make_job(
     common["tiling"] = bool(req.tiling)
     common["eta"] = req.eta
     common["eta_noise_seed_delta"] = settings.get("eta_noise_seed_delta", ensd)
+    common["rng"] = settings.get("randn_source", rng)
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:  # A1111: off unless both are set
         common["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
     calls = [common | {"seed": s, "subseed": sub} for s, sub in zip(seeds, subseeds)]
@@ -396,7 +397,7 @@ GENERATE_FIELDS = {
     "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
     "seed_resize_from's height": "seed_resize_from_h",
     "init_image": "init_images", "strength": "denoising_strength", "mask": "mask", "mask_blur": "mask_blur",
-    "masked_content": "inpainting_fill", "eta": "eta", "inpaint_area": "inpaint_full_res", "inpaint_padding": "inpaint_full_res_padding",
+    "masked_content": "inpainting_fill", "eta": "eta", "rng": "override_settings.randn_source", "inpaint_area": "inpaint_full_res", "inpaint_padding": "inpaint_full_res_padding",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "refiner_switch_at": "refiner_switch_at",
     "hires": "enable_hr", "hr_second_pass_steps": "hr_second_pass_steps",
     "tiny_decoder": "override_settings.sd_vae_decode_method", "deepcache_depth": "override_settings.deepcache_depth",

@@ -28,6 +28,7 @@ from ..adapters.library import Library, lora_listing
 from ..pipeline import Pipeline, load, resolve_device
 from ..samplers import SPECS
 from ..request import MAX_SEED
+from ..seeds import rng_source
 from ..styles import read_styles
 from ..upscalers import LATENT_UPSCALE_MODES, Upscalers
 from .a1111 import (
@@ -174,7 +175,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
     models.library = library
     worker = Worker(models, settings.max_queue)
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "eta_noise_seed_delta": 0,
-                               **SPEED_DEFAULTS}  # fmt: skip
+                               "randn_source": "CPU", **SPEED_DEFAULTS}  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -210,7 +211,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
         clip_skip = options["CLIP_stop_at_last_layers"]
         job, seeds, subseeds = await run_in_threadpool(
             make_job, req, models, clip_skip, settings.max_image_pixels, options["sd_vae"], styles, upscalers,
-            {key: options[key] for key in SPEED_DEFAULTS}, options["eta_noise_seed_delta"],
+            {key: options[key] for key in SPEED_DEFAULTS}, options["eta_noise_seed_delta"], options["randn_source"],
         )
         waiting = asyncio.wrap_future(worker.submit(job))
         while not waiting.done():
@@ -359,7 +360,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     def set_options(changes: dict[str, Any]) -> None:
-        """sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae, eta_noise_seed_delta and the speed options (SPEED_OPTIONS, speed_preset)
+        """sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae, eta_noise_seed_delta, randn_source and the speed options (SPEED_OPTIONS, speed_preset)
         are used; other options are accepted and ignored.
         A model is loaded before it becomes current: one that cannot be loaded is a 500 and changes nothing."""
         clip_skip = changes.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
@@ -368,6 +369,10 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
                 "CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}"
             )
         vae = vae_option(library, changes.get("sd_vae", options["sd_vae"]), "sd_vae")
+        try:
+            rng = rng_source(changes.get("randn_source", options["randn_source"]))
+        except ValueError as e:
+            raise FieldError("randn_source", str(e)) from None
         ensd = changes.get("eta_noise_seed_delta", options["eta_noise_seed_delta"])
         if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= MAX_SEED:
             raise FieldError(
@@ -379,6 +384,7 @@ def create_app(settings: Settings, models: Models | None = None) -> FastAPI:
         options["CLIP_stop_at_last_layers"] = clip_skip
         options["sd_vae"] = vae
         options["eta_noise_seed_delta"] = ensd
+        options["randn_source"] = rng
         options.update(speed)
 
     @app.post("/sdapi/v1/png-info")

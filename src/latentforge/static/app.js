@@ -56,7 +56,8 @@ function request() {
     body.refiner_checkpoint = $("refiner_checkpoint").value;
     body.refiner_switch_at = Number($("refiner_switch_at").value);
   }
-  if ($("fast").checked) body.override_settings = { speed_preset: "fast" };
+  body.override_settings = { randn_source: $("randn_source").value };
+  if ($("fast").checked) body.override_settings.speed_preset = "fast";
   if ($("tiling").checked) body.tiling = true;
   if (Number($("subseed_strength").value) > 0) {
     body.subseed = $("subseed").value === "" ? -1 : Number($("subseed").value);
@@ -223,6 +224,8 @@ async function fromPng() {
     }
     if (sampler) $("sampler").value = sampler;
     $("tiling").checked = p.Tiling === "True";
+    // no RNG written: A1111's default, GPU (latentforge's own images before it wrote one: CPU)
+    $("randn_source").value = p.RNG || ((p.Version || "").startsWith("latentforge") ? "CPU" : "GPU");
     $("enable_hr").checked = "Hires upscale" in p || "Hires upscaler" in p;
     if ($("enable_hr").checked) {
       if ("Hires upscaler" in p) $("hr_upscaler").value = p["Hires upscaler"];
