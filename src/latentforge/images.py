@@ -168,12 +168,18 @@ RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resiz
 
 def resize_mode_name(value: object) -> str:
     """A resize mode by A1111's name (any case) or number -> its name; one line listing them otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(RESIZE_MODES):
-        return RESIZE_MODES[value]
-    found = next((name for name in RESIZE_MODES if str(value).strip().lower() == name.lower()), None)
+    return named_choice("resize_mode", RESIZE_MODES, value)
+
+
+def named_choice(what: str, names: tuple[str, ...], value: object, numbered: bool = True) -> str:
+    """One of A1111's named options by its name (any case) or, when `numbered`, its position (as its API numbers
+    them) -> the name; one line listing them otherwise."""
+    if numbered and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    found = next((name for name in names if str(value).strip().lower() == name.lower()), None)
     if found is None:
-        known = ", ".join(f"{i}: {name!r}" for i, name in enumerate(RESIZE_MODES))
-        raise ValueError(f"resize_mode must be one of {known}; got {value!r}")
+        known = ", ".join(f"{i}: {n!r}" if numbered else repr(n) for i, n in enumerate(names))
+        raise ValueError(f"{what} must be one of {known}; got {value!r}")
     return found
 
 

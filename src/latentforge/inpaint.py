@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter, ImageOps
 
-from .images import RESIZE_MODES, resize_for
+from .images import RESIZE_MODES, named_choice, resize_for
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0-3
 INPAINT_AREAS = ("whole picture", "only masked")  # A1111's inpaint_full_res False / True
@@ -30,24 +30,14 @@ FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 def masked_content_name(value: object) -> str:
     """A1111's masked content by name (any case) or number -> its name; one line listing them otherwise."""
-    return _named("masked_content", MASKED_CONTENT, value)
+    return named_choice("masked_content", MASKED_CONTENT, value)
 
 
 def inpaint_area_name(value: object) -> str:
     """"whole picture" or "only masked" (any case; True / False as A1111's inpaint_full_res)."""
     if isinstance(value, bool):
         return INPAINT_AREAS[value]
-    return _named("inpaint_area", INPAINT_AREAS, value, numbered=False)
-
-
-def _named(what: str, names: tuple[str, ...], value: object, numbered: bool = True) -> str:
-    if numbered and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        return names[value]
-    found = next((name for name in names if str(value).strip().lower() == name), None)
-    if found is None:
-        known = ", ".join(f"{i}: {n!r}" if numbered else repr(n) for i, n in enumerate(names))
-        raise ValueError(f"{what} must be one of {known}; got {value!r}")
-    return found
+    return named_choice("inpaint_area", INPAINT_AREAS, value, numbered=False)
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
