@@ -100,6 +100,13 @@ def _int(name: str, value, low: int, high: int) -> int:
     return value
 
 
+def _number(name: str, value, low: float, high: float, note: str = "") -> float:
+    """A real number in [low, high] (not a bool, not NaN); `note` follows the bounds in the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}{note}, got {value!r}")
+    return float(value)
+
+
 def _size(name: str, value: int, multiple: int) -> int:
     if not isinstance(value, bool) and isinstance(value, int) and value > MAX_SIDE:
         raise ValueError(f"{name} {value} is too large: at most {MAX_SIDE} pixels a side")
@@ -219,9 +226,10 @@ def check_request(
         mask = mask.convert("L").filter(ImageFilter.GaussianBlur(mask_blur))
     multiple = pipe.config.vae.downscale
     width, height = _generation_size(pipe, width, height, None if only_masked else init)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
-    _check_noise_multiplier(noise_multiplier, init)
+    _number("strength", strength, 0, 1)
+    _number("noise_multiplier", noise_multiplier, 0, 2, " (1: as drawn)")
+    if noise_multiplier != 1 and init is None:
+        raise ValueError("noise_multiplier is for img2img (the noise added to an init image): give an init_image")
     if init is not None and int(steps * strength) < 1:
         raise ValueError(
             f"strength {strength} with {steps} steps runs no denoising step (steps x strength < 1); "
@@ -234,14 +242,14 @@ def check_request(
     speed = _speed(pipe, speed, refiner)
     seeds = _seed_options(subseed, subseed_strength, seed_resize_from, multiple, eta_noise_seed_delta, rng)
     _check_tiling(tiling, [pipe, refiner])
-    resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
+    mode = resize_mode_name(resize_mode)  # a bad one is refused in txt2img too
     image_tensor = mask_tensor = paste = None
     if init is not None:
         if only_masked:  # the box around the mask, cut out and scaled to the generation size
             paste = PasteBack.cut(init, mask, inpaint_padding, (width, height))
             init, mask = paste.crops((width, height))
         else:
-            init, mask = _resized(pipe, init, mask, (width, height), resize_mode)
+            init, mask = _resized(pipe, init, mask, (width, height), mode)
             paste = PasteBack.overlay(init, mask) if overlay and mask is not None else None
         if mask is not None and content != "original":  # A1111 fills for every masked content but the original
             init = fill(init, mask)
@@ -304,17 +312,10 @@ def _generation_size(pipe, width: object, height: object, init: Image.Image | No
     return sides[0], sides[1]
 
 
-def _check_noise_multiplier(value: object, init: Image.Image | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 2.0:
-        raise ValueError(f"noise_multiplier must be between 0 and 2 (1: as drawn), got {value!r}")
-    if value != 1 and init is None:
-        raise ValueError("noise_multiplier is for img2img (the noise added to an init image): give an init_image")
-
-
-def _resized(pipe, init: Image.Image, mask, size: tuple[int, int], resize_mode: object):
+def _resized(pipe, init: Image.Image, mask, size: tuple[int, int], mode: str):
     """The init image and mask at the generation size by the resize mode (the latent upscale keeps the image's
     own size: Pipeline._sample upscales its latents)."""
-    mode = resize_mode_for(pipe, resize_mode, init, mask, pipe.config.vae.downscale)
+    _check_latent_upscale(pipe, mode, init, mask)
     if mode != RESIZE_MODES[3]:
         init = resize_for(init.convert("RGB"), size, mode)
     return init, None if mask is None else resize_for(mask, size, mode, Image.NEAREST)
@@ -336,17 +337,16 @@ def _inpaint_options(content: object, area: object, padding: object, overlay: ob
     return content, area == "only masked"
 
 
-def resize_mode_for(pipe, value: object, init: Image.Image, mask: Image.Image | None, multiple: int) -> str:
-    """The init image's resize mode (images.RESIZE_MODES); the latent upscale encodes the image at its own
-    size, which must suit the VAE, and has no mask or inpainting model to resize along."""
-    mode = resize_mode_name(value)
-    if mode == RESIZE_MODES[3]:
-        if mask is not None or pipe.config.inpainting:
-            raise ValueError(f"resize_mode {mode!r} is for img2img without a mask or an inpainting model; use another")
-        for i, name in enumerate(("width", "height")):
-            _size(f"with {mode!r}, the init image's {name}", init.size[i], multiple)
-        _check_pixels(*init.size, pipe.device)  # the VAE encodes it at that size
-    return mode
+def _check_latent_upscale(pipe, mode: str, init: Image.Image, mask: Image.Image | None) -> None:
+    """The latent upscale encodes the image at its own size, which must suit the VAE, and has no mask or
+    inpainting model to resize along."""
+    if mode != RESIZE_MODES[3]:
+        return
+    if mask is not None or pipe.config.inpainting:
+        raise ValueError(f"resize_mode {mode!r} is for img2img without a mask or an inpainting model; use another")
+    for i, name in enumerate(("width", "height")):
+        _size(f"with {mode!r}, the init image's {name}", init.size[i], pipe.config.vae.downscale)
+    _check_pixels(*init.size, pipe.device)  # the VAE encodes it at that size
 
 
 def _seed_options(
@@ -354,8 +354,7 @@ def _seed_options(
 ) -> SeedOptions:
     """A1111's variation seed (None: a random one) and strength, the size to resize the seed from, the eta
     noise seed delta and the random source."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"subseed_strength must be between 0 and 1 (0: no variation), got {strength!r}")
+    _number("subseed_strength", strength, 0, 1, " (0: no variation)")
     subseed = secrets.randbelow(MAX_SEED + 1) if subseed is None else _int("subseed", subseed, 0, MAX_SEED)
     if resize_from is not None:
         if not isinstance(resize_from, (tuple, list)) or len(resize_from) != 2:
