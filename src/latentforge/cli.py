@@ -173,9 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         strength=args.strength, mask=mask, callback=on_step, clip_skip=args.clip_skip, refiner=refiner,
         refiner_switch_at=args.refiner_switch_at, loras=loras, hires=hires, speed=speed, subseed=args.subseed,
         subseed_strength=args.subseed_strength, tiling=args.tiling, eta_noise_seed_delta=args.eta_noise_seed_delta,
-        resize_mode=int(args.resize_mode) if args.resize_mode and args.resize_mode.isdigit() else args.resize_mode,
-        masked_content=int(args.masked_content) if args.masked_content and args.masked_content.isdigit()
-        else args.masked_content,
+        resize_mode=name_or_number(args.resize_mode), masked_content=name_or_number(args.masked_content),
         inpaint_area=args.inpaint_area, inpaint_padding=args.inpaint_padding, mask_blur=args.mask_blur,
         overlay=args.overlay, noise_multiplier=args.noise_multiplier, eta=args.eta, rng=args.rng,
         seed_resize_from=size_argument("--seed-resize-from", args.seed_resize_from, "512x768")
@@ -237,6 +235,11 @@ def hires_argument(args: argparse.Namespace):
         denoising_strength=0.7 if args.hires_denoise is None else args.hires_denoise, sampler=args.hires_sampler,
         prompt=args.hires_prompt, negative_prompt=args.hires_negative_prompt, cfg_scale=args.hires_cfg_scale,
     )  # fmt: skip
+
+
+def name_or_number(text: str | None) -> str | int | None:
+    """An option A1111 names or numbers (--resize-mode 1, --masked-content fill): digits are its number."""
+    return int(text) if text and text.isdigit() else text
 
 
 def size_argument(flag: str, text: str, example: str) -> tuple[int, int]:
