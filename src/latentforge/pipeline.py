@@ -421,15 +421,15 @@ class Pipeline:
                 init_latents = F.interpolate(init_latents, size=(h, w), mode="bilinear")
         shape = (1, self.config.unet.out_channels, h, w)
         noise = initial_noise(shape, seed, g, request.seeds, index, self.config.vae.downscale).to(self.device)
+        masked = None if request.mask_tensor is None else F.interpolate(request.mask_tensor, size=(h, w)).to(self.device)
         if init_latents is not None and request.masked_content in ("latent noise", "latent nothing"):  # A1111's
-            masked = F.interpolate(request.mask_tensor, size=(h, w)).to(self.device)
             start = noise if request.masked_content == "latent noise" else torch.zeros_like(noise)
             init_latents = blend_latents(start, masked, init_latents)
         if self.config.inpainting:
             extra = self._inpaint_extra(request, h, w, g)
-        elif request.mask_tensor is not None:
+        elif masked is not None:
             # an ordinary model: keep the image's latents outside the mask (AUTOMATIC1111's way)
-            blend = (F.interpolate(request.mask_tensor, size=(h, w)).to(self.device), init_latents)
+            blend = (masked, init_latents)
         if from_noise:
             x = noise * spec.init_noise_sigma(schedule, sigmas)  # pure noise at the schedule's top
         else:
